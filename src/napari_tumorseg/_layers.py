@@ -1,0 +1,111 @@
+"""Volume <-> napari layer data: geometry, BraTS colours and region names.
+
+napari's world axes are (Z, Y, X) in mm (see `core.volume`). Every layer this plugin makes carries
+its geometry in ``metadata["tumorseg"]`` so the writer can put its voxels back into the grid of
+the scan they belong to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .core.io import BRATS_LABELS
+from .core.volume import SourceGeometry, Volume
+
+META_KEY = "tumorseg"
+
+#: A radiologist's default look for each sequence when several are shown together.
+_SEQUENCE_COLORMAP = {"t1": "gray", "t1ce": "gray", "t2": "gray", "flair": "gray"}
+
+
+def geometry_metadata(volume: Volume, **extra) -> dict:
+    """The ``metadata`` entry that lets the writer restore ``volume``'s geometry."""
+    meta = {"affine": np.array(volume.affine), "sequence": volume.name, **extra}
+    if volume.source is not None:
+        meta["source_header"] = volume.source.header
+        meta["source_shape"] = tuple(volume.source.shape)
+        meta["source_path"] = None if volume.source.path is None else str(volume.source.path)
+    return {META_KEY: meta}
+
+
+def volume_from_layer(data: np.ndarray, attributes: dict, name: str = "") -> Volume:
+    """A Volume from layer ``data`` and its attributes (as napari's writers receive them).
+
+    Uses the geometry our reader stored in the metadata; for layers made elsewhere (e.g. a new
+    labels layer drawn by hand) it rebuilds the affine from the layer's scale/translate/rotate.
+    """
+    meta = (attributes.get("metadata") or {}).get(META_KEY)
+    if meta is not None:
+        source = None
+        if meta.get("source_header") is not None:
+            path = meta.get("source_path")
+            source = SourceGeometry(
+                header=meta["source_header"],
+                shape=tuple(meta["source_shape"]),
+                path=None if path is None else Path(path),
+            )
+        return Volume(np.asarray(data), np.asarray(meta["affine"], dtype=float), name, source)
+    affine = Volume.affine_from_layer_transform(
+        attributes.get("scale", (1.0, 1.0, 1.0)),
+        attributes.get("translate", (0.0, 0.0, 0.0)),
+        attributes.get("rotate"),
+        attributes.get("affine"),
+    )
+    return Volume(np.asarray(data), affine, name)
+
+
+def contrast_limits(array: np.ndarray) -> tuple[float, float]:
+    """Display window from the 0.5 and 99.5 percentiles of the non-zero voxels."""
+    sample = array[::2, ::2, ::2]
+    sample = sample[sample != 0]
+    if sample.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(sample, [0.5, 99.5])
+    return float(low), float(max(high, low + 1e-6))
+
+
+def scan_layer_data(volume: Volume, name: str | None = None, **kwargs) -> tuple:
+    """napari layer-data tuple for a scan (image layer)."""
+    layer_kwargs = {
+        "name": name or volume.name,
+        "colormap": _SEQUENCE_COLORMAP.get(volume.name, "gray"),
+        "contrast_limits": contrast_limits(volume.array),
+        "metadata": geometry_metadata(volume),
+        **volume.layer_transform(),
+        **kwargs,
+    }
+    return volume.array, layer_kwargs, "image"
+
+
+def brats_colormap():
+    """napari DirectLabelColormap with the BraTS label colours (0 transparent)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    colors.update({value: rgba for value, (_, _, rgba) in BRATS_LABELS.items()})
+    return DirectLabelColormap(color_dict=colors)
+
+
+def brats_features() -> dict:
+    """Labels-layer features naming each BraTS label (shown in napari's status bar)."""
+    return {
+        "index": [0, *BRATS_LABELS],
+        "region": ["background", *(short for short, _, _ in BRATS_LABELS.values())],
+        "description": ["background", *(long for _, long, _ in BRATS_LABELS.values())],
+    }
+
+
+def labels_layer_data(volume: Volume, name: str = "labels", **kwargs) -> tuple:
+    """napari layer-data tuple for a BraTS label map (labels layer, geometry of its scan)."""
+    layer_kwargs = {
+        "name": name,
+        "colormap": brats_colormap(),
+        "features": brats_features(),
+        "opacity": 0.6,
+        "metadata": geometry_metadata(volume),
+        **volume.layer_transform(),
+        **kwargs,
+    }
+    return volume.array, layer_kwargs, "labels"

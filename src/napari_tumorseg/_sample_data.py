@@ -1,0 +1,57 @@
+"""npe2 sample data: File > Open Sample > napari-tumorseg. Read from disk, never downloaded."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ._reader import read_layers
+
+# (folder under sample_data/, what it is) for each sample.
+SAMPLES = {
+    "brats2018": "BraTS 2018 glioma Brats18_TCIA01_378_1: 4 sequences and expert labels",
+    "tcga_raw": "TCGA-FG-6692 raw clinical exam: 4 unregistered sequences as scanned",
+    "brats2023": "BraTS 2023 glioma BraTS-GLI-00001-000: 4 sequences, no labels",
+}
+
+
+def sample_data_dir() -> Path:
+    """The sample_data folder: inside the installed package, or at the repository root."""
+    packaged = Path(str(resources.files("napari_tumorseg"))) / "sample_data"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "sample_data"
+
+
+def sample_exam_dir(name: str) -> Path:
+    """Folder of one sample exam (a key of `SAMPLES`)."""
+    return sample_data_dir() / name
+
+
+def labelled_brats2018() -> list[tuple]:
+    """Sample (a): the labelled BraTS 2018 exam, four sequences and the expert labels."""
+    return read_layers([sample_exam_dir("brats2018")])[0]
+
+
+def raw_clinical_exam() -> list[tuple]:
+    """Sample (b): the raw TCGA-FG-6692 exam, each sequence at its own world position.
+
+    Post-contrast T1 (magenta) and FLAIR (green) are blended additively so the misalignment
+    between sequences shows as colour fringes; T1 and T2 start hidden.
+    """
+    looks = {
+        "t1ce": {"colormap": "magenta", "blending": "additive"},
+        "flair": {"colormap": "green", "blending": "additive"},
+        "t1": {"visible": False},
+        "t2": {"visible": False},
+    }
+    layers = read_layers([sample_exam_dir("tcga_raw")])[0]
+    for _, kwargs, _ in layers:
+        kwargs.update(looks.get(kwargs["name"], {}))
+        kwargs["name"] = f"{kwargs['name']} (raw)"
+    return layers
+
+
+def brats2023() -> list[tuple]:
+    """Sample (c): the BraTS 2023 exam (t1n, t1c, t2w, t2f)."""
+    return read_layers([sample_exam_dir("brats2023")])[0]

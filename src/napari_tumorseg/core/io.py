@@ -1,0 +1,386 @@
+"""Reading and writing NIfTI exams: sequence discovery, checks, BraTS label conventions.
+
+This is the project's only NIfTI reader and writer: everything that touches a file goes through
+`read_volume`, `read_exam` and `write_volume`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import TumorSegError
+from .volume import Volume, check_grid_match
+
+#: Channel order of every multi-channel volume and model (contract 2.2).
+SEQUENCES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+
+#: File-name tokens recognised for each sequence (case-insensitive).
+SEQUENCE_TOKENS: dict[str, str] = {
+    **dict.fromkeys(("t1", "t1n", "t1w", "t1native"), "t1"),
+    **dict.fromkeys(("t1ce", "t1c", "t1gd", "t1post"), "t1ce"),
+    **dict.fromkeys(("t2", "t2w"), "t2"),
+    **dict.fromkeys(("flair", "t2f", "fla"), "flair"),
+}
+
+#: File-name tokens that mark a label map.
+LABEL_TOKENS = frozenset({"seg", "label", "labels", "mask", "gt", "truth", "segmentation"})
+
+#: BraTS 2018 label values: value -> (short name, description, RGBA colour in 0..1).
+BRATS_LABELS: dict[int, tuple[str, str, tuple[float, float, float, float]]] = {
+    1: ("NCR/NET", "necrotic / non-enhancing tumour core", (0.90, 0.10, 0.10, 1.0)),
+    2: ("ED", "peritumoural oedema", (0.10, 0.85, 0.20, 1.0)),
+    4: ("ET", "GD-enhancing tumour", (1.00, 0.85, 0.00, 1.0)),
+}
+
+#: Evaluated regions as sets of BraTS label values, in model output order.
+REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti_path(path: str | Path) -> bool:
+    """True for ``*.nii`` and ``*.nii.gz`` names (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def file_stem(path: str | Path) -> str:
+    """The file name without ``.nii`` / ``.nii.gz``."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _name_tokens(path: str | Path) -> list[str]:
+    return [t for t in re.split(r"[_\-.\s]+", file_stem(path).lower()) if t]
+
+
+def classify_path(path: str | Path) -> str | None:
+    """What a file name says it holds: a sequence name, ``"labels"``, or None when unknown.
+
+    The last ``_``/``-`` separated token decides (contract 2.2). When the last token is neither a
+    sequence nor a label token -- as in scanner exports such as ``TCGA-FG-6692_t1c_raw.nii.gz`` --
+    the nearest recognised token before it is used.
+    """
+    for token in reversed(_name_tokens(path)):
+        if token in SEQUENCE_TOKENS:
+            return SEQUENCE_TOKENS[token]
+        if token in LABEL_TOKENS:
+            return "labels"
+    return None
+
+
+def sequence_of(path: str | Path) -> str:
+    """The sequence a scan's file name names; raises TumorSegError when it names none."""
+    kind = classify_path(path)
+    if kind is None or kind == "labels":
+        known = ", ".join(sorted(SEQUENCE_TOKENS))
+        raise TumorSegError(
+            f"unknown sequence name: the file name should end in one of {known} "
+            "(e.g. case_t1ce.nii.gz), or pass it with --t1/--t1ce/--t2/--flair",
+            path,
+        )
+    return kind
+
+
+# --------------------------------------------------------------------------- reading
+def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load a NIfTI file and its (scaled) voxel data, turning every failure into TumorSegError."""
+    if not path.exists():
+        raise TumorSegError("file not found", path)
+    if path.is_dir():
+        raise TumorSegError("is a folder, not a NIfTI file", path)
+    if path.stat().st_size == 0:
+        raise TumorSegError("file is empty (0 bytes)", path)
+    if not is_nifti_path(path):
+        raise TumorSegError("is not a NIfTI file (expected .nii or .nii.gz)", path)
+    try:
+        image = nib.load(str(path))
+    except EOFError:
+        raise TumorSegError("file is truncated (it ends inside the NIfTI header)", path) from None
+    except gzip.BadGzipFile:
+        raise TumorSegError("is not a valid gzip-compressed NIfTI file", path) from None
+    except Exception as exc:  # nibabel raises many types for files that are not NIfTI
+        raise TumorSegError(f"is not a NIfTI file ({_short(exc)})", path) from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise TumorSegError(f"is not a NIfTI file (read as {type(image).__name__})", path)
+    try:
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise TumorSegError(
+            f"file is truncated or corrupt: the voxel data cannot be read ({_short(exc)})", path
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise TumorSegError(f"the voxel data cannot be read ({_short(exc)})", path) from None
+    return image, data
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 4:
+        raise TumorSegError(
+            f"is a 4D NIfTI holding {data.shape[3]} volumes (shape {data.shape}); save each "
+            "sequence as its own 3D file (e.g. case_t1.nii.gz, case_flair.nii.gz)",
+            path,
+        )
+    if data.ndim != 3 or sum(s > 1 for s in data.shape) < 3:
+        shape = "x".join(map(str, data.shape))
+        raise TumorSegError(
+            f"is a 2D image (shape {shape}); a 3D MRI volume with several slices is needed", path
+        )
+    return data
+
+
+def to_brats_labels(data: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Check a label map and return it as uint8 in the BraTS 2018 convention (0, 1, 2, 4).
+
+    Integer values only; BraTS 2023 maps that use 3 for enhancing tumour are mapped to 4.
+    """
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.isfinite(data).all():
+            raise TumorSegError("label map holds NaN or infinite values", path)
+        if not np.array_equal(data, np.round(data)):
+            raise TumorSegError(
+                "label map holds non-integer values; a label map must hold whole numbers "
+                "(0 background, 1 NCR/NET, 2 oedema, 4 enhancing tumour)",
+                path,
+            )
+    values = set(np.unique(data).astype(np.int64).tolist())
+    unknown = values - {0, 1, 2, 3, 4}
+    if unknown:
+        raise TumorSegError(
+            f"label map holds values {sorted(unknown)} outside the BraTS convention "
+            "(0 background, 1 NCR/NET, 2 oedema, 4 enhancing tumour; 3 is read as 4)",
+            path,
+        )
+    if 3 in values and 4 in values:
+        raise TumorSegError(
+            "label map uses both 3 and 4; it must use either BraTS 2018 (4 = enhancing) or "
+            "BraTS 2023 (3 = enhancing) labels",
+            path,
+        )
+    labels = data.astype(np.uint8)
+    if 3 in values:
+        labels[labels == 3] = 4
+    return labels
+
+
+def read_volume(path: str | Path, kind: str | None = None) -> Volume:
+    """Read one NIfTI file as a `Volume` reoriented to LPS (Z, Y, X).
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.nii`` or ``.nii.gz`` file.
+    kind : {"scan", "labels"} or None
+        How to read it; None decides from the file name (`classify_path`) and, for names that
+        say nothing, from the data (an integer map with only BraTS values is a label map).
+
+    Returns
+    -------
+    Volume
+        ``name`` is the sequence (``"t1"`` ...), ``"labels"``, or the file stem. Scans keep their
+        integer dtype or become float32; label maps are uint8 BraTS labels (0, 1, 2, 4).
+
+    Raises
+    ------
+    TumorSegError
+        Not a NIfTI file, empty or truncated file, 2D or 4D image, NaN/inf voxels, non-integer
+        or unknown label values.
+    """
+    path = Path(path)
+    image, data = _load_nifti(path)
+    data = _check_3d(data, path)
+    named = classify_path(path)
+    if kind is None:
+        kind = "labels" if named == "labels" or (named is None and _looks_like_labels(data)) else "scan"
+    if kind == "labels":
+        data = to_brats_labels(data, path)
+        name = "labels"
+    else:
+        if data.dtype.kind == "f":
+            if not np.isfinite(data).all():
+                bad = int((~np.isfinite(data)).sum())
+                raise TumorSegError(f"holds {bad} NaN or infinite voxels", path)
+            data = data.astype(np.float32, copy=False)
+        elif data.dtype.kind not in "iub":
+            raise TumorSegError(f"has an unsupported voxel type {data.dtype}", path)
+        name = named if named not in (None, "labels") else file_stem(path)
+    return Volume.from_nifti(image, data, name=name, path=path)
+
+
+def _looks_like_labels(data: np.ndarray) -> bool:
+    if not np.issubdtype(data.dtype, np.integer):
+        return False
+    # A cheap test on a strided subsample before the full unique().
+    sample = np.unique(data[::4, ::4, ::4])
+    if len(sample) > 5 or sample.min() < 0 or sample.max() > 4:
+        return False
+    return set(np.unique(data).tolist()) <= {0, 1, 2, 3, 4}
+
+
+# --------------------------------------------------------------------------- exams
+@dataclass
+class Exam:
+    """The scans of one exam (by sequence name) and its label map, if any.
+
+    Attributes
+    ----------
+    scans : dict[str, Volume]
+        Sequence name -> scan, in `SEQUENCES` order.
+    labels : Volume or None
+        The label map (uint8 BraTS labels) on the grid of one of the scans.
+    skipped : list[str]
+        Messages about files of the folder that were not read (unknown names).
+    """
+
+    scans: dict[str, Volume] = field(default_factory=dict)
+    labels: Volume | None = None
+    skipped: list[str] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def reference(self) -> Volume:
+        """The scan whose geometry outputs are written in: the first given sequence."""
+        return next(iter(self.scans.values()))
+
+
+def find_exam_files(folder: str | Path) -> tuple[dict[str, Path], Path | None, list[str]]:
+    """Sequence files, the label file and skip messages of an exam folder, by file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TumorSegError("is not a folder", folder)
+    scans: dict[str, Path] = {}
+    labels: Path | None = None
+    skipped: list[str] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p)):
+        kind = classify_path(path)
+        if kind is None:
+            skipped.append(f"{path}: unknown sequence name, not opened")
+        elif kind == "labels":
+            if labels is not None:
+                raise TumorSegError(
+                    f"holds two label maps ({labels.name} and {path.name}); keep one", folder
+                )
+            labels = path
+        elif kind in scans:
+            raise TumorSegError(
+                f"holds two {kind} scans ({scans[kind].name} and {path.name}); keep one", folder
+            )
+        else:
+            scans[kind] = path
+    if not scans:
+        raise TumorSegError(
+            "holds no NIfTI scan named by sequence (t1, t1ce, t2, flair, ...)", folder
+        )
+    ordered = {s: scans[s] for s in SEQUENCES if s in scans}
+    return ordered, labels, skipped
+
+
+def read_exam(
+    source: str | Path | list[str | Path] | dict[str, str | Path],
+    labels: str | Path | None = None,
+) -> Exam:
+    """Read the scans (and label map) of one exam.
+
+    Parameters
+    ----------
+    source : folder, list of files, or dict
+        A case folder (sequences found by name tokens), a list of files named by sequence, or an
+        explicit mapping ``{"t1": path, "flair": path, ...}``. The first given sequence is the
+        exam's reference geometry.
+    labels : path, optional
+        A label map; it must lie on the grid of one of the scans.
+    """
+    skipped: list[str] = []
+    if isinstance(source, dict):
+        unknown = set(source) - set(SEQUENCES)
+        if unknown:
+            raise TumorSegError(f"unknown sequence(s) {sorted(unknown)}; use {list(SEQUENCES)}")
+        files = {k: Path(v) for k, v in source.items() if v is not None}
+    elif isinstance(source, (str, Path)) and Path(source).is_dir():
+        files, found_labels, skipped = find_exam_files(source)
+        labels = labels if labels is not None else found_labels
+    else:
+        paths = [source] if isinstance(source, (str, Path)) else list(source)
+        files = {}
+        for path in map(Path, paths):
+            if path.is_dir():
+                raise TumorSegError("give either one case folder or files, not both", path)
+            kind = classify_path(path)
+            if kind == "labels" and labels is None:
+                labels = path
+                continue
+            seq = sequence_of(path)
+            if seq in files:
+                raise TumorSegError(f"two {seq} scans given ({files[seq]} and {path})", path)
+            files[seq] = path
+    if not files:
+        raise TumorSegError("no scan given")
+    exam = Exam(skipped=skipped)
+    for seq, path in files.items():
+        exam.scans[seq] = read_volume(path, kind="scan")
+        exam.scans[seq].name = seq
+    exam.name = _case_name(next(iter(files.values())))
+    if labels is not None:
+        exam.labels = read_volume(labels, kind="labels")
+        check_grid_match(exam.labels, list(exam.scans.values()), labels)
+    return exam
+
+
+def _case_name(path: Path) -> str:
+    tokens = re.split(r"([_\-])", file_stem(path))
+    return "".join(tokens[:-2]) or file_stem(path)
+
+
+# --------------------------------------------------------------------------- writing
+def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) -> Path:
+    """Write a (Z, Y, X) array in the geometry of ``like`` (its source file's grid), atomically.
+
+    The file is first written next to the target and then renamed over it, so an existing file is
+    never left half-written.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise TumorSegError("output must end in .nii or .nii.gz", path)
+    if tuple(array.shape) != like.spatial_shape:
+        raise TumorSegError(
+            f"array of shape {array.shape} does not lie on the grid of {like.name} "
+            f"({like.spatial_shape})",
+            path,
+        )
+    image = like.to_nifti(array, dtype=dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_labels(path: str | Path, labels: np.ndarray, like: Volume) -> Path:
+    """Write a BraTS label map (Z, Y, X) in the geometry of the scan ``like``; see `write_volume`."""
+    labels = np.asarray(labels)
+    dtype = np.uint8 if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256 else np.int32
+    return write_volume(path, labels, like, dtype=dtype)
