@@ -1,0 +1,204 @@
+"""Models: safetensors weights + a JSON model card; bundled and user (fine-tuned) versions.
+
+Layout (contract 2.4)::
+
+    <package>/weights/<name>/model.safetensors, card.json          bundled ("3d", "2d")
+    <user data dir>/models/<name>/v<k>/model.safetensors, card.json  user versions
+
+Nothing is unpickled: weights are safetensors, the card is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import TumorSegError
+from .unet import build_network
+
+BUNDLED = ("3d", "2d")
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+REQUIRED_CARD_KEYS = (
+    "name", "version", "spatial_dims", "channels", "regions", "patch_size", "spacing_mm",
+    "normalization", "parent", "metrics", "architecture",
+)
+
+
+@dataclass
+class TumorModel:
+    """A loaded model.
+
+    Attributes
+    ----------
+    network : torch.nn.Module
+        (B, 4, *spatial) normalised input -> (B, 3, *spatial) logits (WT, TC, ET), in eval mode.
+    card : dict
+        The model card (patch size, spacing, normalisation, metrics, parent, ...).
+    path : Path
+        The folder the model was loaded from.
+    """
+
+    network: torch.nn.Module
+    card: dict
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def label(self) -> str:
+        """``name`` for bundled models, ``name@v<k>`` for user versions."""
+        return self.card["name"] if self.card.get("parent") is None else (
+            f"{self.card['name']}@v{self.card['version']}"
+        )
+
+
+def bundled_dir() -> Path:
+    """Folder of the bundled models inside the package."""
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+def user_models_dir() -> Path:
+    """Folder of the user's fine-tuned models (``TUMORSEG_USER_DIR`` overrides it, e.g. in tests)."""
+    root = os.environ.get("TUMORSEG_USER_DIR")
+    if root is None:
+        from platformdirs import user_data_dir
+
+        root = user_data_dir("napari-tumorseg", appauthor=False)
+    return Path(root) / "models"
+
+
+def _read_card(folder: Path) -> dict:
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TumorSegError(f"model card cannot be read ({exc})", folder / CARD_FILE) from None
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise TumorSegError(f"model card lacks {missing}", folder / CARD_FILE)
+    return card
+
+
+def _user_versions(name: str) -> list[Path]:
+    folder = user_models_dir() / name
+    if not folder.is_dir():
+        return []
+    versions = [p for p in folder.iterdir() if p.is_dir() and p.name[1:].isdigit()
+                and p.name.startswith("v") and (p / CARD_FILE).exists()]
+    return sorted(versions, key=lambda p: int(p.name[1:]))
+
+
+def model_folder(name: str) -> Path:
+    """Folder of a model: ``"3d"``/``"2d"`` (bundled), ``NAME`` (latest user version) or
+    ``NAME@v<k>`` (that version)."""
+    if name in BUNDLED:
+        folder = bundled_dir() / name
+        if not (folder / WEIGHTS_FILE).exists():
+            raise TumorSegError(f"the bundled {name} model is not installed (no {WEIGHTS_FILE})",
+                                folder)
+        return folder
+    base, _, version = name.partition("@")
+    versions = _user_versions(base)
+    if not versions:
+        known = ", ".join([*BUNDLED, *(m["label"] for m in list_models() if m["parent"])])
+        raise TumorSegError(f"no model named {name!r}; known models: {known}")
+    if not version:
+        return versions[-1]
+    for folder in versions:
+        if folder.name == version.lower() or folder.name == f"v{version}":
+            return folder
+    raise TumorSegError(f"model {base!r} has no version {version!r}")
+
+
+def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorModel:
+    """Load a bundled or user model by name (contract 2.5).
+
+    Parameters
+    ----------
+    name : str
+        ``"3d"``, ``"2d"``, a user model's name (its latest version) or ``NAME@v<k>``.
+    device : str or torch.device
+        Where to put the network; weights stored in float16 are loaded as float32.
+    """
+    folder = model_folder(name)
+    card = _read_card(folder)
+    network = build_network(card["architecture"])
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise TumorSegError(f"model weights cannot be read ({exc})", folder / WEIGHTS_FILE) from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TumorSegError(f"weights do not fit the card's architecture ({exc})",
+                            folder / WEIGHTS_FILE) from None
+    network.to(device).eval()
+    return TumorModel(network=network, card=card, path=folder)
+
+
+def save_model(network: torch.nn.Module, card: dict, folder: str | Path,
+               half: bool = False) -> Path:
+    """Write weights and card into ``folder`` atomically (a temporary folder renamed into place).
+
+    An existing folder is replaced only once the new one is complete.
+    """
+    folder = Path(folder)
+    card = {**card, "architecture": dict(getattr(network, "config", card.get("architecture")))}
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ValueError(f"model card lacks {missing}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in network.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def save_user_model(network: torch.nn.Module, card: dict, name: str) -> Path:
+    """Save a new version of user model ``name``; returns its folder (``.../name/v<k>``)."""
+    if not name or any(c in name for c in "/\\@") or name in BUNDLED:
+        raise TumorSegError(f"{name!r} is not a valid model name (no / \\ @; not 3d or 2d)")
+    versions = _user_versions(name)
+    version = int(versions[-1].name[1:]) + 1 if versions else 1
+    card = {**card, "name": name, "version": version}
+    return save_model(network, card, user_models_dir() / name / f"v{version}")
+
+
+def list_models() -> list[dict]:
+    """Cards of the bundled models present and of every user model version, with ``label``."""
+    cards = []
+    for name in BUNDLED:
+        folder = bundled_dir() / name
+        if (folder / WEIGHTS_FILE).exists():
+            cards.append({**_read_card(folder), "label": name, "path": str(folder)})
+    root = user_models_dir()
+    if root.is_dir():
+        for model in sorted(p for p in root.iterdir() if p.is_dir()):
+            for folder in _user_versions(model.name):
+                card = _read_card(folder)
+                cards.append({**card, "label": f"{model.name}@{folder.name}", "path": str(folder)})
+    return cards

@@ -1,0 +1,162 @@
+"""Model input preparation shared by inference, training and fine-tuning.
+
+One implementation of each step, so that what a model sees at inference is exactly what it saw
+in training: brain mask -> crop to the brain's bounding box -> resample to the model spacing ->
+per-channel z-score over brain voxels -> missing sequences filled with zeros (the brain mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .errors import TumorSegError
+
+#: Missing-sequence policy of the bundled models: the channel is all zeros after normalisation,
+#: which is the mean brain intensity; training drops sequences the same way.
+MISSING_POLICY = "zeros after z-score (the brain mean); trained with random sequence dropout"
+NORMALIZATION = "per-channel z-score over brain voxels (mean 0, std 1), background set to 0"
+
+
+def brain_mask(channels: np.ndarray) -> np.ndarray:
+    """Boolean brain (or head) mask of a (C, Z, Y, X) exam.
+
+    Skull-stripped exams (BraTS) have exact zeros outside the brain: the mask is "any channel
+    non-zero". Raw exams have noise everywhere: the mask is an Otsu threshold of the mean channel,
+    with holes filled and only the largest component kept.
+    """
+    nonzero = np.any(channels != 0, axis=0)
+    if nonzero.mean() < 0.9:
+        return nonzero
+    mean = channels.astype(np.float32).mean(axis=0)
+    threshold = otsu_threshold(mean)
+    mask = ndimage.binary_opening(mean > threshold, iterations=1)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == sizes.argmax()
+    return ndimage.binary_fill_holes(mask)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of an array's values."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight1 = np.cumsum(hist)
+    weight2 = weight1[-1] - weight1
+    mean1 = np.cumsum(hist * centres) / np.maximum(weight1, 1)
+    total = (hist * centres).sum()
+    mean2 = (total - np.cumsum(hist * centres)) / np.maximum(weight2, 1)
+    between = weight1 * weight2 * (mean1 - mean2) ** 2
+    return float(centres[np.argmax(between)])
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the smallest box holding ``mask``, grown by ``margin`` voxels (clipped)."""
+    if not mask.any():
+        raise TumorSegError("the exam holds no brain voxels (all sequences are empty)")
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(hits[0] - margin, 0), min(hits[-1] + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def zscore(channels: np.ndarray, mask: np.ndarray, present=None) -> np.ndarray:
+    """Per-channel z-score over ``mask`` voxels; float32 (C, Z, Y, X), 0 outside the mask.
+
+    Channels not in ``present`` (indices) are set to zeros: the missing-sequence policy.
+    """
+    out = np.zeros(channels.shape, dtype=np.float32)
+    present = range(channels.shape[0]) if present is None else present
+    for c in present:
+        values = channels[c][mask].astype(np.float32)
+        if values.size == 0:
+            continue
+        mean, std = float(values.mean()), float(values.std())
+        out[c][mask] = (values - mean) / max(std, 1e-6)
+    return out
+
+
+def resample_array(array: np.ndarray, shape: tuple[int, ...], mode: str = "trilinear") -> np.ndarray:
+    """Resample a (C, *S) float array to spatial ``shape`` (align_corners=False, like a grid of
+    voxel centres spanning the same extent)."""
+    if tuple(array.shape[1:]) == tuple(shape):
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if mode in ("trilinear", "bilinear"):
+        mode = "trilinear" if len(shape) == 3 else "bilinear"
+        out = F.interpolate(tensor, size=tuple(shape), mode=mode, align_corners=False)
+    else:
+        out = F.interpolate(tensor, size=tuple(shape), mode="nearest-exact")
+    return out[0].numpy()
+
+
+def target_shape(shape, spacing, target_spacing) -> tuple[int, ...]:
+    """Voxel shape covering the same extent as ``shape`` x ``spacing`` at ``target_spacing``."""
+    return tuple(
+        max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing)
+    )
+
+
+@dataclass
+class Prepared:
+    """A model-ready exam and how to map results back.
+
+    Attributes
+    ----------
+    image : numpy.ndarray
+        float32 (C, z, y, x): cropped, resampled to the model spacing, normalised.
+    mask : numpy.ndarray
+        bool (z, y, x) brain mask on the same grid as ``image``.
+    box : tuple of slice
+        The crop in the input grid (Z, Y, X).
+    input_shape : tuple of int
+        The full input grid's (Z, Y, X).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    box: tuple[slice, ...]
+    input_shape: tuple[int, ...]
+
+    def to_input_grid(self, maps: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Put (K, z, y, x) maps on the model grid back onto the full input grid (K, Z, Y, X)."""
+        crop_shape = tuple(s.stop - s.start for s in self.box)
+        maps = resample_array(maps, crop_shape)
+        out = np.full((maps.shape[0], *self.input_shape), fill, dtype=np.float32)
+        out[(slice(None), *self.box)] = maps
+        return out
+
+
+def prepare(channels: np.ndarray, spacing, model_spacing=None, present=None,
+            margin: int = 2) -> Prepared:
+    """Brain mask, crop, resample to ``model_spacing`` (mm, Z Y X) and z-score an exam.
+
+    Parameters
+    ----------
+    channels : numpy.ndarray
+        (C, Z, Y, X) exam in the channel order t1, t1ce, t2, flair (missing channels all zero).
+    spacing : sequence of float
+        Voxel size in mm (Z, Y, X).
+    model_spacing : sequence of float, optional
+        Voxel size the model expects; None keeps the input spacing.
+    present : sequence of int, optional
+        Indices of the channels that hold a sequence; the others are zeros.
+    """
+    mask = brain_mask(channels if present is None else channels[list(present)])
+    box = bounding_box(mask, margin)
+    cropped = channels[(slice(None), *box)]
+    mask = mask[box]
+    image = zscore(cropped, mask, present)
+    if model_spacing is not None and not np.allclose(spacing, model_spacing, atol=1e-3):
+        shape = target_shape(mask.shape, spacing, model_spacing)
+        image = resample_array(image, shape)
+        mask = resample_array(mask[None].astype(np.float32), shape, mode="nearest")[0] > 0.5
+    return Prepared(image=image, mask=mask, box=box, input_shape=tuple(channels.shape[1:]))
