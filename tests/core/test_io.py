@@ -1,0 +1,233 @@
+"""Reading, orientation, writing and input errors of NIfTI files."""
+
+import gzip
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import axcodes2ornt, ornt_transform
+
+from napari_tumorseg.core.errors import TumorSegError
+from napari_tumorseg.core.io import (
+    classify_path,
+    read_exam,
+    read_volume,
+    to_brats_labels,
+    write_labels,
+    write_volume,
+)
+
+from ..conftest import BRATS, BRATS2023, TCGA_RAW
+
+SEG = BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"
+T1CE = BRATS / "Brats18_TCIA01_378_1_t1ce.nii.gz"
+
+
+def _reoriented_copy(src, dst, axcodes):
+    image = nib.load(str(src))
+    xform = ornt_transform(nib.io_orientation(image.affine), axcodes2ornt(axcodes))
+    nib.save(image.as_reoriented(xform), str(dst))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Brats18_TCIA01_378_1_t1ce.nii.gz", "t1ce"),
+        ("case-t1n.nii.gz", "t1"),
+        ("case_T1W.nii", "t1"),
+        ("BraTS-GLI-00001-000-t2f.nii.gz", "flair"),
+        ("x_t1gd.nii.gz", "t1ce"),
+        ("x_t2w.nii.gz", "t2"),
+        ("TCGA-FG-6692_t1c_raw.nii.gz", "t1ce"),
+        ("case_seg.nii.gz", "labels"),
+        ("scan.nii.gz", None),
+    ],
+)
+def test_sequence_names(name, expected):
+    assert classify_path(name) == expected
+
+
+def test_brats_sample_is_lps_zyx():
+    volume = read_volume(T1CE)
+    source = nib.load(str(T1CE)).get_fdata()
+    assert volume.name == "t1ce"
+    assert volume.array.shape == (155, 240, 240)
+    # BraTS files are stored LPS (i -> left, j -> posterior, k -> superior): only a transpose.
+    np.testing.assert_array_equal(volume.array, source.transpose(2, 1, 0))
+    np.testing.assert_allclose(volume.spacing, [1, 1, 1])
+    # voxel (x, y, z) -> LPS mm; the file's RAS affine negated in x and y.
+    np.testing.assert_allclose(volume.affine[:3, :3], np.eye(3))
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("A", "S", "L"), ("P", "I", "R")])
+def test_any_orientation_reads_as_the_lps_original(tmp_path, axcodes):
+    original = read_volume(T1CE)
+    moved = read_volume(_reoriented_copy(T1CE, tmp_path / "case_t1ce.nii.gz", axcodes))
+    np.testing.assert_array_equal(moved.array, original.array)
+    np.testing.assert_allclose(moved.affine, original.affine, atol=1e-4)
+
+
+def test_labels_round_trip_is_exact(tmp_path):
+    labels = read_volume(SEG)
+    out = write_labels(tmp_path / "out_seg.nii.gz", labels.array, labels)
+    src, dst = nib.load(str(SEG)), nib.load(str(out))
+    np.testing.assert_array_equal(np.asanyarray(dst.dataobj), np.asanyarray(src.dataobj))
+    np.testing.assert_array_equal(dst.affine, src.affine)
+    assert dst.get_data_dtype() == np.uint8
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S")])
+def test_ras_labels_round_trip(tmp_path, axcodes):
+    ras = _reoriented_copy(SEG, tmp_path / f"{''.join(axcodes)}_seg.nii.gz", axcodes)
+    labels = read_volume(ras)
+    np.testing.assert_array_equal(labels.array, read_volume(SEG).array)
+    out = write_labels(tmp_path / "back.nii.gz", labels.array, labels)
+    src, dst = nib.load(str(ras)), nib.load(str(out))
+    np.testing.assert_array_equal(np.asanyarray(dst.dataobj), np.asanyarray(src.dataobj))
+    np.testing.assert_array_equal(dst.affine, src.affine)
+
+
+@pytest.mark.parametrize("sequence", ["t1", "t1c", "t2", "flair"])
+def test_oblique_raw_scan_round_trip(tmp_path, sequence):
+    path = TCGA_RAW / f"TCGA-FG-6692_{sequence}_raw.nii.gz"
+    volume = read_volume(path)
+    src = nib.load(str(path))
+    # Z is the slice axis (5.5 mm) after reorientation to LPS.
+    assert volume.spacing[0] == pytest.approx(5.5, abs=0.05)
+    # The LPS affine maps every voxel where the file's RAS affine does.
+    zyx = np.array([[3, 10, 20], [20, 150, 100]])
+    for z, y, x in zyx:
+        world_lps = volume.affine @ [x, y, z, 1]
+        # find the same voxel in the file: it holds the same value
+        ijk = np.linalg.solve(src.affine, np.diag([-1, -1, 1, 1]) @ world_lps)[:3]
+        ijk = np.round(ijk).astype(int)
+        assert np.asanyarray(src.dataobj)[tuple(ijk)] == volume.array[z, y, x]
+    out = write_volume(tmp_path / "copy_t1.nii.gz", volume.array, volume)
+    dst = nib.load(str(out))
+    np.testing.assert_array_equal(np.asanyarray(dst.dataobj), np.asanyarray(src.dataobj))
+    np.testing.assert_array_equal(dst.affine, src.affine)
+    again = read_volume(out)
+    np.testing.assert_array_equal(again.array, volume.array)
+    np.testing.assert_array_equal(again.affine, volume.affine)
+
+
+def test_brats2023_labels_3_mean_enhancing():
+    labels = to_brats_labels(np.array([[[0, 1, 2, 3]]]))
+    np.testing.assert_array_equal(labels, [[[0, 1, 2, 4]]])
+
+
+def test_exam_folder_and_reference():
+    exam = read_exam(BRATS)
+    assert list(exam.scans) == ["t1", "t1ce", "t2", "flair"]
+    assert exam.labels is not None and set(np.unique(exam.labels.array)) == {0, 1, 2, 4}
+    assert exam.name == "Brats18_TCIA01_378_1"
+    exam23 = read_exam(BRATS2023)
+    assert list(exam23.scans) == ["t1", "t1ce", "t2", "flair"] and exam23.labels is None
+
+
+# ----------------------------------------------------------------------------- errors
+def _assert_error(path, fragment, **kwargs):
+    with pytest.raises(TumorSegError) as info:
+        read_volume(path, **kwargs)
+    message = str(info.value)
+    assert str(path) in message and fragment in message
+    assert "\n" not in message
+    return message
+
+
+def test_not_a_nifti(tmp_path):
+    path = tmp_path / "notes_t1.nii.gz"
+    path.write_text("this is a text file, not an image")
+    _assert_error(path, "NIfTI")
+    plain = tmp_path / "notes_t2.nii"
+    plain.write_bytes(b"\x00" * 400)
+    _assert_error(plain, "NIfTI")
+
+
+def test_truncated_gz(tmp_path):
+    path = tmp_path / "cut_t1.nii.gz"
+    data = T1CE.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _assert_error(path, "truncated")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty_flair.nii.gz"
+    path.touch()
+    _assert_error(path, "empty")
+
+
+def test_2d_image(tmp_path):
+    path = tmp_path / "slice_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((64, 64), np.int16), np.eye(4)), str(path))
+    _assert_error(path, "2D image")
+    flat = tmp_path / "flat_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 1), np.int16), np.eye(4)), str(flat))
+    _assert_error(flat, "2D image")
+
+
+def test_4d_image_is_rejected(tmp_path):
+    path = tmp_path / "multi_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 4), np.float32), np.eye(4)), str(path))
+    _assert_error(path, "4D")
+
+
+def test_nan_voxels(tmp_path):
+    data = np.ones((8, 8, 8), np.float32)
+    data[2, 3, 4] = np.nan
+    data[1, 1, 1] = np.inf
+    path = tmp_path / "bad_t2.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    _assert_error(path, "NaN or infinite")
+
+
+def test_non_integer_labels(tmp_path):
+    data = np.zeros((8, 8, 8), np.float32)
+    data[2, 2, 2] = 1.5
+    path = tmp_path / "case_seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    _assert_error(path, "non-integer")
+
+
+def test_unknown_label_values(tmp_path):
+    data = np.zeros((8, 8, 8), np.uint8)
+    data[2, 2, 2] = 7
+    path = tmp_path / "case_seg.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    _assert_error(path, "[7]")
+
+
+def test_unknown_sequence_name(tmp_path):
+    path = tmp_path / "mystery_scan.nii.gz"
+    shutil.copy(T1CE, path)
+    with pytest.raises(TumorSegError) as info:
+        read_exam([path])
+    assert str(path) in str(info.value) and "unknown sequence name" in str(info.value)
+
+
+def test_labels_on_no_scan_grid(tmp_path):
+    path = tmp_path / "other_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.eye(4)), str(path))
+    with pytest.raises(TumorSegError) as info:
+        read_exam([T1CE], labels=path)
+    assert str(path) in str(info.value) and "matches no open scan" in str(info.value)
+
+
+def test_write_keeps_existing_file_when_it_fails(tmp_path):
+    labels = read_volume(SEG)
+    target = tmp_path / "keep_seg.nii.gz"
+    target.write_bytes(b"precious")
+    with pytest.raises(TumorSegError):
+        write_labels(target, labels.array[:10], labels)
+    assert target.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep_seg.nii.gz"]
+
+
+def test_gzip_helper_matches_truncation_kind(tmp_path):
+    # A valid gzip stream whose content is not NIfTI reads as "not a NIfTI".
+    path = tmp_path / "zipped_t1.nii.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b"hello" * 100)
+    _assert_error(path, "NIfTI")

@@ -1,0 +1,164 @@
+"""The plugin inside napari: manifest, reader, writer, samples, widgets, what the user sees."""
+
+import filecmp
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import npe2
+import numpy as np
+import pytest
+
+from napari_tumorseg.core.io import read_volume
+
+from .conftest import BRATS, ROOT, TCGA_RAW
+
+PLUGIN = "napari-tumorseg"
+
+
+def test_root_manifest_is_valid_and_is_the_one_napari_loads():
+    manifest = npe2.PluginManifest.from_file(ROOT / "napari.yaml")
+    assert manifest.name == PLUGIN
+    manifest.validate_imports()
+    installed = Path(str(resources.files("napari_tumorseg") / "napari.yaml"))
+    assert filecmp.cmp(installed, ROOT / "napari.yaml", shallow=False)
+    assert npe2.PluginManifest.from_distribution(PLUGIN).display_name == manifest.display_name
+
+
+def test_npe2_read_write_round_trip(tmp_path):
+    layers = npe2.read(
+        [str(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz")], plugin_name=PLUGIN, stack=False
+    )
+    (data, kwargs, kind), = layers
+    assert kind == "labels" and data.shape == (155, 240, 240)
+    out = tmp_path / "saved_seg.nii.gz"
+    npe2.write(str(out), [(data, kwargs, "labels")], plugin_name=PLUGIN)
+    src = nib.load(str(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"))
+    dst = nib.load(str(out))
+    np.testing.assert_array_equal(np.asanyarray(dst.dataobj), np.asanyarray(src.dataobj))
+    np.testing.assert_array_equal(dst.affine, src.affine)
+
+
+def test_exam_folder_opens_sequences_and_labels(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS), plugin=PLUGIN)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["t1", "t1ce", "t2", "flair", "Brats18_TCIA01_378_1 labels"]
+    labels = viewer.layers[-1]
+    assert labels._type_string == "labels"
+    assert tuple(labels.colormap.map(4)[:3]) == pytest.approx((1.0, 0.85, 0.0))
+    assert "ET" in list(labels.features["region"])
+
+
+@pytest.mark.parametrize(
+    ("key", "n_layers"), [("brats2018", 5), ("tcga_raw", 4), ("brats2023", 4)]
+)
+def test_samples_load(make_napari_viewer, key, n_layers):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, key)
+    assert len(viewer.layers) == n_layers
+    for layer in viewer.layers:
+        assert layer.ndim == 3 and layer.data.size > 0
+    if key == "tcga_raw":
+        # Unregistered: each sequence sits at its own world position.
+        corners = {tuple(np.round(layer.translate, 1)) for layer in viewer.layers}
+        assert len(corners) >= 3
+
+
+def test_raw_sequences_overlay_in_world_space(make_napari_viewer):
+    """A scanner-space point maps to the same anatomy whatever layer it is read from."""
+    viewer = make_napari_viewer()
+    viewer.open(str(TCGA_RAW / "TCGA-FG-6692_t1_raw.nii.gz"), plugin=PLUGIN)
+    viewer.open(str(TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"), plugin=PLUGIN)
+    t1, t1ce = viewer.layers
+    world = t1.data_to_world((13, 112, 128))
+    vol_t1 = read_volume(TCGA_RAW / "TCGA-FG-6692_t1_raw.nii.gz")
+    # napari world (Z, Y, X) is LPS (z, y, x) in mm
+    lps = vol_t1.affine @ [128, 112, 13, 1]
+    np.testing.assert_allclose(world, lps[:3][::-1], atol=1e-3)
+    back = np.asarray(t1ce.world_to_data(world))
+    vol_t1ce = read_volume(TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz")
+    expected = np.linalg.solve(vol_t1ce.affine, lps)[:3][::-1]
+    np.testing.assert_allclose(back, expected, atol=1e-2)
+
+
+def test_widgets_listed_in_plugins_menu(make_napari_viewer):
+    viewer = make_napari_viewer()
+    menu = viewer.window.plugins_menu
+    menu.aboutToShow.emit()
+    texts = []
+    for action in menu.actions():
+        texts.append(action.text())
+        if action.menu() is not None:
+            texts += [a.text() for a in action.menu().actions()]
+    from napari_tumorseg.widgets import DOCK_WIDGETS
+
+    for name in DOCK_WIDGETS:
+        assert any(name in text for text in texts), texts
+        viewer.window.add_plugin_dock_widget(PLUGIN, name)
+
+
+def test_bad_file_is_a_notification_not_a_crash(make_napari_viewer, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    bad = tmp_path / "broken_t1.nii.gz"
+    bad.write_bytes(b"not an image")
+    viewer = make_napari_viewer()
+    before = len(notification_manager.records)
+    viewer.open(str(bad), plugin=PLUGIN)
+    assert len(viewer.layers) == 0
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any(str(bad) in m and "NIfTI" in m for m in messages), messages
+
+
+def test_labels_on_wrong_grid_are_refused(make_napari_viewer, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    viewer.open(str(TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"), plugin=PLUGIN)
+    before = len(notification_manager.records)
+    viewer.open(str(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"), plugin=PLUGIN)
+    assert [layer._type_string for layer in viewer.layers] == ["image"]
+    messages = [str(n.message) for n in notification_manager.records[before:]]
+    assert any("matches no open scan" in m for m in messages), messages
+
+
+def test_screenshot_shows_labels_where_the_tumour_is(make_napari_viewer):
+    """Axial view of the labelled sample: label colours appear over the tumour, on the correct
+    side (radiological convention: patient's left on the viewer's right)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "brats2018")
+    labels = viewer.layers[-1]
+    labels.opacity = 1.0
+    z_tumour = int(np.argmax((labels.data > 0).sum(axis=(1, 2))))
+    viewer.dims.set_point(0, z_tumour)
+    viewer.reset_view()
+    shot_on = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    labels.visible = False
+    shot_off = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+
+    changed = np.abs(shot_on - shot_off).sum(axis=-1) > 30
+    assert changed.sum() > 200
+    red, green, blue = (shot_on[..., i] for i in range(3))
+    oedema = changed & (green > 150) & (red < 100) & (blue < 100)  # label 2, green
+    enhancing = changed & (red > 200) & (green > 150) & (blue < 80)  # label 4, yellow
+    assert oedema.sum() > 50 and enhancing.sum() > 50
+
+    # Where the tumour lies within the brain, in the screenshot and in the data, as fractions.
+    brain = shot_off.sum(axis=-1) > 30
+    rows, cols = np.nonzero(brain)
+    t_rows, t_cols = np.nonzero(changed)
+    data_brain = viewer.layers["flair"].data[z_tumour] > 0
+    data_tumour = labels.data[z_tumour] > 0
+    b_rows, b_cols = np.nonzero(data_brain)
+    d_rows, d_cols = np.nonzero(data_tumour)
+
+    def frac(v, lo, hi):
+        return (v - lo) / (hi - lo)
+
+    assert frac(t_cols.mean(), cols.min(), cols.max()) == pytest.approx(
+        frac(d_cols.mean(), b_cols.min(), b_cols.max()), abs=0.05
+    )
+    assert frac(t_rows.mean(), rows.min(), rows.max()) == pytest.approx(
+        frac(d_rows.mean(), b_rows.min(), b_rows.max()), abs=0.05
+    )
