@@ -26,10 +26,11 @@ def test_root_manifest_is_valid_and_is_the_one_napari_loads():
 
 
 def test_npe2_read_write_round_trip(tmp_path):
+    npe2.PluginManager.instance().discover()
     layers = npe2.read(
         [str(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz")], plugin_name=PLUGIN, stack=False
     )
-    (data, kwargs, kind), = layers
+    ((data, kwargs, kind),) = layers
     assert kind == "labels" and data.shape == (155, 240, 240)
     out = tmp_path / "saved_seg.nii.gz"
     npe2.write(str(out), [(data, kwargs, "labels")], plugin_name=PLUGIN)
@@ -50,9 +51,7 @@ def test_exam_folder_opens_sequences_and_labels(make_napari_viewer):
     assert "ET" in list(labels.features["region"])
 
 
-@pytest.mark.parametrize(
-    ("key", "n_layers"), [("brats2018", 5), ("tcga_raw", 4), ("brats2023", 4)]
-)
+@pytest.mark.parametrize(("key", "n_layers"), [("brats2018", 5), ("tcga_raw", 4), ("brats2023", 4)])
 def test_samples_load(make_napari_viewer, key, n_layers):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, key)

@@ -92,8 +92,7 @@ def _open_scan_volumes() -> list:
     if viewer is None:
         return []
     return [
-        volume_from_layer(layer.data, {"metadata": layer.metadata, **_transform(layer)},
-                          layer.name)
+        volume_from_layer(layer.data, {"metadata": layer.metadata, **_transform(layer)}, layer.name)
         for layer in viewer.layers
         if layer._type_string == "image" and layer.ndim == 3
     ]

@@ -25,11 +25,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         mean = metrics.get("mean") if isinstance(metrics, dict) else None
         dice = ""
         if isinstance(mean, dict):
-            dice = "  Dice " + " ".join(f"{k} {v:.3f}" for k, v in mean.items()
-                                        if isinstance(v, (int, float)))
+            dice = "  Dice " + " ".join(
+                f"{k} {v:.3f}" for k, v in mean.items() if isinstance(v, (int, float))
+            )
         parent = f"  parent {card['parent']}" if card.get("parent") else ""
-        print(f"{card['label']:<20} {card['spatial_dims']}D  patch {card['patch_size']}  "
-              f"spacing {card['spacing_mm']} mm{parent}{dice}")
+        print(
+            f"{card['label']:<20} {card['spatial_dims']}D  patch {card['patch_size']}  "
+            f"spacing {card['spacing_mm']} mm{parent}{dice}"
+        )
         if args.verbose:
             print(json.dumps({k: v for k, v in card.items() if k != "label"}, indent=2))
     print(f"user models folder: {user_models_dir()}")
@@ -68,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
 
     demo = sub.add_parser("demo", help="open napari with the labelled sample exam")
-    demo.add_argument("--headless", metavar="OUT_DIR",
-                      help="no display: run the whole pipeline on the sample, write outputs here")
+    demo.add_argument(
+        "--headless",
+        metavar="OUT_DIR",
+        help="no display: run the whole pipeline on the sample, write outputs here",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -16,7 +16,9 @@ def volume_report(labels, voxel_volume_ml: float, **extra) -> dict:
     span = tumour_slice_range(labels)
     return {
         **extra,
-        "volumes_ml": {k: round(v, 3) for k, v in tumour_volumes_ml(labels, voxel_volume_ml).items()},
+        "volumes_ml": {
+            k: round(v, 3) for k, v in tumour_volumes_ml(labels, voxel_volume_ml).items()
+        },
         "tumour_slices_z": None if span is None else list(span),
     }
 
@@ -39,9 +41,11 @@ def run_headless_demo(out_dir: Path, log: Callable[[str], None] = print) -> list
     exam = read_exam(sample_exam_dir("brats2018"))
     log(f"read {exam.name}: {', '.join(s for s in SEQUENCES if s in exam.scans)} + labels")
     reference = exam.reference
-    written = [write_labels(out_dir / f"{exam.name}_expert_seg.nii.gz", exam.labels.array,
-                            reference)]
-    report = volume_report(exam.labels.array, reference.voxel_volume_ml, exam=exam.name,
-                           source="expert labels")
+    written = [
+        write_labels(out_dir / f"{exam.name}_expert_seg.nii.gz", exam.labels.array, reference)
+    ]
+    report = volume_report(
+        exam.labels.array, reference.voxel_volume_ml, exam=exam.name, source="expert labels"
+    )
     written.append(write_json(out_dir / f"{exam.name}_report.json", report))
     return written

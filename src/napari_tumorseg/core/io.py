@@ -209,7 +209,11 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
     data = _check_3d(data, path)
     named = classify_path(path)
     if kind is None:
-        kind = "labels" if named == "labels" or (named is None and _looks_like_labels(data)) else "scan"
+        kind = (
+            "labels"
+            if named == "labels" or (named is None and _looks_like_labels(data))
+            else "scan"
+        )
     if kind == "labels":
         data = to_brats_labels(data, path)
         name = "labels"
@@ -380,7 +384,7 @@ def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) 
 
 
 def write_labels(path: str | Path, labels: np.ndarray, like: Volume) -> Path:
-    """Write a BraTS label map (Z, Y, X) in the geometry of the scan ``like``; see `write_volume`."""
+    """Write a BraTS label map (Z, Y, X) in the geometry of the scan ``like`` (`write_volume`)."""
     labels = np.asarray(labels)
     dtype = np.uint8 if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256 else np.int32
     return write_volume(path, labels, like, dtype=dtype)

@@ -17,8 +17,10 @@ def tumour_volumes_ml(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, f
 
     One ``bincount`` pass over the map: cheap enough to run on every edit of a full-size exam.
     """
-    counts = np.bincount(labels.ravel(), minlength=5) if labels.dtype == np.uint8 else (
-        np.bincount(np.clip(labels.ravel(), 0, 255).astype(np.uint8), minlength=5)
+    counts = (
+        np.bincount(labels.ravel(), minlength=5)
+        if labels.dtype == np.uint8
+        else (np.bincount(np.clip(labels.ravel(), 0, 255).astype(np.uint8), minlength=5))
     )
     per_label = {short: float(counts[value]) for value, (short, _, _) in BRATS_LABELS.items()}
     volumes = {short: n * voxel_volume_ml for short, n in per_label.items()}

@@ -27,8 +27,17 @@ BUNDLED = ("3d", "2d")
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 REQUIRED_CARD_KEYS = (
-    "name", "version", "spatial_dims", "channels", "regions", "patch_size", "spacing_mm",
-    "normalization", "parent", "metrics", "architecture",
+    "name",
+    "version",
+    "spatial_dims",
+    "channels",
+    "regions",
+    "patch_size",
+    "spacing_mm",
+    "normalization",
+    "parent",
+    "metrics",
+    "architecture",
 )
 
 
@@ -57,8 +66,10 @@ class TumorModel:
     @property
     def label(self) -> str:
         """``name`` for bundled models, ``name@v<k>`` for user versions."""
-        return self.card["name"] if self.card.get("parent") is None else (
-            f"{self.card['name']}@v{self.card['version']}"
+        return (
+            self.card["name"]
+            if self.card.get("parent") is None
+            else (f"{self.card['name']}@v{self.card['version']}")
         )
 
 
@@ -68,7 +79,7 @@ def bundled_dir() -> Path:
 
 
 def user_models_dir() -> Path:
-    """Folder of the user's fine-tuned models (``TUMORSEG_USER_DIR`` overrides it, e.g. in tests)."""
+    """Folder of the user's fine-tuned models (``TUMORSEG_USER_DIR`` overrides it)."""
     root = os.environ.get("TUMORSEG_USER_DIR")
     if root is None:
         from platformdirs import user_data_dir
@@ -92,8 +103,14 @@ def _user_versions(name: str) -> list[Path]:
     folder = user_models_dir() / name
     if not folder.is_dir():
         return []
-    versions = [p for p in folder.iterdir() if p.is_dir() and p.name[1:].isdigit()
-                and p.name.startswith("v") and (p / CARD_FILE).exists()]
+    versions = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir()
+        and p.name[1:].isdigit()
+        and p.name.startswith("v")
+        and (p / CARD_FILE).exists()
+    ]
     return sorted(versions, key=lambda p: int(p.name[1:]))
 
 
@@ -103,8 +120,9 @@ def model_folder(name: str) -> Path:
     if name in BUNDLED:
         folder = bundled_dir() / name
         if not (folder / WEIGHTS_FILE).exists():
-            raise TumorSegError(f"the bundled {name} model is not installed (no {WEIGHTS_FILE})",
-                                folder)
+            raise TumorSegError(
+                f"the bundled {name} model is not installed (no {WEIGHTS_FILE})", folder
+            )
         return folder
     base, _, version = name.partition("@")
     versions = _user_versions(base)
@@ -135,19 +153,23 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise TumorSegError(f"model weights cannot be read ({exc})", folder / WEIGHTS_FILE) from None
+        raise TumorSegError(
+            f"model weights cannot be read ({exc})", folder / WEIGHTS_FILE
+        ) from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        raise TumorSegError(f"weights do not fit the card's architecture ({exc})",
-                            folder / WEIGHTS_FILE) from None
+        raise TumorSegError(
+            f"weights do not fit the card's architecture ({exc})", folder / WEIGHTS_FILE
+        ) from None
     network.to(device).eval()
     return TumorModel(network=network, card=card, path=folder)
 
 
-def save_model(network: torch.nn.Module, card: dict, folder: str | Path,
-               half: bool = False) -> Path:
+def save_model(
+    network: torch.nn.Module, card: dict, folder: str | Path, half: bool = False
+) -> Path:
     """Write weights and card into ``folder`` atomically (a temporary folder renamed into place).
 
     An existing folder is replaced only once the new one is complete.
@@ -160,8 +182,10 @@ def save_model(network: torch.nn.Module, card: dict, folder: str | Path,
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-                 for k, v in network.state_dict().items()}
+        state = {
+            k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in network.state_dict().items()
+        }
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
         if folder.exists():

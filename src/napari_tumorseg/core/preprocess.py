@@ -84,7 +84,9 @@ def zscore(channels: np.ndarray, mask: np.ndarray, present=None) -> np.ndarray:
     return out
 
 
-def resample_array(array: np.ndarray, shape: tuple[int, ...], mode: str = "trilinear") -> np.ndarray:
+def resample_array(
+    array: np.ndarray, shape: tuple[int, ...], mode: str = "trilinear"
+) -> np.ndarray:
     """Resample a (C, *S) float array to spatial ``shape`` (align_corners=False, like a grid of
     voxel centres spanning the same extent)."""
     if tuple(array.shape[1:]) == tuple(shape):
@@ -100,9 +102,7 @@ def resample_array(array: np.ndarray, shape: tuple[int, ...], mode: str = "trili
 
 def target_shape(shape, spacing, target_spacing) -> tuple[int, ...]:
     """Voxel shape covering the same extent as ``shape`` x ``spacing`` at ``target_spacing``."""
-    return tuple(
-        max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing)
-    )
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
 
 
 @dataclass
@@ -135,8 +135,9 @@ class Prepared:
         return out
 
 
-def prepare(channels: np.ndarray, spacing, model_spacing=None, present=None,
-            margin: int = 2) -> Prepared:
+def prepare(
+    channels: np.ndarray, spacing, model_spacing=None, present=None, margin: int = 2
+) -> Prepared:
     """Brain mask, crop, resample to ``model_spacing`` (mm, Z Y X) and z-score an exam.
 
     Parameters

@@ -35,8 +35,15 @@ class ConvBlock(nn.Module):
     Shapes: (B, in_channels, *S) -> (B, out_channels, *S / stride).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1,
-                 norm: str = "instance", residual: bool = False) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        norm: str = "instance",
+        residual: bool = False,
+    ) -> None:
         super().__init__()
         conv = _conv(spatial_dims)
         self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
@@ -84,9 +91,15 @@ class UNet(nn.Module):
     forward: (B, in_channels, *S) -> (B, out_channels, *S) logits.
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 4, out_channels: int = 3,
-                 features=(16, 32, 64, 128, 256), norm: str = "instance",
-                 residual: bool = False) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        features=(16, 32, 64, 128, 256),
+        norm: str = "instance",
+        residual: bool = False,
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError("spatial_dims must be 2 or 3")

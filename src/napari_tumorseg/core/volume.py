@@ -127,9 +127,7 @@ class Volume:
             raise ValueError(
                 f"array of shape {array.shape} does not fit the grid {self.spatial_shape}"
             )
-        return replace(
-            self, array=array, name=self.name if name is None else name, **changes
-        )
+        return replace(self, array=array, name=self.name if name is None else name, **changes)
 
     # ---------------------------------------------------------------- napari
     def layer_transform(self) -> dict:
@@ -190,8 +188,9 @@ class Volume:
 
     # ---------------------------------------------------------------- NIfTI
     @classmethod
-    def from_nifti(cls, image: nib.Nifti1Image, data: np.ndarray, name: str = "",
-                   path: Path | None = None) -> Volume:
+    def from_nifti(
+        cls, image: nib.Nifti1Image, data: np.ndarray, name: str = "", path: Path | None = None
+    ) -> Volume:
         """Reorient a NIfTI image's 3D ``data`` to LPS (Z, Y, X) without resampling."""
         source = SourceGeometry(header=image.header.copy(), shape=tuple(data.shape[:3]), path=path)
         lps_affine = RAS_TO_LPS @ source.nifti_affine
@@ -238,9 +237,9 @@ def check_grid_match(labels: Volume, scans: list[Volume], path=None) -> Volume:
     for scan in scans:
         if scan.same_grid(labels):
             return scan
-    grids = ", ".join(
-        f"{s.name} {'x'.join(map(str, s.spatial_shape))}" for s in scans
-    ) or "none open"
+    grids = (
+        ", ".join(f"{s.name} {'x'.join(map(str, s.spatial_shape))}" for s in scans) or "none open"
+    )
     raise TumorSegError(
         f"the label map's grid ({'x'.join(map(str, labels.spatial_shape))} voxels, "
         f"{_fmt_spacing(labels.spacing)} mm) matches no open scan ({grids}); "

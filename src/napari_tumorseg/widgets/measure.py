@@ -69,8 +69,11 @@ class MeasureWidget(QWidget):
             return None
         volume = volume_from_layer(
             self._layer.data,
-            {"metadata": self._layer.metadata, "scale": self._layer.scale,
-             "translate": self._layer.translate},
+            {
+                "metadata": self._layer.metadata,
+                "scale": self._layer.scale,
+                "translate": self._layer.translate,
+            },
         )
         return tumour_volumes_ml(np.asarray(self._layer.data), volume.voxel_volume_ml)
 
