@@ -59,6 +59,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .core.io import read_volume
+    from .core.metrics import evaluate_labels
+
+    pred = read_volume(args.pred, kind="labels")
+    ref = read_volume(args.ref, kind="labels")
+    if not pred.same_grid(ref):
+        raise TumorSegError(
+            f"lies on another grid than the reference {args.ref} "
+            f"({pred.spatial_shape} vs {ref.spatial_shape} voxels); resample it first",
+            args.pred,
+        )
+    scores = evaluate_labels(pred.array, ref.array, ref.spacing)
+    if args.json:
+        clean = {
+            r: {k: (None if v == float("inf") else round(v, 4)) for k, v in s.items()}
+            for r, s in scores.items()
+        }
+        print(json.dumps({"pred": str(args.pred), "ref": str(args.ref), "regions": clean}))
+    else:
+        print(f"{'region':<8}{'Dice':>8}{'HD95 (mm)':>12}")
+        for region, s in scores.items():
+            print(f"{region:<8}{s['dice']:>8.4f}{s['hd95_mm']:>12.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tumorseg",
@@ -69,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list bundled and user models with their cards")
     models.add_argument("-v", "--verbose", action="store_true", help="print the whole cards")
     models.set_defaults(func=_cmd_models)
+
+    evaluate = sub.add_parser("evaluate", help="Dice and HD95 of a label map against a reference")
+    evaluate.add_argument("--pred", required=True, type=Path, help="label map to score")
+    evaluate.add_argument("--ref", required=True, type=Path, help="reference label map")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     demo = sub.add_parser("demo", help="open napari with the labelled sample exam")
     demo.add_argument(
