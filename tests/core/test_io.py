@@ -196,7 +196,7 @@ def test_unknown_label_values(tmp_path):
     data[2, 2, 2] = 7
     path = tmp_path / "case_seg.nii.gz"
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
-    _assert_error(path, "[7]")
+    _assert_error(path, "values 7 outside")
 
 
 def test_unknown_sequence_name(tmp_path):

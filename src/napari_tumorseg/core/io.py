@@ -162,11 +162,15 @@ def to_brats_labels(data: np.ndarray, path: str | Path | None = None) -> np.ndar
                 path,
             )
     values = set(np.unique(data).astype(np.int64).tolist())
-    unknown = values - {0, 1, 2, 3, 4}
+    unknown = sorted(values - {0, 1, 2, 3, 4})
     if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (
+            f", ... ({len(unknown)} values)" if len(unknown) > 5 else ""
+        )
+        hint = "; is it a scan rather than a label map?" if len(unknown) > 5 else ""
         raise TumorSegError(
-            f"label map holds values {sorted(unknown)} outside the BraTS convention "
-            "(0 background, 1 NCR/NET, 2 oedema, 4 enhancing tumour; 3 is read as 4)",
+            f"label map holds values {shown} outside the BraTS convention "
+            f"(0 background, 1 NCR/NET, 2 oedema, 4 enhancing tumour; 3 is read as 4){hint}",
             path,
         )
     if 3 in values and 4 in values:
