@@ -56,6 +56,28 @@ def volume_from_layer(data: np.ndarray, attributes: dict, name: str = "") -> Vol
     return Volume(np.asarray(data), affine, name)
 
 
+def layer_volume(layer) -> Volume:
+    """The Volume (array + geometry) behind a napari image or labels layer."""
+    attributes = {
+        "metadata": layer.metadata,
+        "scale": layer.scale,
+        "translate": layer.translate,
+        "rotate": layer.rotate,
+    }
+    return volume_from_layer(layer.data, attributes, layer.name)
+
+
+def layer_sequence(layer) -> str | None:
+    """The MRI sequence a layer shows: from our metadata, else from its name."""
+    from .core.io import SEQUENCES, classify_path
+
+    meta = layer.metadata.get(META_KEY, {})
+    if meta.get("sequence") in SEQUENCES:
+        return meta["sequence"]
+    kind = classify_path(layer.name.split(" ")[0])
+    return kind if kind in SEQUENCES else None
+
+
 def contrast_limits(array: np.ndarray) -> tuple[float, float]:
     """Display window from the 0.5 and 99.5 percentiles of the non-zero voxels."""
     sample = array[::2, ::2, ::2]

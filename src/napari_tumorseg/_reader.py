@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._layers import labels_layer_data, scan_layer_data, volume_from_layer
+from ._layers import labels_layer_data, layer_volume, scan_layer_data
 from .core.errors import TumorSegError
 from .core.io import SEQUENCES, file_stem, is_nifti_path, read_exam, read_volume
 from .core.volume import check_grid_match
@@ -82,7 +82,7 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
 
 
 def _open_scan_volumes() -> list:
-    """Scans (image layers with our geometry) open in the current viewer."""
+    """Scans (3D image layers) open in the current viewer."""
     try:
         import napari
 
@@ -92,11 +92,7 @@ def _open_scan_volumes() -> list:
     if viewer is None:
         return []
     return [
-        volume_from_layer(layer.data, {"metadata": layer.metadata, **_transform(layer)}, layer.name)
+        layer_volume(layer)
         for layer in viewer.layers
         if layer._type_string == "image" and layer.ndim == 3
     ]
-
-
-def _transform(layer) -> dict:
-    return {"scale": layer.scale, "translate": layer.translate, "rotate": layer.rotate}

@@ -6,7 +6,7 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QTableWidget, QTableWidgetItem, QWidget
 
-from .._layers import volume_from_layer
+from .._layers import layer_volume
 from ..core.metrics import tumour_slice_range, tumour_volumes_ml
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
@@ -67,14 +67,7 @@ class MeasureWidget(QWidget):
         """Volumes (mL) of the selected labels layer, or None when there is none."""
         if self._layer is None:
             return None
-        volume = volume_from_layer(
-            self._layer.data,
-            {
-                "metadata": self._layer.metadata,
-                "scale": self._layer.scale,
-                "translate": self._layer.translate,
-            },
-        )
+        volume = layer_volume(self._layer)
         return tumour_volumes_ml(np.asarray(self._layer.data), volume.voxel_volume_ml)
 
     def update_measurements(self) -> None:

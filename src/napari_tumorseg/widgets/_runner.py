@@ -1,0 +1,110 @@
+"""Run a core generator in napari's thread worker with a progress bar, Cancel and clean errors.
+
+Every long job of the plugin (registration, segmentation, fine-tuning) is a generator in `core`
+that yields progress and returns a result; this wraps one in ``thread_worker`` so the viewer
+stays responsive. Layers are only touched in the callbacks, which run on the main thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error
+
+from ..core.errors import TumorSegError
+
+
+class Runner:
+    """One job at a time: start, cancel, and napari's progress bar.
+
+    Parameters
+    ----------
+    description : str
+        Label of napari's progress bar (Activity dock).
+    on_start_stop : callable(bool)
+        Called with True when a job starts and False when it ends (enable/disable buttons).
+    """
+
+    def __init__(self, description: str, on_start_stop: Callable[[bool], None]) -> None:
+        self.description = description
+        self.on_start_stop = on_start_stop
+        self.worker = None
+        self._progress = None
+        self._generator = None
+        self._job = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(
+        self,
+        generator: Generator,
+        on_yield: Callable,
+        on_return: Callable,
+        on_cancel: Callable[[], None] | None = None,
+        on_fail: Callable[[], None] | None = None,
+        total: int = 100,
+    ):
+        """Run ``generator`` in a worker thread; callbacks run on the main thread."""
+        if self.worker is not None:
+            raise RuntimeError("a job is already running")
+        self._generator = generator
+        self._progress = progress(total=total, desc=self.description)
+        worker = create_worker(lambda: (yield from generator), _start_thread=False)
+        job = self._job = object()
+        # Events still queued when the job was cancelled are dropped: the caller's layers may
+        # already have been restored.
+        worker.yielded.connect(lambda event: self._job is job and on_yield(event))
+        worker.returned.connect(on_return)
+        worker.aborted.connect(self._close_generator)
+        if on_cancel is not None:
+            worker.aborted.connect(on_cancel)
+        worker.errored.connect(lambda exc: self._failed(exc, on_fail))
+        worker.finished.connect(self._finished)
+        self.worker = worker
+        self.on_start_stop(True)
+        worker.start()
+        return worker
+
+    def set_progress(self, done: int, total: int | None = None, text: str | None = None) -> None:
+        """Move napari's progress bar (call from a ``yielded`` callback)."""
+        bar = self._progress
+        if bar is None:
+            return
+        if total is not None and total != bar.total:
+            bar.total = total
+        bar.n = done
+        if text:
+            bar.set_description(f"{self.description}: {text}")
+        bar.refresh()
+
+    def cancel(self) -> None:
+        """Ask the job to stop; it stops at its next yield (between batches or iterations)."""
+        if self.worker is not None:
+            self._job = None
+            self.worker.quit()
+
+    def _close_generator(self) -> None:
+        # The worker left its loop at a yield: the generator is suspended and can be closed
+        # here, which runs its cleanup (e.g. stops a SimpleITK optimiser thread).
+        if self._generator is not None:
+            self._generator.close()
+
+    def _failed(self, exc: Exception, on_fail) -> None:
+        if isinstance(exc, TumorSegError):
+            show_error(str(exc))
+        else:
+            show_error(f"{self.description} failed: {type(exc).__name__}: {exc}")
+        if on_fail is not None:
+            on_fail()
+
+    def _finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        self._progress = None
+        self._generator = None
+        self.worker = None
+        self.on_start_stop(False)

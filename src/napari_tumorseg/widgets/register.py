@@ -1,0 +1,204 @@
+"""Dock widget "Register sequences": align an exam's sequences and stack them on one grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QWidget,
+)
+
+from .._layers import contrast_limits, geometry_metadata, layer_sequence, layer_volume
+from ..core.io import SEQUENCES
+from ..core.registration import stack_sequences
+from ._runner import Runner
+
+NONE = "(none)"
+REGISTERED = "(registered)"
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, block: int = 16) -> np.ndarray:
+    """Interleave two (Z, Y, X) scans in in-plane squares of ``block`` voxels, each scaled to
+    its 1st-99th percentile, so misaligned edges show as breaks at the square borders."""
+
+    def scaled(x):
+        values = x[x != 0] if np.any(x != 0) else x
+        lo, hi = np.percentile(values, [1, 99])
+        return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+
+    y, x = np.indices(a.shape[1:])
+    squares = ((y // block + x // block) % 2).astype(bool)
+    return np.where(squares[None], scaled(a), scaled(b))
+
+
+class RegisterWidget(QWidget):
+    """Pick the sequence layers, register them to a reference and add them on its grid."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.result = None
+        self.pickers = {seq: QComboBox() for seq in SEQUENCES}
+        self.reference = QComboBox()
+        self.reference.addItems(["auto (t1ce, else flair)", *SEQUENCES])
+        self.transform = QComboBox()
+        self.transform.addItems(["rigid", "affine"])
+        self.already = QCheckBox("already registered (only resample)")
+        self.isotropic = QCheckBox("resample to 1 mm isotropic (the models' spacing)")
+        self.isotropic.setChecked(True)
+        self.run_button = QPushButton("Register")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.check_sequence = QComboBox()
+        self.check_button = QPushButton("Show checkerboard with reference")
+        self.check_button.setEnabled(False)
+
+        form = QFormLayout(self)
+        for seq, box in self.pickers.items():
+            form.addRow(seq, box)
+        form.addRow("Reference", self.reference)
+        form.addRow("Transform", self.transform)
+        form.addRow(self.already)
+        form.addRow(self.isotropic)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        form.addRow(buttons)
+        form.addRow(self.status)
+        check = QHBoxLayout()
+        check.addWidget(self.check_sequence)
+        check.addWidget(self.check_button)
+        form.addRow("Check", check)
+
+        self.runner = Runner("Registering sequences", self._set_running)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.check_button.clicked.connect(self.show_checkerboard)
+        self.viewer.layers.events.inserted.connect(self._refresh_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_choices)
+        self._refresh_choices()
+
+    # ------------------------------------------------------------------ layer choices
+    def _refresh_choices(self, event=None) -> None:
+        images = [
+            layer
+            for layer in self.viewer.layers
+            if layer._type_string == "image" and layer.ndim == 3 and REGISTERED not in layer.name
+        ]
+        for seq, box in self.pickers.items():
+            current = box.currentText()
+            names = [layer.name for layer in images]
+            box.blockSignals(True)
+            box.clear()
+            box.addItems([NONE, *names])
+            if current in names:
+                box.setCurrentText(current)
+            else:
+                match = next((lay.name for lay in images if layer_sequence(lay) == seq), NONE)
+                box.setCurrentText(match)
+            box.blockSignals(False)
+
+    def selected_scans(self) -> dict:
+        """Sequence -> Volume of the picked layers."""
+        scans = {}
+        for seq, box in self.pickers.items():
+            name = box.currentText()
+            if name != NONE and name in self.viewer.layers:
+                volume = layer_volume(self.viewer.layers[name])
+                volume.name = seq
+                scans[seq] = volume
+        return scans
+
+    # ------------------------------------------------------------------ running
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    def run(self):
+        """Start the registration in a worker thread; returns the worker."""
+        scans = self.selected_scans()
+        if not scans:
+            show_warning("Register sequences: pick at least one sequence layer")
+            return None
+        reference = self.reference.currentText()
+        generator = stack_sequences(
+            scans,
+            reference=None if reference.startswith("auto") else reference,
+            already_registered=self.already.isChecked(),
+            transform=self.transform.currentText(),
+            spacing_mm=1.0 if self.isotropic.isChecked() else None,
+        )
+        self.status.setText("registering ...")
+        return self.runner.start(
+            generator,
+            on_yield=self._on_progress,
+            on_return=self._on_done,
+            on_cancel=lambda: self.status.setText("cancelled: no layer was changed"),
+            on_fail=lambda: self.status.setText("failed: no layer was changed"),
+        )
+
+    def _on_progress(self, event) -> None:
+        text = f"{event.sequence} ({event.step + 1}/{event.steps}) {event.stage}"
+        if event.stage == "optimise":
+            text += f", level {event.level + 1}/{event.levels}, MI {event.metric:.3f}"
+        self.runner.set_progress(int(100 * event.fraction), text=text)
+
+    def _on_done(self, result) -> None:
+        self.result = result
+        volume = result.volume
+        geometry = volume.layer_transform()
+        for index, seq in enumerate(volume.channels):
+            channel = volume.with_array(volume.array[index], name=seq, channels=())
+            self.viewer.add_image(
+                channel.array,
+                name=f"{seq} {REGISTERED}",
+                colormap="gray",
+                contrast_limits=contrast_limits(channel.array),
+                metadata=geometry_metadata(channel, registered_to=result.reference),
+                **geometry,
+            )
+        lines = [f"reference: {result.reference}"]
+        for seq, r in result.results.items():
+            if seq == result.reference:
+                continue
+            before = "" if math.isnan(r.quality_before) else f" (before {r.quality_before:.2f})"
+            lines.append(
+                f"{seq}: MI {r.metric:.3f}, head overlap {r.quality:.2f}{before}, {r.seconds:.1f} s"
+            )
+        lines += [f"WARNING {w}" for w in result.warnings]
+        self.status.setText("\n".join(lines))
+        for warning in result.warnings:
+            show_warning(f"Register sequences: {warning}")
+        if not result.warnings:
+            show_info("Sequences registered: check the alignment with the checkerboard")
+        self.check_sequence.clear()
+        self.check_sequence.addItems([s for s in volume.channels if s != result.reference])
+        self.check_button.setEnabled(self.check_sequence.count() > 0)
+
+    def show_checkerboard(self) -> None:
+        """Add a checkerboard of the reference and the chosen sequence on the result grid."""
+        if self.result is None or not self.check_sequence.currentText():
+            return
+        volume = self.result.volume
+        channels = list(volume.channels)
+        seq = self.check_sequence.currentText()
+        board = checkerboard(
+            volume.array[channels.index(self.result.reference)], volume.array[channels.index(seq)]
+        )
+        self.viewer.add_image(
+            board,
+            name=f"checkerboard {self.result.reference}/{seq}",
+            colormap="gray",
+            contrast_limits=(0, 1),
+            **volume.layer_transform(),
+        )

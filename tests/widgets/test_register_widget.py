@@ -1,0 +1,75 @@
+"""The "Register sequences" dock on the raw clinical sample."""
+
+import numpy as np
+
+from napari_tumorseg.widgets.register import REGISTERED, RegisterWidget, checkerboard
+
+PLUGIN = "napari-tumorseg"
+
+
+def _raw_exam(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "tcga_raw")
+    return viewer, RegisterWidget(viewer)
+
+
+def test_pickers_are_filled_from_layer_names(make_napari_viewer):
+    viewer, widget = _raw_exam(make_napari_viewer)
+    picked = {seq: box.currentText() for seq, box in widget.pickers.items()}
+    assert picked == {
+        "t1": "t1 (raw)",
+        "t1ce": "t1ce (raw)",
+        "t2": "t2 (raw)",
+        "flair": "flair (raw)",
+    }
+
+
+def test_registers_the_raw_exam_into_new_layers(make_napari_viewer, qtbot):
+    viewer, widget = _raw_exam(make_napari_viewer)
+    before = {layer.name: (layer.data.copy(), tuple(layer.translate)) for layer in viewer.layers}
+    widget.pickers["t1"].setCurrentText("(none)")  # three sequences keep the test short
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=180_000):
+        pass
+    new = [layer for layer in viewer.layers if REGISTERED in layer.name]
+    assert [layer.name for layer in new] == [f"{s} {REGISTERED}" for s in ("t1ce", "t2", "flair")]
+    # One grid for all: same shape and placement, 1 mm voxels.
+    assert len({layer.data.shape for layer in new}) == 1
+    assert len({tuple(np.round(layer.translate, 4)) for layer in new}) == 1
+    np.testing.assert_allclose(new[0].scale, 1.0, atol=1e-6)
+    # The originals are untouched.
+    for name, (data, translate) in before.items():
+        np.testing.assert_array_equal(viewer.layers[name].data, data)
+        assert tuple(viewer.layers[name].translate) == translate
+    result = widget.result
+    for seq in ("t2", "flair"):
+        r = result.results[seq]
+        assert r.quality >= 0.9 and r.quality > r.quality_before
+    assert "head overlap" in widget.status.text()
+    widget.check_sequence.setCurrentText("flair")
+    widget.show_checkerboard()
+    assert viewer.layers[-1].name == "checkerboard t1ce/flair"
+
+
+def test_cancel_leaves_the_layers_as_they_were(make_napari_viewer, qtbot):
+    viewer, widget = _raw_exam(make_napari_viewer)
+    names = [layer.name for layer in viewer.layers]
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        widget.runner.cancel()
+    assert [layer.name for layer in viewer.layers] == names
+    assert "cancelled" in widget.status.text()
+    assert widget.run_button.isEnabled()
+
+
+def test_checkerboard_alternates_the_two_scans():
+    a = np.random.default_rng(0).uniform(1, 2, (2, 32, 32))
+    b = 3 - a  # same range, opposite pattern
+    board = checkerboard(a, b, block=16)
+
+    def corr(x, y):
+        return np.corrcoef(x.ravel(), y.ravel())[0, 1]
+
+    assert corr(board[:, :16, :16], b[:, :16, :16]) > 0.99  # even squares: second scan
+    assert corr(board[:, :16, 16:], a[:, :16, 16:]) > 0.99  # odd squares: first scan
+    assert corr(board[:, 16:, :16], a[:, 16:, :16]) > 0.99
