@@ -359,7 +359,8 @@ def _case_name(path: Path) -> str:
 
 # --------------------------------------------------------------------------- writing
 def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) -> Path:
-    """Write a (Z, Y, X) array in the geometry of ``like`` (its source file's grid), atomically.
+    """Write a (Z, Y, X) or (C, Z, Y, X) array in the geometry of ``like`` (its source file's
+    grid; channels become the 4th NIfTI dimension), atomically.
 
     The file is first written next to the target and then renamed over it, so an existing file is
     never left half-written.
@@ -367,7 +368,7 @@ def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) 
     path = Path(path)
     if not is_nifti_path(path):
         raise TumorSegError("output must end in .nii or .nii.gz", path)
-    if tuple(array.shape) != like.spatial_shape:
+    if tuple(array.shape[-3:]) != like.spatial_shape or array.ndim not in (3, 4):
         raise TumorSegError(
             f"array of shape {array.shape} does not lie on the grid of {like.name} "
             f"({like.spatial_shape})",

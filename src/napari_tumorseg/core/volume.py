@@ -206,9 +206,10 @@ class Volume:
         Without a source file, the image is written in LPS order with this volume's affine.
         """
         array = self.array if array is None else array
-        if array.ndim != 3:
-            raise ValueError("only 3D arrays can be written as NIfTI here")
-        xyz = array.transpose(2, 1, 0)
+        if array.ndim not in (3, 4):
+            raise ValueError("only (Z, Y, X) or (C, Z, Y, X) arrays can be written as NIfTI")
+        # (Z, Y, X) -> (x, y, z); channels last, as NIfTI stores a 4th dimension.
+        xyz = array.transpose(2, 1, 0) if array.ndim == 3 else array.transpose(3, 2, 1, 0)
         if dtype is not None:
             xyz = xyz.astype(dtype, copy=False)
         if self.source is None:
