@@ -15,7 +15,7 @@ def _raw_exam(make_napari_viewer):
 
 def test_pickers_are_filled_from_layer_names(make_napari_viewer):
     viewer, widget = _raw_exam(make_napari_viewer)
-    picked = {seq: box.currentText() for seq, box in widget.pickers.items()}
+    picked = {seq: box.currentText() for seq, box in widget.pickers.boxes.items()}
     assert picked == {
         "t1": "t1 (raw)",
         "t1ce": "t1ce (raw)",
@@ -27,7 +27,7 @@ def test_pickers_are_filled_from_layer_names(make_napari_viewer):
 def test_registers_the_raw_exam_into_new_layers(make_napari_viewer, qtbot):
     viewer, widget = _raw_exam(make_napari_viewer)
     before = {layer.name: (layer.data.copy(), tuple(layer.translate)) for layer in viewer.layers}
-    widget.pickers["t1"].setCurrentText("(none)")  # three sequences keep the test short
+    widget.pickers.boxes["t1"].setCurrentText("(none)")  # three sequences keep the test short
     worker = widget.run()
     with qtbot.waitSignal(worker.finished, timeout=180_000):
         pass

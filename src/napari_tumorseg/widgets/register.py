@@ -16,12 +16,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import contrast_limits, geometry_metadata, layer_sequence, layer_volume
+from .._layers import contrast_limits, geometry_metadata
 from ..core.io import SEQUENCES
 from ..core.registration import stack_sequences
+from ._pickers import SequencePickers
 from ._runner import Runner
 
-NONE = "(none)"
 REGISTERED = "(registered)"
 
 
@@ -46,7 +46,6 @@ class RegisterWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.result = None
-        self.pickers = {seq: QComboBox() for seq in SEQUENCES}
         self.reference = QComboBox()
         self.reference.addItems(["auto (t1ce, else flair)", *SEQUENCES])
         self.transform = QComboBox()
@@ -64,8 +63,7 @@ class RegisterWidget(QWidget):
         self.check_button.setEnabled(False)
 
         form = QFormLayout(self)
-        for seq, box in self.pickers.items():
-            form.addRow(seq, box)
+        self.pickers = SequencePickers(napari_viewer, form, exclude=REGISTERED)
         form.addRow("Reference", self.reference)
         form.addRow("Transform", self.transform)
         form.addRow(self.already)
@@ -84,40 +82,6 @@ class RegisterWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.runner.cancel)
         self.check_button.clicked.connect(self.show_checkerboard)
-        self.viewer.layers.events.inserted.connect(self._refresh_choices)
-        self.viewer.layers.events.removed.connect(self._refresh_choices)
-        self._refresh_choices()
-
-    # ------------------------------------------------------------------ layer choices
-    def _refresh_choices(self, event=None) -> None:
-        images = [
-            layer
-            for layer in self.viewer.layers
-            if layer._type_string == "image" and layer.ndim == 3 and REGISTERED not in layer.name
-        ]
-        for seq, box in self.pickers.items():
-            current = box.currentText()
-            names = [layer.name for layer in images]
-            box.blockSignals(True)
-            box.clear()
-            box.addItems([NONE, *names])
-            if current in names:
-                box.setCurrentText(current)
-            else:
-                match = next((lay.name for lay in images if layer_sequence(lay) == seq), NONE)
-                box.setCurrentText(match)
-            box.blockSignals(False)
-
-    def selected_scans(self) -> dict:
-        """Sequence -> Volume of the picked layers."""
-        scans = {}
-        for seq, box in self.pickers.items():
-            name = box.currentText()
-            if name != NONE and name in self.viewer.layers:
-                volume = layer_volume(self.viewer.layers[name])
-                volume.name = seq
-                scans[seq] = volume
-        return scans
 
     # ------------------------------------------------------------------ running
     def _set_running(self, running: bool) -> None:
@@ -126,7 +90,7 @@ class RegisterWidget(QWidget):
 
     def run(self):
         """Start the registration in a worker thread; returns the worker."""
-        scans = self.selected_scans()
+        scans = self.pickers.selected_volumes()
         if not scans:
             show_warning("Register sequences: pick at least one sequence layer")
             return None

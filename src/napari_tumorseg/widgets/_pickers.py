@@ -1,0 +1,76 @@
+"""Sequence pickers: one combo box per MRI sequence, filled from the viewer's image layers."""
+
+from __future__ import annotations
+
+from qtpy.QtWidgets import QComboBox, QFormLayout
+
+from .._layers import layer_sequence, layer_volume
+from ..core.io import SEQUENCES
+
+NONE = "(none)"
+
+
+class SequencePickers:
+    """Four combo boxes (t1, t1ce, t2, flair) kept in sync with the viewer's 3D image layers.
+
+    Each box is pre-set to the layer whose sequence matches -- by our metadata or by name --
+    preferring layers whose name contains ``prefer`` (e.g. "(registered)"), and skipping
+    layers whose name contains ``exclude``.
+    """
+
+    def __init__(self, viewer, form: QFormLayout, prefer: str = "", exclude: str = "") -> None:
+        self.viewer = viewer
+        self.prefer = prefer
+        self.exclude = exclude
+        self.boxes = {seq: QComboBox() for seq in SEQUENCES}
+        for seq, box in self.boxes.items():
+            form.addRow(seq, box)
+        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.removed.connect(self.refresh)
+        self.refresh()
+
+    def _candidates(self) -> list:
+        return [
+            layer
+            for layer in self.viewer.layers
+            if layer._type_string == "image"
+            and layer.ndim == 3
+            and layer_sequence(layer) is not None
+            and not (self.exclude and self.exclude in layer.name)
+        ]
+
+    def refresh(self, event=None) -> None:
+        layers = self._candidates()
+        names = [layer.name for layer in layers]
+        for seq, box in self.boxes.items():
+            current = box.currentText()
+            matches = [lay.name for lay in layers if layer_sequence(lay) == seq]
+            preferred = [n for n in matches if self.prefer and self.prefer in n]
+            box.blockSignals(True)
+            box.clear()
+            box.addItems([NONE, *names])
+            if preferred and current not in preferred:
+                choice = preferred[-1]
+            elif current in names:
+                choice = current
+            else:
+                choice = (matches or [NONE])[-1]
+            box.setCurrentText(choice)
+            box.blockSignals(False)
+
+    def selected_layers(self) -> dict:
+        """Sequence -> napari layer, for the boxes that name an open layer."""
+        return {
+            seq: self.viewer.layers[box.currentText()]
+            for seq, box in self.boxes.items()
+            if box.currentText() != NONE and box.currentText() in self.viewer.layers
+        }
+
+    def selected_volumes(self) -> dict:
+        """Sequence -> Volume of the selected layers (named by sequence)."""
+        volumes = {}
+        for seq, layer in self.selected_layers().items():
+            volume = layer_volume(layer)
+            volume.name = seq
+            volumes[seq] = volume
+        return volumes
