@@ -345,14 +345,16 @@ def read_exam(
     for seq, path in files.items():
         exam.scans[seq] = read_volume(path, kind="scan")
         exam.scans[seq].name = seq
-    exam.name = _case_name(next(iter(files.values())))
+    exam.name = case_name(next(iter(files.values())))
     if labels is not None:
         exam.labels = read_volume(labels, kind="labels")
         check_grid_match(exam.labels, list(exam.scans.values()), labels)
     return exam
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: str | Path) -> str:
+    """The exam name in a file name: the stem without its last (sequence) token."""
+    path = Path(path)
     tokens = re.split(r"([_\-])", file_stem(path))
     return "".join(tokens[:-2]) or file_stem(path)
 
