@@ -1,0 +1,72 @@
+"""Clean-up of BraTS label maps and where the model is unsure.
+
+All functions take and return (Z, Y, X) arrays and never modify their input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)  # 6-connected voxels
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labelled, _ = ndimage.label(mask, structure=_CONNECTIVITY)
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    return labelled, sizes
+
+
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep only the largest connected tumour (all non-zero labels together)."""
+    labelled, sizes = _components(labels > 0)
+    if sizes.max(initial=0) == 0:
+        return labels.copy()
+    return np.where(labelled == sizes.argmax(), labels, 0).astype(labels.dtype)
+
+
+def remove_small_islands(labels: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
+    """Remove connected tumour pieces smaller than ``min_ml`` millilitres."""
+    labelled, sizes = _components(labels > 0)
+    keep = sizes * voxel_ml >= min_ml
+    keep[0] = False
+    return np.where(keep[labelled], labels, 0).astype(labels.dtype)
+
+
+def fill_holes(labels: np.ndarray, fill_value: int = 1) -> np.ndarray:
+    """Fill background holes enclosed by tumour (slice by slice, axially, and in 3D).
+
+    Holes inside the tumour core become ``fill_value`` (1, necrotic / non-enhancing core, by
+    default), the label a radiologist would give an enclosed unlabelled pocket.
+    """
+    tumour = labels > 0
+    filled = ndimage.binary_fill_holes(tumour, structure=_CONNECTIVITY)
+    for z in np.flatnonzero(tumour.any(axis=(1, 2))):
+        filled[z] |= ndimage.binary_fill_holes(tumour[z])
+    out = labels.copy()
+    out[filled & ~tumour] = fill_value
+    return out
+
+
+def entropy_map(probabilities: np.ndarray) -> np.ndarray:
+    """Mean binary entropy (bits, 0..1) of the region probabilities (K, Z, Y, X) -> (Z, Y, X).
+
+    0 where the model is sure (p near 0 or 1), 1 where it hesitates (p = 0.5).
+    """
+    p = np.clip(probabilities.astype(np.float32, copy=False), 1e-6, 1 - 1e-6)
+    h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    return h.mean(axis=0)
+
+
+def uncertain_slices(uncertainty: np.ndarray, min_voxels: int = 20) -> np.ndarray:
+    """Axial slice indices ordered from the most to the least uncertain.
+
+    A slice's score is the summed uncertainty of its voxels above 0.5 bits; slices with fewer
+    than ``min_voxels`` such voxels are left out.
+    """
+    unsure = uncertainty > 0.5
+    counts = unsure.reshape(unsure.shape[0], -1).sum(axis=1)
+    scores = np.where(unsure, uncertainty, 0).reshape(unsure.shape[0], -1).sum(axis=1)
+    order = np.argsort(-scores, kind="stable")
+    return order[counts[order] >= min_voxels]
