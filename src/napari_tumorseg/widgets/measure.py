@@ -1,50 +1,94 @@
-"""Dock widget "Tumour volumes": volumes in mL of a labels layer, updated as the user edits."""
+"""Dock widget "Tumour volumes": volumes of a label map as the user edits it, evaluation against a
+reference label map, and saving the mask with a report."""
 
 from __future__ import annotations
 
-import numpy as np
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QTableWidget, QTableWidgetItem, QWidget
+from pathlib import Path
 
-from .._layers import layer_volume
-from ..core.metrics import tumour_slice_range, tumour_volumes_ml
+import numpy as np
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QWidget,
+)
+
+from .._layers import META_KEY, layer_volume
+from ..core.errors import TumorSegError
+from ..core.io import REGIONS, write_labels
+from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
+from ..pipeline import label_map_report, write_report
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
+NO_REFERENCE = "(no reference)"
 
 
 class MeasureWidget(QWidget):
-    """Volumes of NCR/NET, oedema, enhancing tumour, TC and WT, and the tumour's slice range."""
+    """Volumes (mL) of NCR/NET, oedema, enhancing tumour, TC and WT and the tumour's slice range,
+    Dice and HD95 against a reference labels layer, and "Save mask" with a JSON/CSV report."""
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self._layer = None
+        self.scores: dict | None = None
         self.layer_box = QComboBox()
         self.table = QTableWidget(len(ROWS), 1)
         self.table.setHorizontalHeaderLabels(["volume (mL)"])
         self.table.setVerticalHeaderLabels(list(ROWS))
         self.slices = QLabel("-")
+        self.reference_box = QComboBox()
+        self.evaluate_button = QPushButton("Evaluate")
+        self.scores_table = QTableWidget(len(REGIONS), 2)
+        self.scores_table.setHorizontalHeaderLabels(["Dice", "HD95 (mm)"])
+        self.scores_table.setVerticalHeaderLabels(list(REGIONS))
+        self.save_button = QPushButton("Save mask and report...")
+
         form = QFormLayout(self)
         form.addRow("Label map", self.layer_box)
         form.addRow(self.table)
         form.addRow("Tumour slices (Z)", self.slices)
+        row = QHBoxLayout()
+        row.addWidget(self.reference_box)
+        row.addWidget(self.evaluate_button)
+        form.addRow("Reference", row)
+        form.addRow(self.scores_table)
+        form.addRow(self.save_button)
+
         # Edits arrive as bursts of paint events: recompute once the burst is over.
         self._timer = QTimer(self, singleShot=True, interval=120)
         self._timer.timeout.connect(self.update_measurements)
         self.layer_box.currentTextChanged.connect(self._select_layer)
+        self.evaluate_button.clicked.connect(self.evaluate)
+        self.save_button.clicked.connect(self._save_clicked)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
         self._refresh_choices()
 
+    # ------------------------------------------------------------------ layers
+    def _labels_names(self) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
+
     def _refresh_choices(self, event=None) -> None:
-        current = self.layer_box.currentText()
-        names = [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
-        self.layer_box.blockSignals(True)
-        self.layer_box.clear()
-        self.layer_box.addItems(names)
-        self.layer_box.blockSignals(False)
-        if current in names:
-            self.layer_box.setCurrentText(current)
+        names = self._labels_names()
+        for box, extra in ((self.layer_box, []), (self.reference_box, [NO_REFERENCE])):
+            current = box.currentText()
+            box.blockSignals(True)
+            box.clear()
+            box.addItems([*extra, *names])
+            if current in names or current in extra:
+                box.setCurrentText(current)
+            elif box is self.layer_box and names:
+                box.setCurrentText(names[-1])  # the newest map, e.g. a fresh segmentation
+            box.blockSignals(False)
         self._select_layer(self.layer_box.currentText())
 
     def _select_layer(self, name: str) -> None:
@@ -58,17 +102,19 @@ class MeasureWidget(QWidget):
         if layer is not None:
             layer.events.data.connect(self._schedule)
             layer.events.paint.connect(self._schedule)
+        self.scores = None
         self.update_measurements()
 
     def _schedule(self, event=None) -> None:
         self._timer.start()
 
+    # ------------------------------------------------------------------ volumes
     def current_volumes(self) -> dict[str, float] | None:
         """Volumes (mL) of the selected labels layer, or None when there is none."""
         if self._layer is None:
             return None
-        volume = layer_volume(self._layer)
-        return tumour_volumes_ml(np.asarray(self._layer.data), volume.voxel_volume_ml)
+        voxel_ml = layer_volume(self._layer).voxel_volume_ml
+        return tumour_volumes_ml(np.asarray(self._layer.data), voxel_ml)
 
     def update_measurements(self) -> None:
         volumes = self.current_volumes()
@@ -77,3 +123,81 @@ class MeasureWidget(QWidget):
             self.table.setItem(row, 0, QTableWidgetItem(text))
         span = None if self._layer is None else tumour_slice_range(np.asarray(self._layer.data))
         self.slices.setText("-" if span is None else f"{span[0]} - {span[1]}")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict | None:
+        """Dice and HD95 of the selected map against the reference layer (shown in the table)."""
+        name = self.reference_box.currentText()
+        if self._layer is None or name not in self.viewer.layers:
+            self.scores = None
+            return None
+        reference = layer_volume(self.viewer.layers[name])
+        labels = layer_volume(self._layer)
+        if not labels.same_grid(reference):
+            show_error(f"Evaluate: {self._layer.name} and {name} lie on different grids")
+            return None
+        self.scores = evaluate_labels(
+            np.asarray(labels.array), np.asarray(reference.array), labels.spacing
+        )
+        for row, region in enumerate(REGIONS):
+            s = self.scores[region]
+            self.scores_table.setItem(row, 0, QTableWidgetItem(f"{s['dice']:.3f}"))
+            self.scores_table.setItem(row, 1, QTableWidgetItem(f"{s['hd95_mm']:.1f}"))
+        return self.scores
+
+    # ------------------------------------------------------------------ saving
+    def _save_clicked(self) -> None:
+        if self._layer is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save mask", f"{self._layer.name}.nii.gz", "NIfTI (*.nii.gz *.nii)"
+        )
+        if path:
+            self.save(Path(path), confirm_overwrite=_ask_overwrite)
+
+    def save(self, path: Path, confirm_overwrite=lambda paths: False) -> list[Path]:
+        """Write the mask (scan geometry) and its report next to it (``.json`` and ``.csv``).
+
+        Existing files are replaced only if ``confirm_overwrite(existing_paths)`` says so; every
+        file is written to a temporary name first and renamed into place.
+        """
+        if self._layer is None:
+            return []
+        name = path.name
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+        if not name.endswith((".nii", ".nii.gz")):
+            path = path.with_name(f"{name}.nii.gz")
+        report_base = path.with_name(f"{stem}_report")
+        targets = [path, report_base.with_suffix(".json"), report_base.with_suffix(".csv")]
+        existing = [p for p in targets if p.exists()]
+        if existing and not confirm_overwrite(existing):
+            show_info("Save mask: nothing written (existing files kept)")
+            return []
+        volume = layer_volume(self._layer)
+        meta = self._layer.metadata.get(META_KEY, {})
+        try:
+            written = [write_labels(path, np.asarray(volume.array), volume)]
+            report = label_map_report(
+                np.asarray(volume.array),
+                volume.voxel_volume_ml,
+                exam=meta.get("source_path") or self._layer.name,
+                layer=self._layer.name,
+                model=meta.get("model"),
+                mask_file=str(path),
+                reference=self.reference_box.currentText() if self.scores else None,
+                metrics=self.scores,
+            )
+            written += write_report(report_base, report)
+        except (TumorSegError, OSError) as exc:
+            show_error(f"Save mask: {exc}")
+            return []
+        show_info(f"Saved {path.name} and its report")
+        return written
+
+
+def _ask_overwrite(paths: list[Path]) -> bool:
+    names = "\n".join(str(p) for p in paths)
+    answer = QMessageBox.question(
+        None, "Replace files?", f"These files exist and would be replaced:\n{names}"
+    )
+    return answer == QMessageBox.Yes

@@ -1,0 +1,67 @@
+"""The "Tumour volumes" dock: live volumes, evaluation, saving without losing files."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_tumorseg.widgets.measure import MeasureWidget
+
+from ..conftest import BRATS
+
+SEG = BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"
+
+
+@pytest.fixture
+def viewer_and_dock(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS), plugin="napari-tumorseg")
+    return viewer, MeasureWidget(viewer)
+
+
+def _volume(widget, row):
+    return float(widget.table.item(row, 0).text())
+
+
+def test_volumes_follow_edits(viewer_and_dock, qtbot):
+    viewer, widget = viewer_and_dock
+    labels = viewer.layers[-1]
+    wt_before = _volume(widget, 4)
+    assert wt_before == pytest.approx((labels.data > 0).sum() / 1000, abs=0.01)
+    # Erase a block of tumour as napari's editing does (through the undo history).
+    idx = np.nonzero(labels.data > 0)
+    block = tuple(i[:1500] for i in idx)
+    labels.data_setitem(block, 0)
+    qtbot.waitUntil(lambda: _volume(widget, 4) < wt_before, timeout=3000)
+    assert _volume(widget, 4) == pytest.approx((labels.data > 0).sum() / 1000, abs=0.01)
+
+
+def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
+    viewer, widget = viewer_and_dock
+    name = viewer.layers[-1].name
+    viewer.add_labels(
+        viewer.layers[-1].data.copy(), name="reference", metadata=viewer.layers[-1].metadata
+    )
+    widget.layer_box.setCurrentText(name)
+    widget.reference_box.setCurrentText("reference")
+    scores = widget.evaluate()
+    assert all(s == {"dice": 1.0, "hd95_mm": 0.0} for s in scores.values())
+
+    target = tmp_path / "mask.nii.gz"
+    written = widget.save(target)
+    assert [p.name for p in written] == ["mask.nii.gz", "mask_report.json", "mask_report.csv"]
+    saved, source = nib.load(str(target)), nib.load(str(SEG))
+    np.testing.assert_array_equal(np.asanyarray(saved.dataobj), np.asanyarray(source.dataobj))
+    np.testing.assert_array_equal(saved.affine, source.affine)
+    report = json.loads((tmp_path / "mask_report.json").read_text())
+    assert report["metrics"]["WT"]["dice"] == 1.0
+    assert report["volumes_ml"]["WT"] == pytest.approx(_volume(widget, 4), abs=0.01)
+    assert "WT_dice" in (tmp_path / "mask_report.csv").read_text().splitlines()[0]
+
+    # A second save is refused unless the user agrees; the files stay as they were.
+    before = {p: p.read_bytes() for p in written}
+    asked = []
+    assert widget.save(target, confirm_overwrite=lambda paths: asked.append(paths) or False) == []
+    assert asked and all(p.read_bytes() == data for p, data in before.items())
+    assert widget.save(target, confirm_overwrite=lambda paths: True)
