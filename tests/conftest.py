@@ -13,3 +13,34 @@ BRATS2023 = SAMPLES / "brats2023"
 def _user_dir(tmp_path_factory, monkeypatch):
     """Tests never read or write the real user model folder."""
     monkeypatch.setenv("TUMORSEG_USER_DIR", str(tmp_path_factory.mktemp("user")))
+
+
+def make_tiny_model(name: str = "tiny", spatial_dims: int = 3, seed: int = 0) -> str:
+    """Save a small untrained U-Net as a user model; returns its label (``name@v1``)."""
+    import torch
+
+    from napari_tumorseg.core.models import save_user_model
+    from napari_tumorseg.core.preprocess import NORMALIZATION
+    from napari_tumorseg.core.unet import UNet
+
+    torch.manual_seed(seed)
+    network = UNet(spatial_dims, features=(4, 8, 16))
+    card = {
+        "name": name,
+        "version": 1,
+        "spatial_dims": spatial_dims,
+        "channels": ["t1", "t1ce", "t2", "flair"],
+        "regions": ["WT", "TC", "ET"],
+        "patch_size": [32] * spatial_dims if spatial_dims == 3 else [64, 64],
+        "spacing_mm": [2.0, 2.0, 2.0],
+        "normalization": NORMALIZATION,
+        "parent": "test",
+        "metrics": {},
+    }
+    folder = save_user_model(network, card, name)
+    return f"{name}@{folder.name}"
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()

@@ -1,0 +1,236 @@
+"""Dock widget "Review and correct": thresholds, clean-up and where the model is unsure.
+
+Painting, filling and erasing stay napari's own label tools. Every change made here goes through
+``Labels.data_setitem``, so napari's undo (Ctrl+Z) takes it back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QSlider,
+    QWidget,
+)
+
+from .._layers import META_KEY, layer_volume
+from ..core.inference import probabilities_to_labels
+from ..core.io import REGIONS
+from ..core.postprocess import (
+    entropy_map,
+    fill_holes,
+    keep_largest_component,
+    remove_small_islands,
+    uncertain_slices,
+)
+from .segment import probability_layer_name
+
+UNCERTAINTY = "uncertainty"
+
+
+def apply_labels(layer, new: np.ndarray) -> int:
+    """Replace a labels layer's data by ``new`` as one undoable edit; returns voxels changed."""
+    changed = np.nonzero(np.asarray(layer.data) != new)
+    if changed[0].size:
+        layer.data_setitem(changed, new[changed])
+    return int(changed[0].size)
+
+
+def edited_voxels(layer) -> np.ndarray | None:
+    """Boolean map of the voxels the user changed since the model produced the layer, or None
+    when the layer does not come from a segmentation."""
+    model_labels = layer.metadata.get(META_KEY, {}).get("model_labels")
+    if model_labels is None:
+        return None
+    return np.asarray(layer.data) != model_labels
+
+
+class ReviewWidget(QWidget):
+    """Per-region thresholds over the probability maps, clean-up, and an uncertainty map with
+    "next uncertain slice"."""
+
+    def __init__(self, napari_viewer, confirm=None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.confirm = confirm or _ask
+        self._slice_order: list[int] = []
+        self._slice_pos = -1
+
+        self.layer_box = QComboBox()
+        self.sliders = {}
+        form = QFormLayout(self)
+        form.addRow("Label map", self.layer_box)
+        for region in REGIONS:
+            slider = QSlider(Qt.Horizontal)
+            slider.setRange(5, 95)
+            slider.setValue(50)
+            value = QLabel("0.50")
+            slider.valueChanged.connect(lambda v, label=value: label.setText(f"{v / 100:.2f}"))
+            row = QHBoxLayout()
+            row.addWidget(slider)
+            row.addWidget(value)
+            form.addRow(f"{region} threshold", row)
+            self.sliders[region] = slider
+        self.threshold_button = QPushButton("Apply thresholds")
+        form.addRow(self.threshold_button)
+        self.largest_button = QPushButton("Keep largest tumour")
+        self.holes_button = QPushButton("Fill holes")
+        row = QHBoxLayout()
+        row.addWidget(self.largest_button)
+        row.addWidget(self.holes_button)
+        form.addRow(row)
+        self.island_ml = QDoubleSpinBox(minimum=0.0, maximum=50.0, singleStep=0.1, value=0.5)
+        self.island_ml.setSuffix(" mL")
+        self.islands_button = QPushButton("Remove smaller islands")
+        row = QHBoxLayout()
+        row.addWidget(self.island_ml)
+        row.addWidget(self.islands_button)
+        form.addRow(row)
+        self.uncertainty_button = QPushButton("Show uncertainty")
+        self.next_button = QPushButton("Next uncertain slice")
+        row = QHBoxLayout()
+        row.addWidget(self.uncertainty_button)
+        row.addWidget(self.next_button)
+        form.addRow(row)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        form.addRow(self.status)
+
+        self.threshold_button.clicked.connect(self.apply_thresholds)
+        self.largest_button.clicked.connect(lambda: self._clean(keep_largest_component))
+        self.holes_button.clicked.connect(lambda: self._clean(fill_holes))
+        self.islands_button.clicked.connect(self._remove_islands)
+        self.uncertainty_button.clicked.connect(self.show_uncertainty)
+        self.next_button.clicked.connect(self.next_uncertain_slice)
+        self.viewer.layers.events.inserted.connect(self._refresh_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_choices)
+        self._refresh_choices()
+
+    # ------------------------------------------------------------------ layers
+    def _refresh_choices(self, event=None) -> None:
+        current = self.layer_box.currentText()
+        names = [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
+        self.layer_box.blockSignals(True)
+        self.layer_box.clear()
+        self.layer_box.addItems(names)
+        if current in names:
+            self.layer_box.setCurrentText(current)
+        elif names:
+            self.layer_box.setCurrentText(names[-1])
+        self.layer_box.blockSignals(False)
+
+    @property
+    def labels_layer(self):
+        name = self.layer_box.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def probabilities(self) -> np.ndarray | None:
+        """(3, Z, Y, X) WT/TC/ET probabilities from the probability layers, if all are open."""
+        names = [probability_layer_name(region) for region in REGIONS]
+        if not all(name in self.viewer.layers for name in names):
+            return None
+        return np.stack([np.asarray(self.viewer.layers[name].data) for name in names])
+
+    # ------------------------------------------------------------------ thresholds
+    def thresholds(self) -> tuple[float, ...]:
+        return tuple(self.sliders[region].value() / 100 for region in REGIONS)
+
+    def apply_thresholds(self) -> int:
+        """Re-derive the label map from the probabilities; asks before discarding manual edits.
+
+        Returns the number of voxels changed (0 when nothing was done).
+        """
+        layer, prob = self.labels_layer, self.probabilities()
+        if layer is None or prob is None or prob.shape[1:] != layer.data.shape:
+            show_warning("Apply thresholds: needs a segmentation and its probability layers")
+            return 0
+        edits = edited_voxels(layer)
+        if edits is not None and edits.any():
+            question = (
+                f"{int(edits.sum())} voxels of {layer.name} were edited by hand. New thresholds "
+                "replace the whole map (Ctrl+Z takes it back). Continue?"
+            )
+            if not self.confirm(question):
+                self.status.setText("thresholds not applied: your edits are kept")
+                return 0
+        new = probabilities_to_labels(prob, self.thresholds())
+        changed = apply_labels(layer, new)
+        layer.metadata.setdefault(META_KEY, {})["model_labels"] = new.copy()
+        self.status.setText(f"thresholds {self.thresholds()}: {changed} voxels changed")
+        return changed
+
+    # ------------------------------------------------------------------ clean-up
+    def _clean(self, function) -> int:
+        layer = self.labels_layer
+        if layer is None:
+            return 0
+        changed = apply_labels(layer, function(np.asarray(layer.data)))
+        self.status.setText(f"{function.__name__.replace('_', ' ')}: {changed} voxels changed")
+        return changed
+
+    def _remove_islands(self) -> int:
+        layer = self.labels_layer
+        if layer is None:
+            return 0
+        voxel_ml = layer_volume(layer).voxel_volume_ml
+        min_ml = self.island_ml.value()
+        return self._clean(lambda labels: remove_small_islands(labels, min_ml, voxel_ml))
+
+    # ------------------------------------------------------------------ uncertainty
+    def show_uncertainty(self):
+        """Add (or update) the uncertainty layer: mean entropy of the region probabilities."""
+        prob = self.probabilities()
+        if prob is None:
+            show_warning("Show uncertainty: run a segmentation first")
+            return None
+        uncertainty = entropy_map(prob)
+        source = self.viewer.layers[probability_layer_name("WT")]
+        if UNCERTAINTY in self.viewer.layers:
+            layer = self.viewer.layers[UNCERTAINTY]
+            layer.data = uncertainty
+        else:
+            layer = self.viewer.add_image(
+                uncertainty,
+                name=UNCERTAINTY,
+                colormap="magma",
+                blending="additive",
+                contrast_limits=(0.0, 1.0),
+                opacity=0.7,
+                metadata=source.metadata,
+                scale=source.scale,
+                translate=source.translate,
+                rotate=source.rotate,
+            )
+        self._slice_order = [int(z) for z in uncertain_slices(uncertainty)]
+        self._slice_pos = -1
+        self.status.setText(f"{len(self._slice_order)} slices hold uncertain voxels")
+        return layer
+
+    def next_uncertain_slice(self) -> int | None:
+        """Move the viewer to the next most uncertain axial slice (cycling); returns it."""
+        if not self._slice_order and self.show_uncertainty() is None:
+            return None
+        if not self._slice_order:
+            show_info("The model is sure everywhere")
+            return None
+        self._slice_pos = (self._slice_pos + 1) % len(self._slice_order)
+        z = self._slice_order[self._slice_pos]
+        layer = self.viewer.layers[UNCERTAINTY]
+        world_z = layer.data_to_world((z, 0, 0))[0]
+        self.viewer.dims.set_point(0, world_z)
+        self.status.setText(
+            f"slice {z} ({self._slice_pos + 1} of {len(self._slice_order)} uncertain slices)"
+        )
+        return z
+
+
+def _ask(question: str) -> bool:
+    return QMessageBox.question(None, "Review and correct", question) == QMessageBox.Yes

@@ -1,0 +1,129 @@
+"""The "Segment tumour" and "Review and correct" docks with a tiny model on the sample exam."""
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from napari_tumorseg._layers import META_KEY
+from napari_tumorseg.core.postprocess import remove_small_islands
+from napari_tumorseg.widgets.review import UNCERTAINTY, ReviewWidget, edited_voxels
+from napari_tumorseg.widgets.segment import SegmentWidget, probability_layer_name
+
+from ..conftest import BRATS
+
+REGIONS = ("WT", "TC", "ET")
+
+
+@pytest.fixture
+def segment_dock(make_napari_viewer, tiny_model):
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS), plugin="napari-tumorseg")
+    widget = SegmentWidget(viewer)
+    widget.refresh_models(select=tiny_model)
+    assert widget.model.currentText() == tiny_model
+    return viewer, widget
+
+
+def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
+    viewer, widget = segment_dock
+    ticks = []
+    timer = QTimer(interval=20)
+    timer.timeout.connect(lambda: ticks.append(1))
+    seen_running = []
+    worker = widget.run()
+    assert worker is not None
+    worker.yielded.connect(
+        lambda e: seen_running.append(
+            [layer.name for layer in viewer.layers if "(running)" in layer.name]
+        )
+    )
+    timer.start()
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    timer.stop()
+    # The probability layers existed while the windows were computed ...
+    assert seen_running and len(seen_running[0]) == 3
+    # ... and the viewer kept processing events (a stalled loop would not tick).
+    assert len(ticks) >= 5
+    for region in REGIONS:
+        layer = viewer.layers[probability_layer_name(region)]
+        assert layer.data.shape == (155, 240, 240) and layer.data.dtype == np.float32
+        assert 0.0 <= layer.data.min() and layer.data.max() <= 1.0
+    labels = widget.labels_layer
+    assert labels.name == "Brats18_TCIA01_378_1 segmentation"
+    assert labels.data.shape == (155, 240, 240)
+    assert set(np.unique(labels.data)) <= {0, 1, 2, 4}
+    assert labels.metadata[META_KEY]["model"] == widget.model.currentText()
+    assert not edited_voxels(labels).any()
+    # Same placement as the scans.
+    np.testing.assert_allclose(labels.translate, viewer.layers["t1"].translate)
+
+    # A second run never overwrites the first (maybe edited) label map.
+    labels.data_setitem((np.array([80]), np.array([120]), np.array([120])), 4)
+    edited_before = labels.data.copy()
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    assert widget.labels_layer is not labels
+    np.testing.assert_array_equal(labels.data, edited_before)
+    assert sum(probability_layer_name("WT") == layer.name for layer in viewer.layers) == 1
+
+
+def test_cancel_leaves_layers_as_they_were(segment_dock, qtbot):
+    viewer, widget = segment_dock
+    names = [layer.name for layer in viewer.layers]
+    worker = widget.run()
+    worker.yielded.connect(lambda e: widget.runner.cancel())
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert [layer.name for layer in viewer.layers] == names
+    assert "cancelled" in widget.status.text()
+
+
+def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
+    viewer, widget = segment_dock
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    labels = widget.labels_layer
+    answers = []
+    review = ReviewWidget(viewer, confirm=lambda q: answers.append(q) or False)
+    assert review.labels_layer is labels
+
+    # Thresholds on an unedited map apply without asking.
+    review.sliders["WT"].setValue(5)
+    review.apply_thresholds()
+    assert not answers
+    wt = (labels.data > 0).sum()
+    expected = (
+        (viewer.layers[probability_layer_name("WT")].data > 0.05)
+        | (viewer.layers[probability_layer_name("TC")].data > 0.5)
+        | (viewer.layers[probability_layer_name("ET")].data > 0.5)
+    )
+    assert wt == expected.sum()
+
+    # After a manual edit, thresholds ask first; "no" keeps the edit.
+    labels.data_setitem((np.array([70]), np.array([100]), np.array([100])), 1)
+    before = labels.data.copy()
+    review.sliders["WT"].setValue(90)
+    assert review.apply_thresholds() == 0
+    assert answers and "edited by hand" in answers[0]
+    np.testing.assert_array_equal(labels.data, before)
+
+    # Clean-up is one undoable step.
+    labels.data_setitem((np.array([10]), np.array([10]), np.array([10])), 2)  # a stray voxel
+    before = labels.data.copy()
+    review.island_ml.setValue(0.5)
+    review._remove_islands()
+    np.testing.assert_array_equal(labels.data, remove_small_islands(before, 0.5, 0.001))
+    assert labels.data[10, 10, 10] == 0
+    labels.undo()
+    np.testing.assert_array_equal(labels.data, before)
+
+    # Uncertainty layer and the next uncertain slice.
+    review.show_uncertainty()
+    assert UNCERTAINTY in viewer.layers
+    if review._slice_order:
+        z = review.next_uncertain_slice()
+        world = viewer.layers[UNCERTAINTY].data_to_world((z, 0, 0))
+        assert viewer.dims.point[0] == pytest.approx(world[0])
