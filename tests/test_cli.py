@@ -1,36 +1,144 @@
 """The `tumorseg` command: exit status and messages (contract 2.3)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from napari_tumorseg.cli import main
 
-from .conftest import BRATS
+from .conftest import BRATS, TCGA_RAW
 
 
-def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
-    monkeypatch.delenv("DISPLAY", raising=False)
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "napari_tumorseg.cli", "demo", "--headless", str(out)],
+def _run(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "napari_tumorseg.cli", *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
+    )
+
+
+def _assert_exit_2(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    out = tmp_path / "out"
+    result = _run("demo", "--headless", out, "--model", tiny_model)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "Brats18_TCIA01_378_1_report.json").read_text())
+    assert set(report["metrics"]) == {"WT", "TC", "ET"}
+    assert report["expert_volumes_ml"]["WT"] == pytest.approx(125.37, abs=0.01)
+    seg = nib.load(str(out / "Brats18_TCIA01_378_1_seg.nii.gz"))
+    t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
+    assert seg.shape == t1.shape
+    np.testing.assert_array_equal(seg.affine, t1.affine)
+    # The raw exam is registered to its post-contrast T1 and segmented in its geometry.
+    raw_seg = nib.load(str(out / "TCGA-FG-6692_seg.nii.gz"))
+    t1c = nib.load(str(TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"))
+    assert raw_seg.shape == t1c.shape
+    np.testing.assert_array_equal(raw_seg.affine, t1c.affine)
+
+
+def test_segment_case_folder_writes_in_the_scan_geometry(tmp_path, tiny_model):
+    out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    result = _run(
+        "segment", BRATS, "--out", out, "--prob", prob, "--model", tiny_model, "--overlap", "0.25"
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(next(out.glob("*_report.json")).read_text())
-    assert report["volumes_ml"]["WT"] > 0
-    for seg in out.glob("*seg*.nii.gz"):
-        image = nib.load(str(seg))
-        assert image.shape == (240, 240, 155)
-        np.testing.assert_array_equal(
-            image.affine, nib.load(str(next(BRATS.glob("*_t1.nii.gz")))).affine
-        )
+    t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
+    seg, p = nib.load(str(out)), nib.load(str(prob))
+    assert seg.shape == t1.shape and p.shape == (*t1.shape, 3)
+    np.testing.assert_array_equal(seg.affine, t1.affine)
+    assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1, 2, 4}
+
+
+def test_segment_with_missing_sequences_says_so(tmp_path, tiny_model):
+    out = tmp_path / "seg.nii.gz"
+    result = _run(
+        "segment",
+        "--flair",
+        BRATS / "Brats18_TCIA01_378_1_flair.nii.gz",
+        "--t2",
+        BRATS / "Brats18_TCIA01_378_1_t2.nii.gz",
+        "--out",
+        out,
+        "--model",
+        tiny_model,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "missing: t1, t1ce" in result.stderr
+    flair = nib.load(str(BRATS / "Brats18_TCIA01_378_1_flair.nii.gz"))
+    np.testing.assert_array_equal(nib.load(str(out)).affine, flair.affine)
+
+
+def test_segment_bad_inputs_exit_2(tmp_path, tiny_model):
+    text = tmp_path / "notes_t1.nii.gz"
+    text.write_text("hello")
+    _assert_exit_2(_run("segment", text, "--out", tmp_path / "s.nii.gz"), str(text), "NIfTI")
+    odd = tmp_path / "scan.nii.gz"
+    shutil.copy(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz", odd)
+    _assert_exit_2(
+        _run("segment", odd, "--out", tmp_path / "s.nii.gz"), str(odd), "unknown sequence name"
+    )
+    cut = tmp_path / "cut_flair.nii.gz"
+    data = (BRATS / "Brats18_TCIA01_378_1_flair.nii.gz").read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    _assert_exit_2(_run("segment", cut, "--out", tmp_path / "s.nii.gz"), str(cut), "truncated")
+    _assert_exit_2(
+        _run("segment", TCGA_RAW, "--out", tmp_path / "s.nii.gz", "--model", tiny_model),
+        "register",
+    )
+    _assert_exit_2(
+        _run("segment", BRATS, "--out", tmp_path / "s.nii.gz", "--model", "nonexistent"),
+        "no model named 'nonexistent'",
+    )
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_register_writes_image_and_itk_transform(tmp_path):
+    import SimpleITK as sitk
+
+    fixed = TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"
+    moving = TCGA_RAW / "TCGA-FG-6692_flair_raw.nii.gz"
+    out, tfm = tmp_path / "flair_on_t1c.nii.gz", tmp_path / "t.tfm"
+    result = _run(
+        "register", "--fixed", fixed, "--moving", moving, "--out", out, "--transform-out", tfm
+    )
+    assert result.returncode == 0, result.stderr
+    moved, ref = nib.load(str(out)), nib.load(str(fixed))
+    assert moved.shape == ref.shape
+    np.testing.assert_array_equal(moved.affine, ref.affine)
+    # The transform maps fixed-space points into moving space (ITK convention).
+    transform = sitk.ReadTransform(str(tfm))
+    again = sitk.Resample(
+        sitk.ReadImage(str(moving)), sitk.ReadImage(str(fixed)), transform, sitk.sitkLinear, 0.0
+    )
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(float)
+    theirs = sitk.GetArrayFromImage(again)
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99
+
+
+def test_evaluate_json_and_grid_mismatch(tmp_path):
+    seg = BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"
+    result = _run("evaluate", "--pred", seg, "--ref", seg, "--json")
+    assert result.returncode == 0
+    scores = json.loads(result.stdout)["regions"]
+    assert scores["WT"] == {"dice": 1.0, "hd95_mm": 0.0}
+    other = tmp_path / "other_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(other))
+    _assert_exit_2(_run("evaluate", "--pred", other, "--ref", seg), str(other), "grid")
 
 
 def test_models_lists_the_user_folder(capsys):

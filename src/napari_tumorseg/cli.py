@@ -43,7 +43,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.headless is not None:
         from .pipeline import run_headless_demo
 
-        outputs = run_headless_demo(Path(args.headless), log=print)
+        outputs = run_headless_demo(Path(args.headless), model=args.model, log=print)
         for path in outputs:
             print(f"wrote {path}")
         return 0
@@ -56,6 +56,57 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for name in DOCK_WIDGETS:
         viewer.window.add_plugin_dock_widget("napari-tumorseg", name)
     napari.run()
+    return 0
+
+
+def _exam_from_args(args: argparse.Namespace):
+    from .core.io import read_exam
+
+    explicit = {s: getattr(args, s) for s in ("t1", "t1ce", "t2", "flair") if getattr(args, s)}
+    if explicit and args.inputs:
+        raise TumorSegError("give either CASE_DIR_OR_FILES or --t1/--t1ce/--t2/--flair, not both")
+    if explicit:
+        return read_exam(explicit)
+    if not args.inputs:
+        raise TumorSegError("no input: give a case folder, files, or --t1/--t1ce/--t2/--flair")
+    if len(args.inputs) == 1 and args.inputs[0].is_dir():
+        return read_exam(args.inputs[0])
+    return read_exam(args.inputs)
+
+
+def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        metavar="CASE_DIR_OR_FILES",
+        help="a case folder, or NIfTI files named by sequence (*_t1ce.nii.gz)",
+    )
+    for seq in ("t1", "t1ce", "t2", "flair"):
+        parser.add_argument(f"--{seq}", type=Path, help=f"the {seq} scan")
+    parser.add_argument("--model", default="3d", help="3d, 2d or a user model NAME[@vK]")
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .pipeline import segment_exam
+
+    exam = _exam_from_args(args)
+    for message in exam.skipped:
+        print(f"tumorseg segment: warning: {message}", file=sys.stderr)
+    _, written = segment_exam(
+        exam,
+        args.out,
+        model=args.model,
+        prob_out=args.prob,
+        device=args.device,
+        overlap=args.overlap,
+        tta=args.tta,
+        register=args.register,
+        reference=args.reference,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -117,6 +168,36 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("-v", "--verbose", action="store_true", help="print the whole cards")
     models.set_defaults(func=_cmd_models)
 
+    seg = sub.add_parser("segment", help="segment a tumour (bundled or user model)")
+    _add_exam_arguments(seg)
+    seg.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="SEG.nii.gz",
+        help="BraTS label map, in the geometry of the first given sequence",
+    )
+    seg.add_argument(
+        "--prob",
+        type=Path,
+        metavar="PROB.nii.gz",
+        help="also write the WT/TC/ET probabilities (4D NIfTI)",
+    )
+    seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    seg.add_argument("--overlap", type=float, default=0.5, help="window overlap (3D models)")
+    seg.add_argument("--tta", action="store_true", help="test-time mirroring")
+    seg.add_argument(
+        "--register",
+        action="store_true",
+        help="register the sequences to the reference first (raw exams)",
+    )
+    seg.add_argument(
+        "--reference",
+        choices=("t1", "t1ce", "t2", "flair"),
+        help="sequence whose geometry the outputs take (default: the first given)",
+    )
+    seg.set_defaults(func=_cmd_segment)
+
     register = sub.add_parser("register", help="register one scan to another (SimpleITK)")
     register.add_argument("--fixed", required=True, type=Path, help="reference scan")
     register.add_argument("--moving", required=True, type=Path, help="scan to align")
@@ -142,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT_DIR",
         help="no display: run the whole pipeline on the sample, write outputs here",
     )
+    demo.add_argument("--model", default="3d", help="model for the headless pipeline")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

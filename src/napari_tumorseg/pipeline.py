@@ -11,8 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from ._sample_data import sample_exam_dir
-from .core.io import SEQUENCES, read_exam, write_labels
-from .core.metrics import tumour_slice_range, tumour_volumes_ml
+from .core.errors import TumorSegError
+from .core.inference import SegmentationResult, exam_to_channels, segment
+from .core.io import SEQUENCES, Exam, read_exam, write_labels, write_volume
+from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
+from .core.models import load_model
+from .core.volume import Volume
 
 
 def label_map_report(labels, voxel_volume_ml: float, metrics: dict | None = None, **fields) -> dict:
@@ -58,21 +62,156 @@ def write_report(base: Path, report: dict) -> list[Path]:
     ]
 
 
-def run_headless_demo(out_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """The whole pipeline on the labelled sample exam, without a display.
+def _drain(generator, on_event: Callable | None = None):
+    """Run a core generator to its end; returns its result."""
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)
 
-    Reads the four sequences and the expert labels, writes the labels back in the scan geometry
-    and a volume report. Returns the files written.
+
+def prepare_exam(
+    exam: Exam,
+    register: bool = False,
+    reference: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Volume:
+    """The exam's scans as one (4, Z, Y, X) Volume on the reference scan's grid.
+
+    ``reference`` (a sequence name) is the scan whose geometry the outputs take; default: the
+    first given. With ``register`` the other scans are registered to it (rigid, SimpleITK);
+    otherwise they must already lie on its grid.
+    """
+    if reference is not None:
+        if reference not in exam.scans:
+            raise TumorSegError(f"--reference {reference} is not among the given sequences")
+        exam.scans = {reference: exam.scans[reference], **exam.scans}
+    if not register:
+        return exam_to_channels(exam)
+    from .core.registration import stack_sequences
+
+    ref = next(iter(exam.scans))
+    stacked = _drain(stack_sequences(exam.scans, reference=ref))
+    for seq, result in stacked.results.items():
+        if seq != ref:
+            log(
+                f"registered {seq} to {ref}: head overlap {result.quality:.3f} "
+                f"(before {result.quality_before:.3f}), {result.seconds:.1f} s"
+            )
+    for warning in stacked.warnings:
+        log(f"warning: {warning}")
+    volume = stacked.volume
+    array = np.zeros((len(SEQUENCES), *volume.spatial_shape), np.float32)
+    for index, seq in enumerate(volume.channels):
+        array[SEQUENCES.index(seq)] = volume.array[index]
+    return exam.reference.with_array(array, name=exam.name, channels=tuple(volume.channels))
+
+
+def segment_exam(
+    exam: Exam,
+    out: Path,
+    model: str = "3d",
+    prob_out: Path | None = None,
+    device: str = "auto",
+    overlap: float = 0.5,
+    tta: bool = False,
+    register: bool = False,
+    reference: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[SegmentationResult, list[Path]]:
+    """Segment one exam and write the label map (and probabilities) in the reference geometry."""
+    channels = prepare_exam(exam, register=register, reference=reference, log=log)
+    tumour_model = load_model(model)
+    missing = [s for s in SEQUENCES if s not in channels.channels]
+    log(
+        f"segmenting {exam.name} with {tumour_model.label} on {', '.join(channels.channels)}"
+        + (f" (missing: {', '.join(missing)}; filled as the model card says)" if missing else "")
+    )
+    shown = [-1]
+
+    def report(event) -> None:
+        tenth = 10 * event.done // max(event.total, 1)
+        if tenth > shown[0]:
+            shown[0] = tenth
+            log(f"  {event.done}/{event.total} windows" if event.total else "  ...")
+
+    result = _drain(
+        segment(channels, tumour_model, device=device, overlap=overlap, tta=tta), report
+    )
+    like = exam.reference
+    written = [write_labels(out, result.labels.array, like)]
+    if prob_out is not None:
+        written.append(write_volume(prob_out, result.probabilities.array, like))
+    log(f"done in {result.seconds:.1f} s on {result.device}")
+    return result, written
+
+
+def run_headless_demo(
+    out_dir: Path, model: str = "3d", log: Callable[[str], None] = print
+) -> list[Path]:
+    """The whole pipeline on the sample exams, without a display.
+
+    1. The labelled BraTS sample: segment it, write the label map and probabilities in the scan
+       geometry, and a report with volumes and Dice/HD95 against the expert labels.
+    2. The raw clinical exam TCGA-FG-6692: register its sequences to the post-contrast T1,
+       segment, write the label map in the T1c geometry with a volume report.
+
+    Returns the files written.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     exam = read_exam(sample_exam_dir("brats2018"))
-    log(f"read {exam.name}: {', '.join(s for s in SEQUENCES if s in exam.scans)} + labels")
+    log(f"read {exam.name}: {', '.join(exam.scans)} + expert labels")
+    result, files = segment_exam(
+        exam,
+        out_dir / f"{exam.name}_seg.nii.gz",
+        model=model,
+        prob_out=out_dir / f"{exam.name}_prob.nii.gz",
+        log=log,
+    )
+    written += files
     reference = exam.reference
-    written = [
-        write_labels(out_dir / f"{exam.name}_expert_seg.nii.gz", exam.labels.array, reference)
-    ]
+    metrics = evaluate_labels(result.labels.array, exam.labels.array, reference.spacing)
+    log(
+        "against the expert labels: "
+        + ", ".join(
+            f"{r} Dice {m['dice']:.3f} HD95 {m['hd95_mm']:.1f} mm" for r, m in metrics.items()
+        )
+    )
     report = label_map_report(
-        exam.labels.array, reference.voxel_volume_ml, exam=exam.name, source="expert labels"
+        result.labels.array,
+        reference.voxel_volume_ml,
+        metrics=metrics,
+        exam=exam.name,
+        model=model,
+        reference="expert labels",
+        expert_volumes_ml=label_map_report(exam.labels.array, reference.voxel_volume_ml)[
+            "volumes_ml"
+        ],
     )
     written += write_report(out_dir / f"{exam.name}_report", report)
+
+    raw = read_exam(sample_exam_dir("tcga_raw"))
+    log(f"read {raw.name}: {', '.join(raw.scans)} as scanned (not registered)")
+    result, files = segment_exam(
+        raw,
+        out_dir / f"{raw.name}_seg.nii.gz",
+        model=model,
+        register=True,
+        reference="t1ce",
+        log=log,
+    )
+    written += files
+    t1ce = raw.scans["t1ce"]
+    report = label_map_report(
+        result.labels.array,
+        t1ce.voxel_volume_ml,
+        exam=raw.name,
+        model=model,
+        registered_to="t1ce",
+    )
+    written += write_report(out_dir / f"{raw.name}_report", report)
     return written

@@ -353,10 +353,17 @@ def read_exam(
 
 
 def case_name(path: str | Path) -> str:
-    """The exam name in a file name: the stem without its last (sequence) token."""
-    path = Path(path)
-    tokens = re.split(r"([_\-])", file_stem(path))
-    return "".join(tokens[:-2]) or file_stem(path)
+    """The exam name in a file name: the stem up to its sequence (or label) token.
+
+    ``Brats18_TCIA01_378_1_t1ce.nii.gz`` -> ``Brats18_TCIA01_378_1``;
+    ``TCGA-FG-6692_t1c_raw.nii.gz`` -> ``TCGA-FG-6692``.
+    """
+    parts = re.split(r"([_\-])", file_stem(path))
+    for index in range(len(parts) - 1, -1, -2):
+        token = parts[index].lower()
+        if token in SEQUENCE_TOKENS or token in LABEL_TOKENS:
+            return "".join(parts[: max(index - 1, 0)]) or file_stem(path)
+    return file_stem(path)
 
 
 # --------------------------------------------------------------------------- writing
