@@ -31,6 +31,16 @@ ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"
 
 
+def _fit_table(table: QTableWidget) -> QTableWidget:
+    """Show every row without scrolling (the tables are small and fixed)."""
+    table.resizeColumnsToContents()
+    table.horizontalHeader().setStretchLastSection(True)
+    height = table.horizontalHeader().sizeHint().height() + 4
+    height += sum(table.rowHeight(row) for row in range(table.rowCount()))
+    table.setFixedHeight(height)
+    return table
+
+
 class MeasureWidget(QWidget):
     """Volumes (mL) of NCR/NET, oedema, enhancing tumour, TC and WT and the tumour's slice range,
     Dice and HD95 against a reference labels layer, and "Save mask" with a JSON/CSV report."""
@@ -51,6 +61,8 @@ class MeasureWidget(QWidget):
         self.scores_table.setHorizontalHeaderLabels(["Dice", "HD95 (mm)"])
         self.scores_table.setVerticalHeaderLabels(list(REGIONS))
         self.save_button = QPushButton("Save mask and report...")
+        _fit_table(self.table)
+        _fit_table(self.scores_table)
 
         form = QFormLayout(self)
         form.addRow("Label map", self.layer_box)

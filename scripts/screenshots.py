@@ -1,0 +1,87 @@
+"""Take the README's and the closing notes' screenshots under Xvfb.
+
+    xvfb-run -a -s "-screen 0 1280x1024x24" python scripts/screenshots.py [--model 3d] [--out docs]
+
+Writes demo.png (the labelled sample segmented, with the docks), segment_running.png (the
+probability maps filling in), register_before.png / register_after.png (the raw exam).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+
+PLUGIN = "napari-tumorseg"
+
+
+def _wait(worker, app) -> None:
+    done = []
+    worker.finished.connect(lambda: done.append(1))
+    while not done:
+        app.processEvents()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="3d")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    app = QApplication.instance() or QApplication([])
+
+    # Registration of the raw clinical exam, before and after.
+    viewer = napari.Viewer(title="napari-tumorseg: register")
+    viewer.window.resize(1280, 900)
+    viewer.open_sample(PLUGIN, "tcga_raw")
+    _, register = viewer.window.add_plugin_dock_widget(PLUGIN, "Register sequences")
+    viewer.dims.set_point(0, viewer.layers["t1ce (raw)"].data_to_world((13, 0, 0))[0])
+    viewer.screenshot(path=str(args.out / "register_before.png"), canvas_only=False)
+    _wait(register.run(), app)
+    for layer in viewer.layers:
+        layer.visible = False
+    for name, colormap in (("t1ce (registered)", "magenta"), ("flair (registered)", "green")):
+        layer = viewer.layers[name]
+        layer.visible, layer.colormap, layer.blending = True, colormap, "additive"
+    viewer.reset_view()
+    viewer.screenshot(path=str(args.out / "register_after.png"), canvas_only=False)
+    viewer.close()
+
+    # Segmentation of the labelled sample with all docks.
+    viewer = napari.Viewer(title="napari-tumorseg demo")
+    viewer.window.resize(1400, 950)
+    viewer.open_sample(PLUGIN, "brats2018")
+    docks = {}
+    for name in ("Segment tumour", "Tumour volumes"):
+        docks[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
+    expert = viewer.layers[-1]
+    z = int(np.argmax((expert.data > 0).sum(axis=(1, 2))))
+    viewer.dims.set_point(0, z)
+    expert.visible = False
+    segment = docks["Segment tumour"]
+    segment.model.setCurrentText(args.model)
+    worker = segment.run()
+    shots = []
+
+    def grab(event):
+        if not shots and event.total and event.done >= event.total // 2:
+            app.processEvents()
+            viewer.screenshot(path=str(args.out / "segment_running.png"), canvas_only=False)
+            shots.append(1)
+
+    worker.yielded.connect(grab)
+    _wait(worker, app)
+    for name in ("WT probability", "TC probability", "ET probability"):
+        viewer.layers[name].visible = False
+    measure = docks["Tumour volumes"]
+    measure.reference_box.setCurrentText(expert.name)
+    measure.evaluate()
+    viewer.screenshot(path=str(args.out / "demo.png"), canvas_only=False)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
