@@ -1,0 +1,404 @@
+"""Sliding-window and slice inference, labels and `segment`, on tiny networks made here (CPU)."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from napari_tumorseg.core import inference
+from napari_tumorseg.core.errors import TumorSegError
+from napari_tumorseg.core.inference import (
+    exam_to_channels,
+    gaussian_importance,
+    plan_windows,
+    probabilities_to_labels,
+    run_to_end,
+    segment,
+    select_device,
+    slice_inference,
+    sliding_window,
+    window_starts,
+)
+from napari_tumorseg.core.io import SEQUENCES, Exam, read_exam
+from napari_tumorseg.core.models import TumorModel
+from napari_tumorseg.core.unet import UNet
+from napari_tumorseg.core.volume import Volume
+
+from ..conftest import BRATS
+
+monai_utils = pytest.importorskip("monai.data.utils")
+from monai.inferers import sliding_window_inference  # noqa: E402
+
+
+class LogitIdentity(nn.Module):
+    """Returns the logit of its first three channels: after the sigmoid, the input itself."""
+
+    divisor = 1
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.batches: list[int] = []
+
+    def forward(self, x):
+        self.calls += 1
+        self.batches.append(x.shape[0])
+        return torch.logit(x[:, :3].clamp(1e-6, 1 - 1e-6))
+
+
+def _drain(generator):
+    events = []
+    while True:
+        try:
+            events.append(next(generator))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+def _tiny_unet(spatial_dims, seed=0):
+    torch.manual_seed(seed)
+    return UNet(spatial_dims, features=(4, 8, 16), norm="instance").eval()
+
+
+def _random_image(shape, seed=0):
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- window plan
+@pytest.mark.parametrize(
+    ("size", "patch", "overlap"),
+    [
+        (100, 32, 0.5),
+        (100, 32, 0.25),
+        (64, 64, 0.5),
+        (40, 64, 0.5),
+        (41, 64, 0.5),
+        (7, 4, 0.9),
+        (130, 128, 0.5),
+        (155, 96, 0.5),
+        (240, 128, 0.0),
+    ],
+)
+def test_window_starts_are_monai_positions(size, patch, overlap):
+    from monai.inferers.utils import _get_scan_interval
+
+    padded = max(size, patch)
+    interval = _get_scan_interval((padded,), (patch,), 1, (overlap,))
+    slices = monai_utils.dense_patch_slices((padded,), (patch,), interval)
+    shift = (padded - size) // 2  # MONAI pads (half, rest) before planning
+    assert window_starts(size, patch, overlap) == [s[0].start - shift for s in slices]
+
+
+@pytest.mark.parametrize("patch", [(16, 16, 16), (8, 24, 12), (32, 20)])
+def test_gaussian_importance_is_monais(patch):
+    ours = gaussian_importance(patch, ndim=len(patch))
+    theirs = monai_utils.compute_importance_map(patch, mode="gaussian", sigma_scale=0.125)
+    assert ours.dtype == torch.float32 and tuple(ours.shape) == patch
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert gaussian_importance(patch, ndim=len(patch)) is ours  # cached
+
+
+def test_skipped_windows_hold_no_mask_voxel():
+    shape, patch = (30, 40, 36), (16, 16, 16)
+    mask = np.zeros(shape, bool)
+    mask[3:9, 25:33, 2:7] = True
+    mask[28, 0, 35] = True
+    full = plan_windows(shape, patch, 0.5)
+    kept = plan_windows(shape, patch, 0.5, mask=mask)
+    assert set(kept) <= set(full) and 0 < len(kept) < len(full)
+    for start in full:
+        box = tuple(slice(max(s, 0), s + p) for s, p in zip(start, patch))
+        assert (start in kept) == bool(mask[box].any())
+    # Every mask voxel is still covered by a kept window.
+    covered = np.zeros(shape, bool)
+    for start in kept:
+        covered[tuple(slice(s, s + p) for s, p in zip(start, patch))] = True
+    assert covered[mask].all()
+
+
+# --------------------------------------------------------------------------- engines
+def _engine(mode, network, image, tta=False, mask=None, batch_size=2, activation="sigmoid"):
+    if mode == "3d":
+        return sliding_window(
+            network,
+            image,
+            (8, 12, 8),
+            overlap=0.5,
+            batch_size=batch_size,
+            mask=mask,
+            tta=tta,
+            activation=activation,
+        )
+    return slice_inference(
+        network, image, batch_size=batch_size, mask=mask, tta=tta, activation=activation
+    )
+
+
+@pytest.mark.parametrize(("mode", "tta"), list(itertools.product(["3d", "2d"], [False, True])))
+def test_identity_network_reproduces_the_input(mode, tta):
+    image = _random_image((4, 11, 23, 17)) * 0.9 + 0.05
+    network = LogitIdentity()
+    events, probabilities = _drain(_engine(mode, network, image, tta=tta))
+    assert probabilities.dtype == np.float32
+    assert probabilities.shape == (3, *image.shape[1:])
+    np.testing.assert_allclose(probabilities, image[:3], atol=1e-5)
+    _, logits = _drain(_engine(mode, LogitIdentity(), image, activation=None))
+    np.testing.assert_allclose(logits, np.log(image[:3] / (1 - image[:3])), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("spatial_dims", "shape", "patch", "overlap"),
+    [
+        (3, (20, 37, 29), (16, 16, 16), 0.5),
+        (3, (20, 37, 29), (16, 32, 16), 0.25),
+        (3, (12, 37, 29), (16, 40, 16), 0.5),  # the patch is larger than the image on 2 axes
+        (2, (37, 29), (16, 16), 0.5),
+        (2, (37, 29), (32, 48), 0.5),
+    ],
+)
+def test_matches_monai_sliding_window(spatial_dims, shape, patch, overlap):
+    network = _tiny_unet(spatial_dims)
+    image = _random_image((4, *shape), seed=1)
+    _, ours = _drain(sliding_window(network, image, patch, overlap=overlap, batch_size=3))
+    with torch.inference_mode():
+        theirs = sliding_window_inference(
+            torch.from_numpy(image)[None], patch, 3, network, overlap=overlap, mode="gaussian"
+        )
+    theirs = torch.sigmoid(theirs[0]).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_skipping_changes_nothing_where_the_brain_is():
+    network = _tiny_unet(3)
+    image = _random_image((4, 24, 40, 36), seed=2)
+    mask = np.zeros(image.shape[1:], bool)
+    mask[2:10, 5:18, 20:30] = True
+    counting = LogitIdentity()
+    _, _ = _drain(sliding_window(counting, image, 16, mask=mask, batch_size=1))
+    assert (
+        counting.calls
+        == len(plan_windows(image.shape[1:], 16, 0.5, mask))
+        < len(plan_windows(image.shape[1:], 16, 0.5))
+    )
+    _, skipped = _drain(sliding_window(network, image, 16, mask=mask))
+    _, full = _drain(sliding_window(network, image, 16))
+    np.testing.assert_allclose(skipped[:, mask], full[:, mask], atol=1e-6)
+    # Voxels no computed window covers are 0, not sigmoid(0).
+    assert skipped[:, 20:, :, :4].max() == 0
+
+
+@pytest.mark.parametrize("mode", ["3d", "2d"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_final_boxes_tile_the_output_once_with_final_values(mode, masked):
+    image = _random_image((4, 13, 30, 22), seed=3)
+    mask = None
+    if masked:
+        mask = np.zeros(image.shape[1:], bool)
+        mask[4:9, 3:12, 10:20] = True
+    events, result = _drain(_engine(mode, _tiny_unet(3 if mode == "3d" else 2), image, mask=mask))
+    painted = np.zeros(image.shape[1:], np.int32)
+    assert events[0].done == 0 and events[0].box is None
+    for event in events:
+        assert 0 <= event.done <= event.total
+        if event.box is not None:
+            painted[event.box] += 1
+            np.testing.assert_allclose(event.partial, result[(slice(None), *event.box)], atol=1e-6)
+        if event.window is not None:
+            preview = event.current(event.window)
+            assert preview.shape == (3, *(s.stop - s.start for s in event.window))
+    assert (painted == 1).all()
+    assert events[-1].done == events[-1].total
+    assert [e.done for e in events] == sorted(e.done for e in events)
+
+
+@pytest.mark.parametrize("mode", ["3d", "2d"])
+def test_closing_the_generator_stops_between_batches(mode):
+    network = LogitIdentity()
+    image = _random_image((4, 12, 24, 16))
+    engine = _engine(mode, network, image, batch_size=1)
+    first = next(engine)
+    assert first.done == 0 and network.calls == 0
+    next(engine)
+    assert not torch.is_inference_mode_enabled()  # no torch state leaks out between yields
+    calls = network.calls
+    engine.close()
+    assert calls == 1 and network.calls == 1
+    with pytest.raises(StopIteration):
+        next(engine)
+
+
+class _OutOfMemoryOnMeta(LogitIdentity):
+    def forward(self, x):
+        if x.device.type == "meta":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return super().forward(x)
+
+
+def test_out_of_device_memory_falls_back_to_cpu():
+    image = _random_image((4, 10, 12, 12)) * 0.9 + 0.05
+    with pytest.warns(RuntimeWarning, match="continuing on the CPU"):
+        events, result = _drain(
+            sliding_window(_OutOfMemoryOnMeta(), image, 8, device=torch.device("meta"))
+        )
+    assert events[0].device == "meta" and events[-1].device == "cpu"
+    np.testing.assert_allclose(result, image[:3], atol=1e-5)
+
+
+def test_select_device():
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else ("mps" if torch.backends.mps.is_available() else "cpu")
+    )
+    assert select_device("auto").type == expected
+    assert select_device("CPU") == torch.device("cpu")
+    with pytest.raises(TumorSegError, match="unknown device"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TumorSegError, match="'cuda' is not available"):
+            select_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(TumorSegError, match="'mps' is not available"):
+            select_device("mps")
+
+
+# --------------------------------------------------------------------------- labels
+@pytest.mark.parametrize(
+    ("wt", "tc", "et", "label"),
+    [
+        (0.1, 0.1, 0.1, 0),
+        (0.9, 0.1, 0.1, 2),
+        (0.9, 0.9, 0.1, 1),
+        (0.9, 0.9, 0.9, 4),
+        (0.1, 0.9, 0.1, 1),
+        (0.1, 0.1, 0.9, 4),
+        (0.9, 0.1, 0.9, 4),
+        (0.5, 0.5, 0.5, 0),
+    ],
+)
+def test_labels_follow_brats_and_nest(wt, tc, et, label):
+    probabilities = np.array([wt, tc, et], np.float32).reshape(3, 1, 1, 1)
+    labels = probabilities_to_labels(probabilities)
+    assert labels.dtype == np.uint8 and labels.shape == (1, 1, 1)
+    assert labels.item() == label
+
+
+def test_labels_regions_are_nested_on_random_maps():
+    probabilities = _random_image((3, 20, 20, 20), seed=4)
+    labels = probabilities_to_labels(probabilities, threshold=0.4)
+    wt, tc, et = labels > 0, np.isin(labels, (1, 4)), labels == 4
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    assert not (et & ~tc).any() and not (tc & ~wt).any()
+    np.testing.assert_array_equal(et, probabilities[2] > 0.4)
+
+
+# --------------------------------------------------------------------------- segment
+def _synthetic_channels(shape=(20, 36, 32), spacing=(1.0, 1.0, 1.0), channels=()):
+    rng = np.random.default_rng(5)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    brain = zz**2 + yy**2 + xx**2 < 0.8
+    array = np.zeros((4, *shape), np.float32)
+    for c in range(4):
+        if not channels or SEQUENCES[c] in channels:
+            array[c][brain] = 100 + 20 * c + rng.normal(0, 10, brain.sum())
+    affine = np.diag([*spacing[::-1], 1.0])
+    affine[:3, 3] = (-90.0, 120.0, -70.0)
+    return Volume(array, affine, name="synthetic", channels=tuple(channels))
+
+
+def _tiny_model(spatial_dims, patch=(16, 16, 16), spacing=(1.0, 1.0, 1.0)):
+    card = {
+        "name": f"tiny{spatial_dims}d",
+        "spatial_dims": spatial_dims,
+        "patch_size": list(patch),
+        "spacing_mm": list(spacing),
+    }
+    return TumorModel(network=_tiny_unet(spatial_dims), card=card, path=Path("."))
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+@pytest.mark.parametrize(
+    ("model_spacing", "channels"),
+    [((1.0, 1.0, 1.0), ()), ((1.5, 1.25, 1.0), ("t1ce", "flair"))],
+)
+def test_segment_end_to_end(spatial_dims, model_spacing, channels):
+    volume = _synthetic_channels(channels=channels)
+    if spatial_dims == 2:
+        model_spacing = model_spacing[1:]
+    model = _tiny_model(spatial_dims, spacing=model_spacing)
+    events, result = _drain(segment(volume, model, device="cpu"))
+    probabilities, labels = result.probabilities, result.labels
+    assert probabilities.array.shape == (3, *volume.spatial_shape)
+    assert probabilities.array.dtype == np.float32 and labels.array.dtype == np.uint8
+    assert labels.array.shape == volume.spatial_shape
+    assert probabilities.same_grid(volume) and labels.same_grid(volume)
+    assert probabilities.channels == ("WT", "TC", "ET")
+    assert set(np.unique(labels.array)) <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(labels.array, probabilities_to_labels(probabilities.array))
+    resampled = tuple(model_spacing) not in ((1.0, 1.0, 1.0), (1.0, 1.0))
+    outside = volume.array.max(axis=0) == 0
+    if resampled:  # interpolation reaches one voxel past the brain's edge
+        outside = ~ndimage.binary_dilation(~outside, iterations=2)
+    assert probabilities.array[:, outside].max() == 0
+    expected_used = tuple(channels) or SEQUENCES
+    assert result.used_sequences == expected_used
+    assert result.missing_sequences == tuple(s for s in SEQUENCES if s not in expected_used)
+    assert result.seconds > 0
+    # Progress is on the input grid, and final boxes carry the final values.
+    painted = np.zeros(volume.spatial_shape, np.int32)
+    for event in events:
+        if event.box is not None:
+            painted[event.box] += 1
+            np.testing.assert_allclose(
+                event.probabilities, probabilities.array[(slice(None), *event.box)], atol=1e-5
+            )
+        if event.preview is not None:
+            box, values = event.preview()
+            assert box == event.window and values.shape[1:] == tuple(s.stop - s.start for s in box)
+    assert painted.max() == 1
+    if not resampled:  # the final boxes tile the brain box
+        assert painted[~outside].all()
+
+
+def test_segment_rejects_bad_input():
+    model = _tiny_model(3)
+    volume = _synthetic_channels()
+    with pytest.raises(TumorSegError, match="4-channel"):
+        run_to_end(segment(volume.with_array(volume.array[:3]), model, device="cpu"))
+    with pytest.raises(TumorSegError, match="unknown sequence"):
+        run_to_end(segment(volume.with_array(volume.array, channels=("dwi",)), model, "cpu"))
+    empty = volume.with_array(np.zeros_like(volume.array))
+    with pytest.raises(TumorSegError, match="no brain voxels"):
+        run_to_end(segment(empty, model, device="cpu"))
+
+
+def test_exam_to_channels_checks_the_grid():
+    base = _synthetic_channels()
+    t1 = base.with_array(base.array[0], name="t1", channels=())
+    flair = base.with_array(base.array[3], name="flair", channels=())
+    channels = exam_to_channels(Exam(scans={"t1": t1, "flair": flair}, name="case"))
+    assert channels.array.shape == (4, *base.spatial_shape) and channels.channels == ("t1", "flair")
+    assert channels.array.dtype == np.float32 and channels.same_grid(base)
+    np.testing.assert_array_equal(channels.array[3], base.array[3])
+    assert not channels.array[1].any() and not channels.array[2].any()
+    shifted = Volume(base.array[2], base.affine @ np.diag([2.0, 1, 1, 1]), name="t2")
+    with pytest.raises(TumorSegError, match=r"t2 \(.*\) does not lie on the grid of t1"):
+        exam_to_channels(Exam(scans={"t1": t1, "t2": shifted}))
+
+
+@pytest.mark.slow
+def test_segment_sample_exam():
+    exam = read_exam(BRATS)
+    model = _tiny_model(2, spacing=(1.0, 1.0))
+    model.network = UNet(2, features=(4, 8), norm="instance").eval()
+    events, result = _drain(segment(exam, model, device="cpu", batch_size=32))
+    assert result.labels.array.shape == (155, 240, 240)
+    assert result.labels.same_grid(exam.reference)
+    assert result.used_sequences == SEQUENCES and not result.missing_sequences
+    assert events[-1].done == events[-1].total > 100
+    assert inference.REGION_NAMES == ("WT", "TC", "ET")
