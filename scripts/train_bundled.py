@@ -1,0 +1,236 @@
+"""Train a bundled model (3D or 2D) from a BraTS-layout folder, reproducibly and resumably.
+
+    python scripts/train_bundled.py --data ../shared/data/brats2018/train --dims 3 \
+        --out src/napari_tumorseg/weights/3d --minutes 55
+
+The exams are prepared once into a cache (float16, cropped, z-scored, at the model spacing).
+A checkpoint is written every few minutes into --run-dir; running the same command again resumes
+from it (weights as safetensors, optimiser state loaded with ``weights_only=True``). At the end
+the model is validated on the held-out exams with the full inference pipeline (t1ce present and
+missing) and on the sample exam, and saved with its card into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from napari_tumorseg.core.augment import JointAugment
+from napari_tumorseg.core.inference import run_to_end, segment
+from napari_tumorseg.core.io import SEQUENCES, read_exam
+from napari_tumorseg.core.metrics import evaluate_labels
+from napari_tumorseg.core.models import TumorModel, save_model
+from napari_tumorseg.core.preprocess import MISSING_POLICY, NORMALIZATION
+from napari_tumorseg.core.training import PatchSampler, build_cache, cosine_lr, train_steps
+from napari_tumorseg.core.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VALIDATION = ("Brats18_CBICA_ABM_1", "Brats18_TCIA10_637_1")
+CITATIONS = [
+    "B. H. Menze et al., The Multimodal Brain Tumor Image Segmentation Benchmark (BRATS), "
+    "IEEE TMI 34(10):1993-2024, 2015",
+    "S. Bakas et al., Advancing The Cancer Genome Atlas glioma MRI collections with expert "
+    "segmentation labels and radiomic features, Scientific Data 4:170117, 2017",
+    "S. Bakas et al., Identifying the Best Machine Learning Algorithms for Brain Tumor "
+    "Segmentation, Progression Assessment, and Overall Survival Prediction in the BRATS "
+    "Challenge, arXiv:1811.02629, 2018",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="BraTS-layout folder of cases")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--minutes", type=float, default=55.0, help="training time budget")
+    p.add_argument("--patch", type=int, default=None, help="patch edge (voxels)")
+    p.add_argument("--features", default="16,32,64,128,256")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--spacing", type=float, default=None, help="model spacing (mm, isotropic)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--validation", default=",".join(DEFAULT_VALIDATION))
+    p.add_argument(
+        "--sample",
+        type=Path,
+        default=ROOT / "sample_data" / "brats2018",
+        help="an exam never trained on, reported as 'test'",
+    )
+    p.add_argument("--cache", type=Path, default=ROOT / "cache")
+    p.add_argument("--run-dir", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    args = p.parse_args(argv)
+    if args.patch is None:
+        args.patch = 64 if args.dims == 3 else 128
+    if args.batch is None:
+        args.batch = 2 if args.dims == 3 else 12
+    if args.spacing is None:
+        args.spacing = 1.5 if args.dims == 3 else 1.0
+    if args.run_dir is None:
+        args.run_dir = ROOT / "runs" / f"train{args.dims}d"
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def validate(model: TumorModel, folders: list[Path], drop: tuple[str, ...] = ()) -> dict:
+    """Dice per exam and mean, with the full inference pipeline on the original 1 mm grid."""
+    per_exam = {}
+    for folder in folders:
+        exam = read_exam(folder)
+        for seq in drop:
+            exam.scans.pop(seq, None)
+        result = run_to_end(segment(exam, model, device="cpu"))
+        scores = evaluate_labels(result.labels.array, exam.labels.array, exam.reference.spacing)
+        per_exam[folder.name] = {r: round(s["dice"], 4) for r, s in scores.items()}
+        without = f" without {','.join(drop)}" if drop else ""
+        log(f"  {folder.name}{without}: {per_exam[folder.name]}")
+    mean = {
+        r: round(float(np.mean([e[r] for e in per_exam.values()])), 4) for r in ("WT", "TC", "ET")
+    }
+    return {"per_exam": per_exam, "mean": mean}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    features = tuple(int(f) for f in args.features.split(","))
+    spacing = [args.spacing] * 3
+    validation = [v for v in args.validation.split(",") if v]
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config["features"] = list(features)
+
+    exams = build_cache(args.data, args.cache, spacing, log=log)
+    train = [e for e in exams if e.name not in validation]
+    log(f"training on {len(train)} exams: {[e.name for e in train]}; validation {validation}")
+    patch = (args.patch,) * args.dims
+    sampler = PatchSampler(train, patch, batch_size=args.batch, seed=args.seed)
+    network = UNet(args.dims, features=features, norm="instance")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-5)
+    augment = JointAugment(p_affine=0.25, p_elastic=0.0, seed=args.seed)
+
+    state_path = run_dir / "state.json"
+    state = {"step": 0, "elapsed": 0.0, "losses": []}
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        network.load_state_dict(load_file(str(run_dir / "weights.safetensors")))
+        optimizer.load_state_dict(torch.load(run_dir / "optimizer.pt", weights_only=True))
+        sampler = PatchSampler(train, patch, batch_size=args.batch, seed=args.seed + state["step"])
+        log(f"resumed at step {state['step']} after {state['elapsed'] / 60:.1f} min")
+
+    budget = args.minutes * 60
+    done_before = state["elapsed"]
+    last_checkpoint = time.perf_counter()
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+            str(run_dir / "weights.tmp"),
+        )
+        torch.save(optimizer.state_dict(), run_dir / "optimizer.tmp")
+        (run_dir / "weights.tmp").replace(run_dir / "weights.safetensors")
+        (run_dir / "optimizer.tmp").replace(run_dir / "optimizer.pt")
+        state.update(step=step, elapsed=elapsed)
+        tmp = run_dir / "state.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(state_path)
+
+    steps = train_steps(
+        network,
+        iter(sampler),
+        optimizer,
+        lr_at=lambda step, elapsed: cosine_lr(step, (done_before + elapsed) / budget, args.lr),
+        seconds=max(budget - done_before, 0),
+        start_step=state["step"],
+        augment=augment,
+        device=args.device,
+    )
+    window = []
+    elapsed = 0.0
+    start_step = step = state["step"]
+    for progress in steps:
+        step, elapsed = progress.step, progress.elapsed
+        window.append(progress.loss)
+        if step % 50 == 0:
+            state["losses"].append([step, round(float(np.mean(window)), 4)])
+            log(
+                f"step {step} loss {np.mean(window):.4f} lr {progress.lr:.2e} "
+                f"{(done_before + elapsed) / 60:.1f}/{args.minutes:g} min "
+                f"({elapsed / max(step - start_step, 1):.2f} s/step)"
+            )
+            window = []
+        if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
+            checkpoint(step, done_before + elapsed)
+            last_checkpoint = time.perf_counter()
+    checkpoint(step, done_before + elapsed)
+    train_minutes = (done_before + elapsed) / 60
+    log(f"trained {step} steps in {train_minutes:.1f} min")
+
+    card = {
+        "name": f"{args.dims}d",
+        "version": 1,
+        "spatial_dims": args.dims,
+        "channels": list(SEQUENCES),
+        "regions": ["WT", "TC", "ET"],
+        "patch_size": list(patch),
+        "spacing_mm": spacing,
+        "normalization": NORMALIZATION,
+        "missing_policy": MISSING_POLICY,
+        "parent": None,
+        "metrics": {},
+        "training": {
+            "data": "BraTS 2018 training cases: 13 expert-labelled exams "
+            "(koriavinash1/DeepBrainSeg sample_volume/brats)",
+            "train_exams": [e.name for e in train],
+            "validation_exams": validation,
+            "test_exam": args.sample.name if args.sample else None,
+            "steps": step,
+            "minutes": round(train_minutes, 1),
+            "hardware": f"{platform.processor() or platform.machine()}, "
+            f"{args.threads} threads, {args.device}",
+            "torch": torch.__version__,
+            "seed": args.seed,
+            "config": config,
+            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+            "loss_curve": state["losses"],
+        },
+        "citations": CITATIONS,
+    }
+    network.eval()
+    model = TumorModel(network, card, args.out)
+    folders = [args.data / v for v in validation]
+    log("validation, all sequences")
+    card["metrics"]["validation"] = validate(model, folders)
+    log("validation, t1ce missing")
+    card["metrics"]["validation_without_t1ce"] = validate(model, folders, drop=("t1ce",))
+    if args.sample and args.sample.exists():
+        log("test (sample exam, never trained on)")
+        card["metrics"]["test_sample"] = validate(model, [args.sample])
+        card["metrics"]["test_sample_without_t1ce"] = validate(model, [args.sample], drop=("t1ce",))
+    card["metrics"]["mean"] = card["metrics"]["validation"]["mean"]
+    card["metrics"]["command"] = (
+        f"python scripts/evaluate_models.py --model {card['name']} "
+        f"--data ../shared/data/brats2018/train --exams {','.join(validation)}"
+    )
+    save_model(network, card, args.out, half=True)
+    log(f"saved {args.out}: {json.dumps(card['metrics']['mean'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
