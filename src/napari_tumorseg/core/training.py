@@ -32,11 +32,14 @@ class CachedExam:
         float16 (4, z, y, x) z-scored channels, cropped to the brain.
     target : numpy.ndarray
         uint8 (3, z, y, x) WT, TC, ET masks on the same grid.
+    weight : numpy.ndarray or None
+        float32 (z, y, x) per-voxel loss weights (fine-tuning on corrections), or None.
     """
 
     name: str
     image: np.ndarray
     target: np.ndarray
+    weight: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -48,11 +51,17 @@ def region_targets(labels: np.ndarray) -> np.ndarray:
     return np.stack([np.isin(labels, values) for values in REGIONS.values()]).astype(np.uint8)
 
 
-def cache_exam(exam: Exam, spacing_mm=None, labels: np.ndarray | None = None) -> CachedExam:
+def cache_exam(
+    exam: Exam,
+    spacing_mm=None,
+    labels: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+) -> CachedExam:
     """Prepare an exam exactly as inference does and bring its labels onto the same grid.
 
     ``labels`` (Z, Y, X) defaults to the exam's own label map. Region masks are resampled with
-    linear interpolation and thresholded at 0.5 (smoother than nearest neighbour).
+    linear interpolation and thresholded at 0.5 (smoother than nearest neighbour); a per-voxel
+    ``weight`` map (Z, Y, X) follows the same crop and linear resampling.
     """
     reference = exam.reference
     channels = np.zeros((len(SEQUENCES), *reference.spatial_shape), np.float32)
@@ -64,8 +73,13 @@ def cache_exam(exam: Exam, spacing_mm=None, labels: np.ndarray | None = None) ->
     prepared = prepare(channels, reference.spacing, spacing_mm, present=present)
     labels = exam.labels.array if labels is None else labels
     targets = region_targets(labels[prepared.box]).astype(np.float32)
-    targets = resample_array(targets, prepared.image.shape[1:]) > 0.5
-    return CachedExam(exam.name, prepared.image.astype(np.float16), targets.astype(np.uint8))
+    shape = prepared.image.shape[1:]
+    targets = resample_array(targets, shape) > 0.5
+    if weight is not None:
+        weight = resample_array(weight[prepared.box][None].astype(np.float32), shape)[0]
+    return CachedExam(
+        exam.name, prepared.image.astype(np.float16), targets.astype(np.uint8), weight
+    )
 
 
 def build_cache(

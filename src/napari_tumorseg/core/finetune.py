@@ -1,0 +1,383 @@
+"""Fine-tuning a model on a user's corrections ("Fine-tune on my corrections").
+
+The user corrected some voxels of a segmentation. Those voxels, and the axial slices they lie on,
+are the strongest supervision; the rest of the label map -- seen and left alone -- counts less
+(`correction_weights`). `finetune` trains a copy of the model on patches (3D) or slices (2D)
+sampled around the corrections, with the soft Dice + BCE loss and the joint augmentation of the
+training code, and yields progress between steps. Two outcomes:
+
+- ``mode="adapt"``: the strongest fit to this exam, to re-segment it;
+- ``mode="keep"``: a version meant for the next exams -- a lower learning rate, L2-SP
+  regularisation towards the parent weights (Li et al., ICML 2018) and replay of the user's
+  earlier corrected exams, so what the corrections teach carries over without forgetting.
+
+Nothing is written here: the caller saves the returned network (atomically, `models`) only when
+the generator finished, so a cancelled or failed fine-tune leaves every model file as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import JointAugment
+from .errors import TumorSegError
+from .io import Exam
+from .losses import dice_bce_loss
+from .models import TumorModel, save_user_model
+from .training import CachedExam, cache_exam, cosine_lr, train_steps
+
+#: Loss weight of the voxels the user left alone, relative to corrected slices (see
+#: `correction_weights`); chosen with benchmarks/bench_finetune.py.
+UNCORRECTED_WEIGHT = 0.1
+
+MODES = {
+    # lr, L2-SP strength, share of batches replayed from earlier corrected exams
+    "adapt": {"lr": 3e-4, "l2sp": 0.0, "replay": 0.0},
+    "keep": {"lr": 1e-4, "l2sp": 1e-2, "replay": 0.5},
+}
+
+
+def correction_weights(
+    edited: np.ndarray | None, shape, uncorrected: float = UNCORRECTED_WEIGHT
+) -> np.ndarray:
+    """float32 (Z, Y, X) loss weights: 1 on every axial slice holding a corrected voxel,
+    ``uncorrected`` elsewhere. Without ``edited`` (None) every voxel counts fully."""
+    if edited is None:
+        return np.ones(shape, np.float32)
+    weights = np.full(shape, uncorrected, np.float32)
+    weights[edited.reshape(edited.shape[0], -1).any(axis=1)] = 1.0
+    return weights
+
+
+def corrected_slices(edited: np.ndarray) -> np.ndarray:
+    """Indices of the axial slices holding corrected voxels."""
+    return np.flatnonzero(edited.reshape(edited.shape[0], -1).any(axis=1))
+
+
+@dataclass
+class CorrectionExam:
+    """A corrected exam at the model spacing (image, targets, loss weights) and the voxels
+    patches are centred on: those of the corrected slices."""
+
+    cached: CachedExam
+    focus: np.ndarray  # (N, 3) voxel indices
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.cached.weight
+
+
+def prepare_corrections(
+    exam: Exam, labels: np.ndarray, edited: np.ndarray | None, spacing_mm
+) -> CorrectionExam:
+    """Bring the corrected labels and their weights onto the model's grid."""
+    weights = correction_weights(edited, labels.shape)
+    cached = cache_exam(exam, spacing_mm, labels=labels, weight=weights)
+    focus = np.argwhere(cached.weight >= 0.5)
+    if len(focus) == 0:  # corrections thinner than a model voxel: centre on the tumour
+        focus = np.argwhere(cached.target[0] > 0)
+    if len(focus) == 0:
+        focus = np.argwhere(np.ones(cached.shape, bool))
+    return CorrectionExam(cached=cached, focus=focus)
+
+
+@dataclass
+class _CorrectionSampler:
+    """Patches centred on corrected slices (and tumour on them); replayed exams mixed in."""
+
+    exam: CorrectionExam
+    patch: tuple[int, ...]
+    batch_size: int
+    replay: list[CorrectionExam] = field(default_factory=list)
+    p_replay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def _crop(self, array, start, size):
+        out = np.zeros((array.shape[0], *size), dtype=np.float32)
+        src, dst = [slice(None)], [slice(None)]
+        for s0, n, full in zip(start, size, array.shape[1:]):
+            lo, hi = max(s0, 0), min(s0 + n, full)
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - s0, hi - s0))
+        out[tuple(dst)] = array[tuple(src)]
+        return out
+
+    def __next__(self):
+        images, targets, weights = [], [], []
+        for _ in range(self.batch_size):
+            source = self.exam
+            if self.replay and self.rng.random() < self.p_replay:
+                source = self.replay[int(self.rng.integers(len(self.replay)))]
+            centre = source.focus[int(self.rng.integers(len(source.focus)))]
+            cached = source.cached
+            weight = source.weight[None]
+            if len(self.patch) == 2:
+                z = int(centre[0])
+                start = [int(c) - p // 2 for c, p in zip(centre[1:], self.patch)]
+                arrays = (cached.image[:, z], cached.target[:, z], weight[:, z])
+            else:
+                start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
+                arrays = (cached.image, cached.target, weight)
+            image, target, w = (self._crop(a, start, self.patch) for a in arrays)
+            images.append(image)
+            targets.append(target)
+            weights.append(w)
+        return tuple(torch.from_numpy(np.stack(x)) for x in (images, targets, weights))
+
+    def __iter__(self):
+        return self
+
+
+@dataclass(frozen=True)
+class FinetuneProgress:
+    """One fine-tuning step: ``step``, ``loss``, ``elapsed`` seconds, and the budget."""
+
+    step: int
+    loss: float
+    elapsed: float
+    seconds: float | None
+    steps: int | None
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned network (not saved) and the card entries describing it."""
+
+    network: torch.nn.Module
+    card: dict
+    steps: int
+    seconds: float
+    losses: list[float]
+    corrections: CorrectionExam
+
+
+def l2sp(network: torch.nn.Module, parent: dict[str, torch.Tensor], alpha: float):
+    """L2-SP regulariser: ``alpha`` x squared distance of the weights to the parent's."""
+    params = [(p, parent[name]) for name, p in network.named_parameters()]
+
+    def penalty() -> torch.Tensor:
+        return alpha * sum(((p - p0) ** 2).sum() for p, p0 in params)
+
+    return penalty
+
+
+def finetune(
+    model: TumorModel,
+    exam: Exam,
+    labels: np.ndarray,
+    edited: np.ndarray | None = None,
+    mode: str = "keep",
+    seconds: float | None = 60.0,
+    steps: int | None = None,
+    replay: list[CorrectionExam] | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Generator[FinetuneProgress, None, FinetuneResult]:
+    """Fine-tune a copy of ``model`` on an exam's corrected label map.
+
+    Parameters
+    ----------
+    model : TumorModel
+        The model that produced the segmentation (left untouched).
+    exam : Exam
+        The exam's scans on one grid (as segmented).
+    labels : numpy.ndarray
+        (Z, Y, X) corrected BraTS label map on the exam's grid.
+    edited : numpy.ndarray, optional
+        bool (Z, Y, X): the voxels the user changed; None means every voxel is a correction.
+    mode : {"adapt", "keep"}
+        See the module docstring.
+    seconds, steps : optional
+        Budget: stop after this many seconds and/or steps (at least one must be given).
+    replay : list of CorrectionExam, optional
+        Earlier corrected exams (``keep`` mode mixes them in).
+
+    Yields `FinetuneProgress` after every step; returns a `FinetuneResult`.
+    """
+    if mode not in MODES:
+        raise TumorSegError(f"unknown fine-tuning mode {mode!r}; use {list(MODES)}")
+    if seconds is None and steps is None:
+        raise TumorSegError("give a time (seconds) or step budget")
+    reference = exam.reference
+    if labels.shape != reference.spatial_shape:
+        raise TumorSegError(
+            f"the corrected label map ({labels.shape}) does not lie on the exam's grid "
+            f"({reference.spatial_shape})"
+        )
+    if edited is not None and not edited.any():
+        raise TumorSegError("no corrected voxel: edit the label map before fine-tuning")
+    settings = MODES[mode]
+    card = model.card
+    spacing = card["spacing_mm"]
+    if card["spatial_dims"] == 2:
+        spacing = [float(reference.spacing[0]), *spacing[1:]]
+    corrections = prepare_corrections(exam, labels, edited, spacing)
+    patch = tuple(card["patch_size"])
+    batch_size = batch_size or (2 if card["spatial_dims"] == 3 else 8)
+    sampler = _CorrectionSampler(
+        corrections,
+        patch,
+        batch_size,
+        replay=list(replay or []) if settings["replay"] else [],
+        p_replay=settings["replay"],
+        seed=seed,
+    )
+    torch.manual_seed(seed)
+    network = copy.deepcopy(model.network).to(device)
+    parent = {k: v.detach().clone() for k, v in network.named_parameters()}
+    regulariser = l2sp(network, parent, settings["l2sp"]) if settings["l2sp"] else None
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings["lr"], weight_decay=0.0)
+    augment = JointAugment(p_affine=0.2, p_intensity=0.5, seed=seed)
+    budget_steps = steps
+
+    def lr_at(step: int, elapsed: float) -> float:
+        done = step / budget_steps if budget_steps else elapsed / seconds
+        if seconds is not None and budget_steps:
+            done = max(done, elapsed / seconds)
+        return cosine_lr(step, done, settings["lr"], warmup=5, floor=0.1)
+
+    started = time.perf_counter()
+    losses: list[float] = []
+    run = train_steps(
+        network,
+        sampler,
+        optimizer,
+        lr_at,
+        max_steps=steps,
+        seconds=seconds,
+        augment=augment,
+        loss_fn=dice_bce_loss,
+        regulariser=regulariser,
+        device=device,
+    )
+    last = 0
+    for progress in run:
+        losses.append(progress.loss)
+        last = progress.step
+        yield FinetuneProgress(progress.step, progress.loss, progress.elapsed, seconds, steps)
+    network.eval().cpu()
+    elapsed = time.perf_counter() - started
+    n_edited = int(edited.sum()) if edited is not None else int(labels.size)
+    entry = {
+        "parent": model.label,
+        "exam": exam.name,
+        "mode": mode,
+        "corrected_voxels": n_edited,
+        "corrected_slices": (
+            [int(z) for z in corrected_slices(edited)] if edited is not None else "all"
+        ),
+        "steps": last,
+        "seconds": round(elapsed, 1),
+        "settings": {
+            **settings,
+            "uncorrected_weight": UNCORRECTED_WEIGHT,
+            "replayed_exams": len(sampler.replay),
+        },
+    }
+    new_card = {
+        **card,
+        "parent": model.label,
+        "metrics": {},
+        "finetune": entry,
+        "lineage": [*card.get("lineage", []), entry],
+    }
+    return FinetuneResult(network, new_card, last, elapsed, losses, corrections)
+
+
+# ----------------------------------------------------------------------------- replay store
+def save_replay(folder: Path, corrections: CorrectionExam) -> Path:
+    """Keep a corrected exam (model grid, float16) next to a model version, for later replay."""
+    path = folder / "replay" / f"{corrections.cached.name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        image=corrections.cached.image,
+        target=corrections.cached.target,
+        weight=corrections.weight.astype(np.float16),
+        focus=corrections.focus.astype(np.int16),
+    )
+    tmp.replace(path)
+    return path
+
+
+def load_replay(folder: Path) -> list[CorrectionExam]:
+    """The corrected exams kept with a model version (its own and its ancestors')."""
+    exams = []
+    for path in sorted((folder / "replay").glob("*.npz")):
+        with np.load(path) as data:
+            cached = CachedExam(
+                path.stem, data["image"], data["target"], data["weight"].astype(np.float32)
+            )
+            exams.append(CorrectionExam(cached, data["focus"].astype(np.int64)))
+    return exams
+
+
+def finetune_and_save(
+    model: TumorModel,
+    exam: Exam,
+    labels: np.ndarray,
+    edited: np.ndarray | None,
+    name: str,
+    mode: str = "keep",
+    **kwargs,
+) -> Generator[FinetuneProgress, None, tuple[Path, FinetuneResult]]:
+    """`finetune`, then save the new version of user model ``name`` -- only if it finished.
+
+    ``keep`` mode replays the corrected exams kept with the parent version and stores them,
+    with this exam's corrections, in the new version's ``replay/`` folder. The version folder
+    is written atomically. Returns ``(folder, result)``.
+    """
+    parent_replay = load_replay(model.path) if model.card.get("parent") else []
+    result = yield from finetune(
+        model, exam, labels, edited, mode=mode, replay=parent_replay, **kwargs
+    )
+    keep = [r for r in parent_replay if r.cached.name != exam.name] + [result.corrections]
+
+    def write_replay(folder: Path) -> None:
+        for corrections in keep:
+            save_replay(folder, corrections)
+
+    folder = save_user_model(result.network, result.card, name, extra=write_replay)
+    return folder, result
+
+
+def change_summary(
+    before: np.ndarray,
+    after: np.ndarray,
+    corrected: np.ndarray,
+    edited: np.ndarray | None,
+    spacing_zyx,
+) -> dict:
+    """What a re-segmentation changed: voxels added and removed per region, and Dice of both
+    maps against the corrected labels on the axial slices the user did not correct."""
+    from .metrics import evaluate_labels, region_masks
+
+    old, new = region_masks(before), region_masks(after)
+    changes = {
+        region: {
+            "added": int((new[region] & ~old[region]).sum()),
+            "removed": int((old[region] & ~new[region]).sum()),
+        }
+        for region in old
+    }
+    keep = np.ones(before.shape[0], bool)
+    if edited is not None:
+        keep[corrected_slices(edited)] = False
+    summary = {"changes": changes, "uncorrected_slices": int(keep.sum())}
+    if keep.any() and edited is not None:
+        for key, labels in (("dice_before", before), ("dice_after", after)):
+            scores = evaluate_labels(labels[keep], corrected[keep], spacing_zyx, hd95=False)
+            summary[key] = {r: round(s["dice"], 4) for r, s in scores.items()}
+    return summary

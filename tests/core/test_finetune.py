@@ -1,0 +1,123 @@
+"""Fine-tuning on corrections: weights, learning from 3 corrected slices, saving, cancelling."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from napari_tumorseg.core.errors import TumorSegError
+from napari_tumorseg.core.finetune import (
+    change_summary,
+    correction_weights,
+    finetune,
+    finetune_and_save,
+    load_replay,
+)
+from napari_tumorseg.core.inference import run_to_end, segment
+from napari_tumorseg.core.io import read_exam
+from napari_tumorseg.core.metrics import evaluate_labels
+from napari_tumorseg.core.models import load_model, user_models_dir
+
+from ..conftest import BRATS, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def exam():
+    return read_exam(BRATS)
+
+
+def _three_corrected_slices(exam, prediction):
+    """A user who replaces 3 axial slices through the tumour by the expert labels."""
+    expert = exam.labels.array
+    tumour_slices = np.flatnonzero((expert > 0).any(axis=(1, 2)))
+    chosen = tumour_slices[
+        [len(tumour_slices) // 4, len(tumour_slices) // 2, 3 * len(tumour_slices) // 4]
+    ]
+    corrected = prediction.copy()
+    corrected[chosen] = expert[chosen]
+    edited = corrected != prediction
+    return corrected, edited, chosen
+
+
+def _folder_digest(folder):
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_correction_weights_favour_corrected_slices():
+    edited = np.zeros((5, 4, 4), bool)
+    edited[2, 1, 1] = True
+    weights = correction_weights(edited, edited.shape, uncorrected=0.1)
+    assert (weights[2] == 1).all() and (weights[[0, 1, 3, 4]] == pytest.approx(0.1))
+    assert (correction_weights(None, (2, 2, 2)) == 1).all()
+
+
+def test_three_corrected_slices_improve_the_uncorrected_ones(exam):
+    model = load_model(make_tiny_model("weak", seed=3))
+    before = run_to_end(segment(exam, model)).labels.array
+    corrected, edited, chosen = _three_corrected_slices(exam, before)
+    result = run_to_end(
+        finetune(model, exam, corrected, edited, mode="adapt", steps=60, seconds=None, seed=0)
+    )
+    assert result.steps == 60
+    model.network = result.network
+    after = run_to_end(segment(exam, model)).labels.array
+    keep = np.ones(before.shape[0], bool)
+    keep[chosen] = False
+    expert = exam.labels.array
+    dice = {
+        name: evaluate_labels(labels[keep], expert[keep], exam.reference.spacing, hd95=False)["WT"][
+            "dice"
+        ]
+        for name, labels in (("before", before), ("after", after))
+    }
+    print("WT Dice on uncorrected slices", dice)
+    assert dice["after"] > dice["before"] + 0.1
+    summary = change_summary(before, after, corrected, edited, exam.reference.spacing)
+    assert summary["uncorrected_slices"] == before.shape[0] - 3
+    assert summary["changes"]["WT"]["removed"] + summary["changes"]["WT"]["added"] > 0
+
+
+def test_cancelled_finetune_leaves_model_files_byte_identical(exam):
+    label = make_tiny_model("mine")
+    model = load_model(label)
+    root = user_models_dir()
+    digest = _folder_digest(root)
+    prediction = np.zeros(exam.reference.spatial_shape, np.uint8)
+    corrected, edited, _ = _three_corrected_slices(exam, prediction)
+    run = finetune_and_save(model, exam, corrected, edited, name="mine", steps=50, seconds=None)
+    for _ in range(3):
+        next(run)
+    run.close()
+    assert _folder_digest(root) == digest
+    assert [p.name for p in (root / "mine").iterdir()] == ["v1"]
+
+
+def test_finetune_saves_a_new_version_with_its_card_and_replay(exam):
+    model = load_model(make_tiny_model("mine"))
+    prediction = np.zeros(exam.reference.spatial_shape, np.uint8)
+    corrected, edited, chosen = _three_corrected_slices(exam, prediction)
+    folder, result = run_to_end(
+        finetune_and_save(model, exam, corrected, edited, name="mine", steps=3, seconds=None)
+    )
+    assert folder.name == "v2"
+    new = load_model("mine")
+    card = new.card
+    assert card["parent"] == "mine@v1" and card["version"] == 2
+    assert card["finetune"]["exam"] == "Brats18_TCIA01_378_1"
+    assert card["finetune"]["corrected_voxels"] == int(edited.sum())
+    assert card["finetune"]["corrected_slices"] == [int(z) for z in chosen]
+    assert card["finetune"]["steps"] == 3
+    assert [r.cached.name for r in load_replay(folder)] == ["Brats18_TCIA01_378_1"]
+    # The parent version is still there: "revert" is choosing it again.
+    assert load_model("mine@v1").card["version"] == 1
+
+
+def test_no_correction_is_a_clear_error(exam):
+    model = load_model(make_tiny_model("mine"))
+    labels = np.zeros(exam.reference.spatial_shape, np.uint8)
+    with pytest.raises(TumorSegError, match="no corrected voxel"):
+        next(finetune(model, exam, labels, np.zeros_like(labels, bool)))
