@@ -110,6 +110,60 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .core.finetune import finetune_and_save
+    from .core.inference import exam_to_channels, run_to_end
+    from .core.io import read_volume
+    from .core.models import load_model
+    from .core.volume import check_grid_match
+
+    exam = _exam_from_args(args)
+    exam_to_channels(exam)  # the scans must lie on one grid, as they were segmented
+    labels = read_volume(args.labels, kind="labels")
+    check_grid_match(labels, [exam.reference], args.labels)
+    edited = None
+    if args.edited is not None:
+        mask = read_volume(args.edited, kind="scan")
+        check_grid_match(mask, [exam.reference], args.edited)
+        edited = np.asarray(mask.array) != 0
+    model = load_model(args.model)
+    last = [0.0]
+
+    def report(progress) -> None:
+        if progress.elapsed - last[0] >= 10 or progress.step == 1:
+            last[0] = progress.elapsed
+            print(
+                f"  step {progress.step} loss {progress.loss:.4f} {progress.elapsed:.0f} s",
+                file=sys.stderr,
+            )
+
+    folder, result = run_to_end(
+        finetune_and_save(
+            model,
+            exam,
+            labels.array,
+            edited,
+            name=args.name,
+            mode=args.mode,
+            seconds=args.seconds,
+            steps=args.steps,
+        ),
+        report,
+    )
+    entry = result.card["finetune"]
+    print(
+        f"fine-tuned {model.label} on {entry['corrected_voxels']} corrected voxels of "
+        f"{exam.name}: {result.steps} steps in {result.seconds:.0f} s ({args.mode})"
+    )
+    print(
+        f"saved {result.card['name']}@v{result.card['version']} in {folder}; "
+        f"use it with --model {args.name}"
+    )
+    return 0
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     from .core.registration import register_files
 
@@ -197,6 +251,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence whose geometry the outputs take (default: the first given)",
     )
     seg.set_defaults(func=_cmd_segment)
+
+    tune = sub.add_parser("finetune", help="fine-tune a model on a corrected label map")
+    _add_exam_arguments(tune)
+    tune.add_argument(
+        "--labels",
+        required=True,
+        type=Path,
+        metavar="CORRECTED.nii.gz",
+        help="the corrected label map (on the exam's grid)",
+    )
+    tune.add_argument(
+        "--edited",
+        type=Path,
+        metavar="EDITED_MASK.nii.gz",
+        help="non-zero where the user corrected (default: every voxel counts)",
+    )
+    tune.add_argument("--name", required=True, help="user model to store the new version as")
+    tune.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
+    tune.add_argument("--steps", type=int, help="step budget (with --seconds: whichever first)")
+    tune.add_argument(
+        "--mode",
+        choices=("keep", "adapt"),
+        default="keep",
+        help="keep: for the next exams, without forgetting (default); "
+        "adapt: the strongest fit to this exam",
+    )
+    tune.set_defaults(func=_cmd_finetune)
 
     register = sub.add_parser("register", help="register one scan to another (SimpleITK)")
     register.add_argument("--fixed", required=True, type=Path, help="reference scan")

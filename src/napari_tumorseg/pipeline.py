@@ -12,7 +12,7 @@ import numpy as np
 
 from ._sample_data import sample_exam_dir
 from .core.errors import TumorSegError
-from .core.inference import SegmentationResult, exam_to_channels, segment
+from .core.inference import SegmentationResult, exam_to_channels, run_to_end, segment
 from .core.io import SEQUENCES, Exam, read_exam, write_labels, write_volume
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from .core.models import load_model
@@ -62,17 +62,6 @@ def write_report(base: Path, report: dict) -> list[Path]:
     ]
 
 
-def _drain(generator, on_event: Callable | None = None):
-    """Run a core generator to its end; returns its result."""
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        if on_event is not None:
-            on_event(event)
-
-
 def prepare_exam(
     exam: Exam,
     register: bool = False,
@@ -94,7 +83,7 @@ def prepare_exam(
     from .core.registration import stack_sequences
 
     ref = next(iter(exam.scans))
-    stacked = _drain(stack_sequences(exam.scans, reference=ref))
+    stacked = run_to_end(stack_sequences(exam.scans, reference=ref))
     for seq, result in stacked.results.items():
         if seq != ref:
             log(
@@ -138,7 +127,7 @@ def segment_exam(
             shown[0] = tenth
             log(f"  {event.done}/{event.total} windows" if event.total else "  ...")
 
-    result = _drain(
+    result = run_to_end(
         segment(channels, tumour_model, device=device, overlap=overlap, tta=tta), report
     )
     like = exam.reference

@@ -1013,10 +1013,13 @@ def _preview(to_input: _ModelToInput, window: Box, current: Callable[[Box], np.n
     return to_input(window, current(window))
 
 
-def run_to_end(generator: Generator[Any, None, Any]) -> Any:
-    """Run an engine generator synchronously and return its result (tests, CLI, scripts)."""
+def run_to_end(generator: Generator[Any, None, Any], on_event: Callable | None = None) -> Any:
+    """Run a long-job generator (inference, registration, fine-tuning) synchronously and return
+    its result; ``on_event`` sees every yielded progress event (tests, CLI, scripts)."""
     while True:
         try:
-            next(generator)
+            event = next(generator)
         except StopIteration as stop:
             return stop.value
+        if on_event is not None:
+            on_event(event)

@@ -13,15 +13,19 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
+    QSpinBox,
     QWidget,
 )
 
 from .._layers import META_KEY, geometry_metadata, labels_layer_data
 from ..core.errors import TumorSegError
+from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import exam_to_channels, segment
 from ..core.io import REGIONS, SEQUENCES, Exam, case_name
 from ..core.models import list_models, load_model
+from ._loss_curve import LossCurve
 from ._pickers import SequencePickers
 from ._runner import Runner
 
@@ -69,9 +73,36 @@ class SegmentWidget(QWidget):
         form.addRow(buttons)
         form.addRow(self.status)
 
+        # Fine-tune on my corrections
+        self.ft_mode = QComboBox()
+        self.ft_mode.addItems(["keep for next exams", "adapt to this exam"])
+        self.ft_seconds = QSpinBox(minimum=5, maximum=3600, value=60)
+        self.ft_seconds.setSuffix(" s")
+        self.ft_name = QLineEdit("my-model")
+        self.finetune_button = QPushButton("Fine-tune on my corrections")
+        self.revert_button = QPushButton("Revert to previous model")
+        self.revert_button.setEnabled(False)
+        self.loss_curve = LossCurve()
+        self.changes = QLabel("")
+        self.changes.setWordWrap(True)
+        form.addRow("Fine-tune", self.ft_mode)
+        form.addRow("Budget", self.ft_seconds)
+        form.addRow("Save as", self.ft_name)
+        row = QHBoxLayout()
+        row.addWidget(self.finetune_button)
+        row.addWidget(self.revert_button)
+        form.addRow(row)
+        form.addRow(self.loss_curve)
+        form.addRow(self.changes)
+
         self.runner = Runner("Segmenting", self._set_running)
+        self.tuner = Runner("Fine-tuning", self._set_running)
+        self._previous_model: str | None = None
+        self._after_finetune: dict | None = None
         self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.runner.cancel)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.finetune_button.clicked.connect(self.finetune)
+        self.revert_button.clicked.connect(self.revert_model)
         self.refresh_models()
 
     # ------------------------------------------------------------------ models
@@ -89,8 +120,15 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ running
     def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running and self.model.count() > 0)
-        self.cancel_button.setEnabled(running)
+        busy = self.runner.running or self.tuner.running
+        self.run_button.setEnabled(not busy and self.model.count() > 0)
+        self.finetune_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    def cancel(self) -> None:
+        """Stop the running segmentation or fine-tuning (between batches / steps)."""
+        self.runner.cancel()
+        self.tuner.cancel()
 
     def run(self):
         """Start segmenting the picked sequences; returns the worker (None if nothing to do)."""
@@ -198,6 +236,109 @@ class SegmentWidget(QWidget):
             text += f"; missing {', '.join(missing)} (filled as the model card says)"
         self.status.setText(text)
         show_info(f"Segmentation ready: {self.labels_layer.name}")
+        if self._after_finetune is not None:
+            self._show_changes(self._after_finetune, result.labels.array)
+            self._after_finetune = None
+
+    # ------------------------------------------------------------------ fine-tuning
+    def finetune(self):
+        """Fine-tune the model on the edits of the current segmentation; returns the worker."""
+        from .review import edited_voxels
+
+        layer = self.labels_layer
+        if layer is None or layer not in self.viewer.layers:
+            show_warning("Fine-tune: segment the exam first, then correct the label map")
+            return None
+        edited = edited_voxels(layer)
+        if edited is None or not edited.any():
+            show_warning("Fine-tune: no correction yet; edit the label map with napari's tools")
+            return None
+        meta = layer.metadata.get(META_KEY, {})
+        try:
+            model = load_model(meta.get("model") or self.model.currentText())
+            exam = Exam(scans=self.pickers.selected_volumes(), name=self._case_name())
+            exam_to_channels(exam)  # same grid check as for segmenting
+        except TumorSegError as exc:
+            show_warning(f"Fine-tune: {exc}")
+            return None
+        corrected = np.array(layer.data, copy=True)
+        mode = "keep" if self.ft_mode.currentIndex() == 0 else "adapt"
+        self._finetune_context = {
+            "before": np.array(meta["model_labels"], copy=True),
+            "corrected": corrected,
+            "edited": edited,
+            "spacing": exam.reference.spacing,
+            "parent": model.label,
+        }
+        self.loss_curve.clear()
+        self.changes.setText(f"fine-tuning {model.label} on {int(edited.sum())} corrected voxels")
+        generator = finetune_and_save(
+            model,
+            exam,
+            corrected,
+            edited,
+            name=self.ft_name.text().strip(),
+            mode=mode,
+            seconds=float(self.ft_seconds.value()),
+        )
+        return self.tuner.start(
+            generator,
+            on_yield=self._on_finetune_step,
+            on_return=self._on_finetuned,
+            on_cancel=lambda: self.changes.setText(
+                "fine-tuning cancelled: the previous model stays selected, nothing was saved"
+            ),
+            on_fail=lambda: self.changes.setText("fine-tuning failed: nothing was saved"),
+        )
+
+    def _on_finetune_step(self, progress) -> None:
+        self.loss_curve.add(progress.loss)
+        if progress.seconds:
+            done = int(100 * min(progress.elapsed / progress.seconds, 1.0))
+            self.tuner.set_progress(done, 100, text=f"step {progress.step}")
+
+    def _on_finetuned(self, outcome) -> None:
+        folder, result = outcome
+        label = f"{folder.parent.name}@{folder.name}"
+        self._previous_model = self._finetune_context["parent"]
+        self.refresh_models(select=label)
+        self.revert_button.setEnabled(True)
+        self.changes.setText(
+            f"saved {label} ({result.steps} steps, {result.seconds:.0f} s); re-segmenting ..."
+        )
+        show_info(f"Fine-tuned model saved as {label}")
+        self._after_finetune = self._finetune_context
+        self.run()
+
+    def _show_changes(self, context: dict, new_labels: np.ndarray) -> None:
+        summary = change_summary(
+            context["before"],
+            new_labels,
+            context["corrected"],
+            context["edited"],
+            context["spacing"],
+        )
+        self.last_changes = summary
+        lines = [
+            f"{region}: +{c['added']} / -{c['removed']} voxels"
+            for region, c in summary["changes"].items()
+        ]
+        if "dice_after" in summary:
+            lines.append(
+                f"Dice vs your labels on the {summary['uncorrected_slices']} uncorrected slices: "
+                + ", ".join(
+                    f"{r} {summary['dice_before'][r]:.3f} -> {summary['dice_after'][r]:.3f}"
+                    for r in summary["dice_after"]
+                )
+            )
+        self.changes.setText("\n".join(lines))
+
+    def revert_model(self) -> None:
+        """Select the model that was used before the last fine-tuning (one click)."""
+        if self._previous_model is not None:
+            self.refresh_models(select=self._previous_model)
+            self.changes.setText(f"reverted to {self._previous_model}")
+            self.revert_button.setEnabled(False)
 
     def _case_name(self) -> str:
         for layer in self.pickers.selected_layers().values():

@@ -1,0 +1,85 @@
+""" "Fine-tune on my corrections" in the Segment tumour dock."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from napari_tumorseg.core.models import user_models_dir
+from napari_tumorseg.widgets.segment import SegmentWidget
+
+from ..conftest import BRATS
+
+
+def _digest(root):
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def corrected_dock(make_napari_viewer, tiny_model, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS), plugin="napari-tumorseg")
+    widget = SegmentWidget(viewer)
+    widget.refresh_models(select=tiny_model)
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        pass
+    labels = widget.labels_layer
+    expert = viewer.layers["Brats18_TCIA01_378_1 labels"].data
+    # The user paints the expert labels on 3 axial slices through the tumour.
+    for z in (70, 85, 100):
+        idx = np.nonzero(np.ones(expert[z].shape, bool))
+        labels.data_setitem((np.full(idx[0].shape, z), *idx), expert[z][idx])
+    widget.ft_seconds.setValue(5)
+    widget.ft_name.setText("mine")
+    return viewer, widget, labels
+
+
+def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
+    viewer, widget, labels = corrected_dock
+    parent = widget.model.currentText()
+    n_layers = len(viewer.layers)
+    worker = widget.finetune()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert widget.model.currentText() == "mine@v1"
+    assert len(widget.loss_curve.losses) >= 1
+    qtbot.waitUntil(
+        lambda: widget.labels_layer is not labels and not widget.runner.running, timeout=300_000
+    )
+    assert len(viewer.layers) == n_layers + 1  # a new label map; the edited one stays
+    assert "Dice vs your labels" in widget.changes.text()
+    assert set(widget.last_changes["changes"]) == {"WT", "TC", "ET"}
+    widget.revert_model()
+    assert widget.model.currentText() == parent
+
+
+def test_cancelled_finetune_changes_nothing(corrected_dock, qtbot):
+    viewer, widget, labels = corrected_dock
+    widget.ft_seconds.setValue(60)
+    selected = widget.model.currentText()
+    root = user_models_dir()
+    before = _digest(root)
+    names = [layer.name for layer in viewer.layers]
+    data = labels.data.copy()
+    worker = widget.finetune()
+    worker.yielded.connect(lambda progress: widget.cancel())
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert _digest(root) == before
+    assert widget.model.currentText() == selected
+    assert [layer.name for layer in viewer.layers] == names
+    np.testing.assert_array_equal(labels.data, data)
+    assert "cancelled" in widget.changes.text()
+
+
+def test_finetune_without_corrections_is_refused(make_napari_viewer, tiny_model, qtbot):
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS), plugin="napari-tumorseg")
+    widget = SegmentWidget(viewer)
+    assert widget.finetune() is None
