@@ -165,3 +165,51 @@ def test_console_script_is_installed():
     assert exe.exists()
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "demo" in result.stdout and "models" in result.stdout
+
+
+def test_finetune_stores_a_user_model_that_segment_can_use(tmp_path, tiny_model):
+    seg = tmp_path / "seg.nii.gz"
+    assert _run("segment", BRATS, "--out", seg, "--model", tiny_model).returncode == 0
+    # The "corrected" map: expert labels on 3 slices, the model's output elsewhere.
+    image = nib.load(str(seg))
+    predicted = np.asanyarray(image.dataobj).copy()
+    expert = np.asanyarray(nib.load(str(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz")).dataobj)
+    corrected = predicted.copy()
+    corrected[:, :, [70, 85, 100]] = expert[:, :, [70, 85, 100]]
+    edited = (corrected != predicted).astype(np.uint8)
+    labels_path, edited_path = tmp_path / "corrected_seg.nii.gz", tmp_path / "edited.nii.gz"
+    nib.save(nib.Nifti1Image(corrected, image.affine, image.header), str(labels_path))
+    nib.save(nib.Nifti1Image(edited, image.affine, image.header), str(edited_path))
+    result = _run(
+        "finetune",
+        BRATS,
+        "--labels",
+        labels_path,
+        "--edited",
+        edited_path,
+        "--model",
+        tiny_model,
+        "--name",
+        "mine",
+        "--steps",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "saved mine@v1" in result.stdout
+    listed = _run("models")
+    assert "mine@v1" in listed.stdout and f"parent {tiny_model}" in listed.stdout
+    out = tmp_path / "seg2.nii.gz"
+    assert _run("segment", BRATS, "--out", out, "--model", "mine").returncode == 0
+    _assert_exit_2(
+        _run(
+            "finetune",
+            BRATS,
+            "--labels",
+            TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz",
+            "--model",
+            tiny_model,
+            "--name",
+            "x",
+        ),
+        "TCGA-FG-6692_t1c_raw.nii.gz",
+    )

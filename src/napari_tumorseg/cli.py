@@ -158,7 +158,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"{exam.name}: {result.steps} steps in {result.seconds:.0f} s ({args.mode})"
     )
     print(
-        f"saved {result.card['name']}@v{result.card['version']} in {folder}; "
+        f"saved {folder.parent.name}@{folder.name} in {folder}; "
         f"use it with --model {args.name}"
     )
     return 0

@@ -350,6 +350,7 @@ def finetune_and_save(
             save_replay(folder, corrections)
 
     folder = save_user_model(result.network, result.card, name, extra=write_replay)
+    result.card.update(name=name, version=int(folder.name[1:]))
     return folder, result
 
 
