@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -40,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DOC, write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAM = ROOT / "sample_data" / "brats2018"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Inference"
 CASES = ("monai", "ours", "monai-crop", "ours-2d")
 FEATURES = (16, 32, 64, 128, 256)
@@ -363,7 +364,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print("\n" + table)
     if not args.no_write:
-        write_section(DOC, table)
+        write_section("Inference", table)
         print(f"updated {DOC}")
     print(f"({platform.processor() or platform.machine()}, python {platform.python_version()})")
     return 0
@@ -373,18 +374,6 @@ def _brain_box_shape(mask: np.ndarray) -> tuple[int, ...]:
     from napari_tumorseg.core.preprocess import bounding_box
 
     return tuple(s.stop - s.start for s in bounding_box(mask))
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the ``## Inference`` section of ``path``; other sections stay."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,12 @@ from napari_tumorseg.core.io import read_exam, write_volume  # noqa: E402
 from napari_tumorseg.core.registration import register, resample_to  # noqa: E402
 from napari_tumorseg.core.volume import Volume  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import DOC, write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BRATS = ROOT / "sample_data" / "brats2018"
 TCGA = ROOT / "sample_data" / "tcga_raw"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 THREADS = 2
 
 
@@ -296,22 +298,6 @@ def table(methods, skipped: dict, rows: dict, command: str, load: tuple) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Put ``text`` (a ``## Registration`` section) in docs/BENCHMARKS.md, replacing the old one."""
-    if DOC.exists():
-        old = DOC.read_text()
-    else:
-        old = "# Benchmarks\n\nMeasured figures; each section says how to reproduce it.\n"
-    start = old.find("## Registration")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + 1)
-        new = old[:start] + text + ("" if end < 0 else "\n" + old[end + 1 :])
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(new)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="ours,sitk,ants,elastix")
@@ -334,7 +320,7 @@ def main(argv=None) -> None:
     print()
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("Registration", text)
         print(f"written to {DOC}")
 
 

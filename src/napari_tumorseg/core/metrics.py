@@ -15,15 +15,13 @@ def region_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
 def tumour_volumes_ml(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, float]:
     """Volume in mL of each BraTS label (NCR/NET, ED, ET) and region (TC, WT).
 
-    One ``bincount`` pass over the map: cheap enough to run on every edit of a full-size exam.
+    Three vectorised counts over the map (``count_nonzero`` of a comparison is faster than a
+    ``bincount`` that first widens every voxel to 64 bits): cheap enough for every edit.
     """
-    counts = (
-        np.bincount(labels.ravel(), minlength=5)
-        if labels.dtype == np.uint8
-        else (np.bincount(np.clip(labels.ravel(), 0, 255).astype(np.uint8), minlength=5))
-    )
-    per_label = {short: float(counts[value]) for value, (short, _, _) in BRATS_LABELS.items()}
-    volumes = {short: n * voxel_volume_ml for short, n in per_label.items()}
+    counts = {value: int(np.count_nonzero(labels == value)) for value in BRATS_LABELS}
+    volumes = {
+        short: counts[value] * voxel_volume_ml for value, (short, _, _) in BRATS_LABELS.items()
+    }
     volumes["TC"] = (counts[1] + counts[4]) * voxel_volume_ml
     volumes["WT"] = (counts[1] + counts[2] + counts[4]) * voxel_volume_ml
     return {k: float(v) for k, v in volumes.items()}
@@ -95,6 +93,4 @@ def evaluate_labels(
 ) -> dict[str, dict]:
     """Dice and HD95 (mm) per region (WT, TC, ET) of two BraTS label maps on one grid."""
     pred_masks, ref_masks = region_masks(pred), region_masks(ref)
-    return {
-        r: region_scores(pred_masks[r], ref_masks[r], spacing_zyx, hd95=hd95) for r in REGIONS
-    }
+    return {r: region_scores(pred_masks[r], ref_masks[r], spacing_zyx, hd95=hd95) for r in REGIONS}

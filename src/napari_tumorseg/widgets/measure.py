@@ -29,6 +29,8 @@ from ..pipeline import label_map_report, write_report
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"
+#: A brush stroke sends many paint events; the volumes are recomputed once it pauses this long.
+DEBOUNCE_MS = 50
 
 
 def _fit_table(table: QTableWidget) -> QTableWidget:
@@ -76,7 +78,7 @@ class MeasureWidget(QWidget):
         form.addRow(self.save_button)
 
         # Edits arrive as bursts of paint events: recompute once the burst is over.
-        self._timer = QTimer(self, singleShot=True, interval=120)
+        self._timer = QTimer(self, singleShot=True, interval=DEBOUNCE_MS)
         self._timer.timeout.connect(self.update_measurements)
         self.layer_box.currentTextChanged.connect(self._select_layer)
         self.evaluate_button.clicked.connect(self.evaluate)

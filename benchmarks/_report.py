@@ -1,0 +1,25 @@
+"""Writing one section of docs/BENCHMARKS.md, leaving the others as they are."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nMeasured figures; each section says how to reproduce it.\n"
+
+
+def write_section(title: str, body: str, path: Path = DOC) -> None:
+    """Replace (or append) the ``## title`` section of ``path`` with ``body``."""
+    text = path.read_text() if path.exists() else HEADER
+    body = body.strip()
+    if body.startswith(f"## {title}"):
+        body = body[len(f"## {title}") :].strip()
+    section = f"## {title}\n\n{body}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.rstrip("\n") + "\n")
