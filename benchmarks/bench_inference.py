@@ -175,16 +175,6 @@ def run_case(case: str, args, out: Path) -> dict:
     return info
 
 
-# --------------------------------------------------------------------------- hooks
-def qt_event_loop_stall(args) -> dict | None:
-    """Hook for the widget's benchmark: the longest main-thread stall while segmenting in napari.
-
-    Return ``{"case": ..., "seconds": ..., "note": ...}`` to add a row to the table; the widget
-    owner fills this in (it needs Xvfb and a napari viewer). None: not measured here.
-    """
-    return None
-
-
 # --------------------------------------------------------------------------- driver
 def _spawn(case: str, args, out: Path) -> dict:
     command = [
@@ -271,7 +261,6 @@ def main(argv=None) -> int:
     dice_raw = _dice(labels["ours"], labels["monai"])
     dice_brain = _dice(labels["ours"], monai_brain)
     dice_crop = _dice(labels["ours"], labels["monai-crop"]) if "monai-crop" in labels else None
-    stall = qt_event_loop_stall(args)
     load_after = os.getloadavg()[0]
 
     base, base_cpu = infos["monai"]["seconds"], infos["monai"]["cpu_seconds"]
@@ -340,11 +329,6 @@ def main(argv=None) -> int:
             f"| {name} | {windows} | {info['cpu_seconds']:.1f} | "
             f"{base_cpu / info['cpu_seconds']:.2f}x | {info['seconds']:.1f} | "
             f"{base / info['seconds']:.2f}x | {info['peak_rss_gb']:.2f} | {d_brain} | {d_raw} |"
-        )
-    if stall is not None:
-        lines.append(
-            f"| {stall['case']} | - | - | - | {stall['seconds']:.3f} | - | - | "
-            f"{stall.get('note', '')} | - |"
         )
     lines += [
         "",

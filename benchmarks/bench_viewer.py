@@ -1,0 +1,96 @@
+"""Segmenting inside napari: speed against the same run in a plain script, and how long the
+viewer's event loop stalls while the "Segment tumour" dock runs.
+
+    xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_viewer.py [--model 3d]
+
+A 5 ms QTimer on the main thread records the gaps between its ticks while the dock segments the
+labelled sample (live probability layers, napari's progress bar); the same `segment` call then
+runs synchronously without a viewer. Goal: no stall over 100 ms. Writes the "Inference in the
+viewer" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _report import write_section  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="3d")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    import napari
+    import torch
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_tumorseg.core.inference import run_to_end, segment
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.models import load_model
+    from napari_tumorseg.widgets.segment import SegmentWidget
+
+    torch.set_num_threads(args.threads)
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.Viewer()
+    viewer.open(str(ROOT / "sample_data" / "brats2018"), plugin="napari-tumorseg")
+    dock = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(dock)
+    dock.refresh_models(select=args.model)
+    ticks: list[float] = []
+    timer = QTimer(interval=5)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    done = []
+    timer.start()
+    started = time.perf_counter()
+    worker = dock.run()
+    worker.finished.connect(lambda: done.append(time.perf_counter()))
+    events = []
+    worker.yielded.connect(lambda e: events.append(e.done))
+    while not done:
+        app.processEvents()
+        time.sleep(0.001)
+    timer.stop()
+    in_viewer = done[0] - started
+    gaps = np.diff(np.asarray(ticks)) * 1000
+    viewer.close()
+
+    exam = read_exam(ROOT / "sample_data" / "brats2018")
+    model = load_model(args.model)
+    started = time.perf_counter()
+    run_to_end(segment(exam, model))
+    plain = time.perf_counter() - started
+
+    lines = [
+        f'Command: `xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_viewer.py '
+        f"--model {args.model}` (2 CPU cores, Xvfb + Mesa llvmpipe software rendering; model "
+        f"`{args.model}`; the labelled sample, 4 x 155 x 240 x 240).",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| segmentation in the dock (worker thread, live layers) | {in_viewer:.1f} s |",
+        f"| the same `segment` call in a plain script | {plain:.1f} s |",
+        f"| progress events received by the dock | {len(events)} |",
+        f"| longest event-loop stall | {gaps.max():.0f} ms |",
+        f"| 99th percentile of event-loop gaps | {np.percentile(gaps, 99):.0f} ms |",
+        f"| event-loop gaps over 100 ms | {int((gaps > 100).sum())} |",
+        "",
+        f"Goal: no stall over 100 ms: {'met' if gaps.max() <= 100 else 'NOT met'}.",
+    ]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section("Inference in the viewer", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
