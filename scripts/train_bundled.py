@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate_models import validate  # noqa: E402
+
 from napari_tumorseg.core.augment import JointAugment
-from napari_tumorseg.core.inference import run_to_end, segment
-from napari_tumorseg.core.io import SEQUENCES, read_exam
-from napari_tumorseg.core.metrics import evaluate_labels
+from napari_tumorseg.core.io import SEQUENCES
 from napari_tumorseg.core.models import TumorModel, save_model
 from napari_tumorseg.core.preprocess import MISSING_POLICY, NORMALIZATION
 from napari_tumorseg.core.training import PatchSampler, build_cache, cosine_lr, train_steps
@@ -83,24 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def validate(model: TumorModel, folders: list[Path], drop: tuple[str, ...] = ()) -> dict:
-    """Dice per exam and mean, with the full inference pipeline on the original 1 mm grid."""
-    per_exam = {}
-    for folder in folders:
-        exam = read_exam(folder)
-        for seq in drop:
-            exam.scans.pop(seq, None)
-        result = run_to_end(segment(exam, model, device="cpu"))
-        scores = evaluate_labels(result.labels.array, exam.labels.array, exam.reference.spacing)
-        per_exam[folder.name] = {r: round(s["dice"], 4) for r, s in scores.items()}
-        without = f" without {','.join(drop)}" if drop else ""
-        log(f"  {folder.name}{without}: {per_exam[folder.name]}")
-    mean = {
-        r: round(float(np.mean([e[r] for e in per_exam.values()])), 4) for r in ("WT", "TC", "ET")
-    }
-    return {"per_exam": per_exam, "mean": mean}
 
 
 def main(argv=None) -> int:
@@ -215,12 +198,12 @@ def main(argv=None) -> int:
     model = TumorModel(network, card, args.out)
     folders = [args.data / v for v in validation]
     log("validation, all sequences")
-    card["metrics"]["validation"] = validate(model, folders)
+    card["metrics"]["validation"] = validate(model, folders, log=log)
     log("validation, t1ce missing")
-    card["metrics"]["validation_without_t1ce"] = validate(model, folders, drop=("t1ce",))
+    card["metrics"]["validation_without_t1ce"] = validate(model, folders, ("t1ce",), log=log)
     if args.sample and args.sample.exists():
         log("test (sample exam, never trained on)")
-        card["metrics"]["test_sample"] = validate(model, [args.sample])
+        card["metrics"]["test_sample"] = validate(model, [args.sample], log=log)
         card["metrics"]["test_sample_without_t1ce"] = validate(model, [args.sample], drop=("t1ce",))
     card["metrics"]["mean"] = card["metrics"]["validation"]["mean"]
     card["metrics"]["command"] = (
