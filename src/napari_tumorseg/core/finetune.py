@@ -31,7 +31,7 @@ from .errors import TumorSegError
 from .io import Exam
 from .losses import dice_bce_loss
 from .models import TumorModel, save_user_model
-from .training import CachedExam, cache_exam, cosine_lr, train_steps
+from .training import CachedExam, cache_exam, cosine_lr, crop_padded, train_steps
 
 #: Loss weight of the voxels the user left alone, relative to corrected slices (see
 #: `correction_weights`); chosen with benchmarks/bench_finetune.py.
@@ -102,16 +102,6 @@ class _CorrectionSampler:
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    def _crop(self, array, start, size):
-        out = np.zeros((array.shape[0], *size), dtype=np.float32)
-        src, dst = [slice(None)], [slice(None)]
-        for s0, n, full in zip(start, size, array.shape[1:]):
-            lo, hi = max(s0, 0), min(s0 + n, full)
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - s0, hi - s0))
-        out[tuple(dst)] = array[tuple(src)]
-        return out
-
     def __next__(self):
         images, targets, weights = [], [], []
         for _ in range(self.batch_size):
@@ -128,7 +118,7 @@ class _CorrectionSampler:
             else:
                 start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
                 arrays = (cached.image, cached.target, weight)
-            image, target, w = (self._crop(a, start, self.patch) for a in arrays)
+            image, target, w = (crop_padded(a, start, self.patch) for a in arrays)
             images.append(image)
             targets.append(target)
             weights.append(w)

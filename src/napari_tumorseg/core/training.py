@@ -105,6 +105,18 @@ def build_cache(
     return exams
 
 
+def crop_padded(array: np.ndarray, start, size, dtype=np.float32) -> np.ndarray:
+    """Crop (C, *S) ``array`` at ``start`` to ``size``, zero-padded where it leaves the volume."""
+    out = np.zeros((array.shape[0], *size), dtype=dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for s0, n, full in zip(start, size, array.shape[1:]):
+        lo, hi = max(s0, 0), min(s0 + n, full)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s0, hi - s0))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
 @dataclass
 class PatchSampler:
     """Random training patches (3D) or axial slabs cropped to a patch (2D).
@@ -144,17 +156,6 @@ class PatchSampler:
             return voxels[rng.integers(len(voxels))]
         return np.array([rng.integers(s) for s in exam.shape])
 
-    def _crop(self, array: np.ndarray, start, size) -> np.ndarray:
-        """Crop with zero padding where the patch leaves the volume."""
-        out = np.zeros((array.shape[0], *size), dtype=array.dtype)
-        src, dst = [slice(None)], [slice(None)]
-        for s0, n, full in zip(start, size, array.shape[1:]):
-            lo, hi = max(s0, 0), min(s0 + n, full)
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - s0, hi - s0))
-        out[tuple(dst)] = array[tuple(src)]
-        return out
-
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = [], []
         rng = self._rng
@@ -165,13 +166,12 @@ class PatchSampler:
             if self.spatial_dims == 2:  # one axial slice, cropped in-plane
                 z = int(centre[0])
                 start = [int(c) - p // 2 for c, p in zip(centre[1:], self.patch)]
-                image = self._crop(exam.image[:, z], start, self.patch)
-                target = self._crop(exam.target[:, z], start, self.patch)
+                image = crop_padded(exam.image[:, z], start, self.patch)
+                target = crop_padded(exam.target[:, z], start, self.patch, np.uint8)
             else:
                 start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
-                image = self._crop(exam.image, start, self.patch)
-                target = self._crop(exam.target, start, self.patch)
-            image = image.astype(np.float32)
+                image = crop_padded(exam.image, start, self.patch)
+                target = crop_padded(exam.target, start, self.patch, np.uint8)
             if rng.random() < self.p_drop_t1ce:
                 image[SEQUENCES.index("t1ce")] = 0
             for seq in ("t1", "t2"):

@@ -1,0 +1,91 @@
+"""The bundled models: cards, size, and accuracy on the sample exam (never trained on)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_tumorseg.core.finetune import finetune
+from napari_tumorseg.core.inference import run_to_end, segment
+from napari_tumorseg.core.io import read_exam
+from napari_tumorseg.core.metrics import evaluate_labels
+from napari_tumorseg.core.models import BUNDLED, REQUIRED_CARD_KEYS, bundled_dir, load_model
+
+from .conftest import BRATS
+
+
+@pytest.fixture(scope="module")
+def exam():
+    return read_exam(BRATS)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_cards_are_complete(name):
+    card = json.loads((bundled_dir() / name / "card.json").read_text())
+    assert set(REQUIRED_CARD_KEYS) <= set(card)
+    assert card["parent"] is None and card["spatial_dims"] == int(name[0])
+    validation = card["metrics"]["validation"]
+    assert set(validation["per_exam"]) == set(card["training"]["validation_exams"])
+    assert set(card["metrics"]["validation_without_t1ce"]["mean"]) == {"WT", "TC", "ET"}
+    assert not set(card["training"]["validation_exams"]) & set(card["training"]["train_exams"])
+    assert "Brats18_TCIA01_378_1" not in card["training"]["train_exams"]
+
+
+def test_bundled_weights_fit_the_budget():
+    size = sum(p.stat().st_size for p in bundled_dir().rglob("*.safetensors"))
+    assert size <= 25 * 1024**2
+
+
+def test_bundled_3d_model_on_the_sample_exam(exam):
+    model = load_model("3d")
+    result = run_to_end(segment(exam, model, device="cpu"))
+    scores = evaluate_labels(result.labels.array, exam.labels.array, exam.reference.spacing)
+    print(
+        "3D on the sample exam:",
+        {r: f"Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f} mm" for r, s in scores.items()},
+    )
+    assert scores["WT"]["dice"] >= 0.80
+
+
+def test_bundled_2d_model_on_the_sample_exam(exam):
+    model = load_model("2d")
+    result = run_to_end(segment(exam, model, device="cpu"))
+    scores = evaluate_labels(
+        result.labels.array, exam.labels.array, exam.reference.spacing, hd95=False
+    )
+    print("2D on the sample exam:", {r: round(s["dice"], 3) for r, s in scores.items()})
+    assert scores["WT"]["dice"] >= 0.70
+
+
+def test_finetuning_a_weakened_model_helps_the_uncorrected_slices(exam):
+    """The 3D model, weakened by noise on its weights, fine-tuned on 3 expert slices."""
+    import torch
+
+    model = load_model("3d")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.network.parameters():
+            parameter.add_(
+                torch.randn(parameter.shape, generator=generator)
+                * parameter.std().nan_to_num(0)
+                * 0.5
+            )
+    before = run_to_end(segment(exam, model, device="cpu")).labels.array
+    expert = exam.labels.array
+    slices = np.flatnonzero((expert > 0).any(axis=(1, 2)))
+    chosen = slices[[len(slices) // 4, len(slices) // 2, 3 * len(slices) // 4]]
+    corrected = before.copy()
+    corrected[chosen] = expert[chosen]
+    result = run_to_end(
+        finetune(model, exam, corrected, corrected != before, mode="adapt", steps=30, seconds=None)
+    )
+    model.network = result.network
+    after = run_to_end(segment(exam, model, device="cpu")).labels.array
+    keep = np.ones(expert.shape[0], bool)
+    keep[chosen] = False
+    dice = {
+        name: evaluate_labels(labels[keep], expert[keep], exam.reference.spacing, hd95=False)
+        for name, labels in (("before", before), ("after", after))
+    }
+    print("uncorrected slices, before:", dice["before"], "after:", dice["after"])
+    assert dice["after"]["WT"]["dice"] > dice["before"]["WT"]["dice"] + 0.02
