@@ -161,3 +161,25 @@ def test_screenshot_shows_labels_where_the_tumour_is(make_napari_viewer):
     assert frac(t_rows.mean(), rows.min(), rows.max()) == pytest.approx(
         frac(d_rows.mean(), b_rows.min(), b_rows.max()), abs=0.05
     )
+
+
+def test_writer_uses_the_layer_transform_for_hand_made_labels(make_napari_viewer, tmp_path):
+    """A labels layer drawn from scratch (no source file) is saved where it lies in the world."""
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS / "Brats18_TCIA01_378_1_flair.nii.gz"), plugin=PLUGIN)
+    flair = viewer.layers[0]
+    drawn = viewer.add_labels(
+        np.zeros(flair.data.shape, np.uint8),
+        scale=flair.scale,
+        translate=flair.translate,
+        name="drawn",
+    )
+    drawn.data_setitem((np.array([80]), np.array([100]), np.array([60])), 2)
+    out = tmp_path / "drawn.nii.gz"
+    viewer.layers.selection = {drawn}
+    viewer.layers.save(str(out), selected=True, plugin=PLUGIN)
+    saved = read_volume(out, kind="labels")
+    np.testing.assert_allclose(
+        saved.affine, read_volume(BRATS / "Brats18_TCIA01_378_1_flair.nii.gz").affine, atol=1e-4
+    )
+    assert saved.array[80, 100, 60] == 2 and saved.array.sum() == 2
