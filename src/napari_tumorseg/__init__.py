@@ -2,13 +2,36 @@
 
 The public Python API works without Qt or napari::
 
-    from napari_tumorseg import read_exam, load_model
+    from napari_tumorseg import load_model, read_exam, run_to_end, segment
+    result = run_to_end(segment(read_exam("case/"), load_model("3d")))
 """
 
 from .core.errors import TumorSegError
+from .core.finetune import finetune, finetune_and_save
+from .core.inference import run_to_end, segment
 from .core.io import read_exam, read_volume, write_labels
+from .core.metrics import evaluate_labels, tumour_volumes_ml
+from .core.models import list_models, load_model
+from .core.registration import register, stack_sequences
 from .core.volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["TumorSegError", "Volume", "read_exam", "read_volume", "write_labels", "__version__"]
+__all__ = [
+    "TumorSegError",
+    "Volume",
+    "__version__",
+    "evaluate_labels",
+    "finetune",
+    "finetune_and_save",
+    "list_models",
+    "load_model",
+    "read_exam",
+    "read_volume",
+    "register",
+    "run_to_end",
+    "segment",
+    "stack_sequences",
+    "tumour_volumes_ml",
+    "write_labels",
+]
