@@ -82,8 +82,22 @@ def _set_network(features: str | None, weights: str) -> None:
     WEIGHTS = weights
 
 
+def _spacing() -> list[float]:
+    """The model spacing: the trained model's card, or 1 mm for the random network."""
+    if WEIGHTS == "random":
+        return [1.0, 1.0, 1.0]
+    from napari_tumorseg.core.models import load_model
+
+    return [float(s) for s in load_model(WEIGHTS).card["spacing_mm"]]
+
+
 def _model(spatial_dims: int, patch: int):
-    from napari_tumorseg.core.models import TumorModel
+    from napari_tumorseg.core.models import TumorModel, load_model
+
+    if spatial_dims == 3 and WEIGHTS != "random":
+        model = load_model(WEIGHTS)
+        model.card = {**model.card, "patch_size": [patch] * 3}
+        return model
 
     card = {
         "name": f"random{spatial_dims}d",
@@ -97,7 +111,7 @@ def _model(spatial_dims: int, patch: int):
 def _prepared(channels):
     from napari_tumorseg.core.preprocess import prepare
 
-    return prepare(channels.array, channels.spacing, [1.0, 1.0, 1.0])
+    return prepare(channels.array, channels.spacing, _spacing())
 
 
 def _monai_probabilities(torch, image: np.ndarray, args) -> np.ndarray:
@@ -122,12 +136,21 @@ def run_case(case: str, args, out: Path) -> dict:
     torch, channels = _setup(args)
     info: dict = {"case": case}
     if case == "monai":
-        prepared = _prepared(channels)
-        image = np.zeros(channels.array.shape, np.float32)
-        image[(slice(None), *prepared.box)] = prepared.image
-        del prepared
+        # The whole volume, normalised as ours (z-score over the brain), at the model spacing.
+        from napari_tumorseg.core.preprocess import (
+            brain_mask,
+            resample_array,
+            target_shape,
+            zscore,
+        )
+
+        mask = brain_mask(channels.array)
+        image = zscore(channels.array, mask)
         start, cpu = time.perf_counter(), time.process_time()
+        shape = target_shape(image.shape[1:], channels.spacing, _spacing())
+        image = resample_array(image, shape)
         probabilities = _monai_probabilities(torch, image, args)
+        probabilities = resample_array(probabilities, channels.spatial_shape)
         labels = probabilities_to_labels(probabilities)
         info["seconds"] = time.perf_counter() - start
         info["cpu_seconds"] = time.process_time() - cpu
