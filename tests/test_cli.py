@@ -32,13 +32,15 @@ def _assert_exit_2(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch, tiny_model):
+def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
+    """The README's main command, with the bundled 3D model."""
     monkeypatch.delenv("DISPLAY", raising=False)
     out = tmp_path / "out"
-    result = _run("demo", "--headless", out, "--model", tiny_model)
+    result = _run("demo", "--headless", out)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "Brats18_TCIA01_378_1_report.json").read_text())
     assert set(report["metrics"]) == {"WT", "TC", "ET"}
+    assert report["metrics"]["TC"]["dice"] > 0.8  # a real model, not a stub
     assert report["expert_volumes_ml"]["WT"] == pytest.approx(125.37, abs=0.01)
     seg = nib.load(str(out / "Brats18_TCIA01_378_1_seg.nii.gz"))
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
