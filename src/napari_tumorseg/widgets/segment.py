@@ -164,7 +164,7 @@ class SegmentWidget(QWidget):
         )
 
     def _add_probability_layers(self, channels) -> dict:
-        grid = channels.with_array(np.zeros(channels.spatial_shape, np.float32), channels=())
+        grid = channels.with_array(channels.array[0], channels=())  # geometry only, no copy
         layers = {}
         for region in REGIONS:
             layers[region] = self.viewer.add_image(
