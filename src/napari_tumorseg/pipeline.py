@@ -93,10 +93,14 @@ def prepare_exam(
     for warning in stacked.warnings:
         log(f"warning: {warning}")
     volume = stacked.volume
-    array = np.zeros((len(SEQUENCES), *volume.spatial_shape), np.float32)
-    for index, seq in enumerate(volume.channels):
-        array[SEQUENCES.index(seq)] = volume.array[index]
-    return exam.reference.with_array(array, name=exam.name, channels=tuple(volume.channels))
+    order = [ref, *(seq for seq in volume.channels if seq != ref)]
+    scans = {
+        seq: volume.with_array(
+            volume.array[list(volume.channels).index(seq)], name=seq, channels=()
+        )
+        for seq in order
+    }
+    return exam_to_channels(Exam(scans=scans, name=exam.name))
 
 
 def segment_exam(
