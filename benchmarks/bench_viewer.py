@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     worker = dock.run()
     worker.finished.connect(lambda: done.append(time.perf_counter()))
     events = []
-    worker.yielded.connect(lambda e: events.append(e.done))
+    worker.yielded.connect(lambda item: events.append(item[0].done))
     while not done:
         app.processEvents()
         time.sleep(0.001)

@@ -66,7 +66,8 @@ def main() -> None:
     worker = segment.run()
     shots = []
 
-    def grab(event):
+    def grab(item):
+        event = item[0]
         if not shots and event.total and event.done >= event.total // 2:
             app.processEvents()
             viewer.screenshot(path=str(args.out / "segment_running.png"), canvas_only=False)

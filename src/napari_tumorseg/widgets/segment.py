@@ -39,6 +39,27 @@ def probability_layer_name(region: str) -> str:
     return f"{region} probability"
 
 
+def with_previews(generator, interval: float = REDRAW_INTERVAL):
+    """Pair each progress event of `segment` with a preview of the windows just computed,
+    at most every ``interval`` seconds, computed here -- in the worker thread -- so the main
+    thread only copies arrays. Yields ``(event, (box, values) or None)``."""
+    last = 0.0
+    try:
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            preview = None
+            now = time.perf_counter()
+            if event.preview is not None and (now - last >= interval or event.done == event.total):
+                last = now
+                preview = event.preview()
+            yield event, preview
+    finally:
+        generator.close()
+
+
 class SegmentWidget(QWidget):
     """Pick the sequences and a model; Run fills WT/TC/ET probability layers live, then adds an
     editable BraTS labels layer."""
@@ -148,12 +169,14 @@ class SegmentWidget(QWidget):
         self.status.setText(f"segmenting with {model.label} on {used}{note}")
         self._channels = channels
         self._model = model
-        generator = segment(
-            channels,
-            model,
-            device=self.device.currentText(),
-            overlap=self.overlap.value(),
-            tta=self.tta.isChecked(),
+        generator = with_previews(
+            segment(
+                channels,
+                model,
+                device=self.device.currentText(),
+                overlap=self.overlap.value(),
+                tta=self.tta.isChecked(),
+            )
         )
         return self.runner.start(
             generator,
@@ -186,21 +209,19 @@ class SegmentWidget(QWidget):
         self._prob_layers = {}
         self.status.setText("cancelled: the layers are as they were before Run")
 
-    def _on_progress(self, event) -> None:
+    def _on_progress(self, item) -> None:
+        event, preview = item
         self.runner.set_progress(event.done, event.total, text=f"{event.done}/{event.total}")
         if event.box is not None and event.probabilities is not None:
             self._paint(event.box, event.probabilities)
-        now = time.perf_counter()
-        if now - self._last_redraw < REDRAW_INTERVAL and event.done != event.total:
-            return
-        self._last_redraw = now
         # The windows just computed, blended so far: the map fills in window by window.
-        if event.preview is not None:
-            box, values = event.preview()
-            if box is not None:
-                self._paint(box, values)
-        for layer in self._prob_layers.values():
-            layer.refresh()
+        if preview is not None and preview[0] is not None:
+            self._paint(*preview)
+        now = time.perf_counter()
+        if now - self._last_redraw >= REDRAW_INTERVAL or event.done == event.total:
+            self._last_redraw = now
+            for layer in self._prob_layers.values():
+                layer.refresh()
 
     def _paint(self, box, probabilities) -> None:
         for index, region in enumerate(REGIONS):
