@@ -78,6 +78,7 @@ def main() -> None:
     for name in ("WT probability", "TC probability", "ET probability"):
         viewer.layers[name].visible = False
     measure = docks["Tumour volumes"]
+    measure.layer_box.setCurrentText(segment.labels_layer.name)
     measure.reference_box.setCurrentText(expert.name)
     measure.evaluate()
     viewer.screenshot(path=str(args.out / "demo.png"), canvas_only=False)

@@ -35,10 +35,10 @@ DEBOUNCE_MS = 50
 
 def _fit_table(table: QTableWidget) -> QTableWidget:
     """Show every row without scrolling (the tables are small and fixed)."""
-    table.resizeColumnsToContents()
-    table.horizontalHeader().setStretchLastSection(True)
-    height = table.horizontalHeader().sizeHint().height() + 4
-    height += sum(table.rowHeight(row) for row in range(table.rowCount()))
+    header = table.horizontalHeader()
+    header.setSectionResizeMode(header.Stretch)
+    table.verticalHeader().setDefaultSectionSize(24)
+    height = header.sizeHint().height() + 6 + 24 * table.rowCount()
     table.setFixedHeight(height)
     return table
 
