@@ -55,8 +55,9 @@ def main(argv=None) -> None:
     import torch
 
     from napari_tumorseg.core.finetune import finetune
-    from napari_tumorseg.core.inference import run_to_end, segment
+    from napari_tumorseg.core.inference import segment
     from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
     from napari_tumorseg.core.metrics import evaluate_labels
     from napari_tumorseg.core.models import load_model
 

@@ -35,8 +35,9 @@ def main(argv=None) -> None:
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_tumorseg.core.inference import run_to_end, segment
+    from napari_tumorseg.core.inference import segment
     from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
     from napari_tumorseg.core.models import load_model
     from napari_tumorseg.widgets.segment import SegmentWidget
 

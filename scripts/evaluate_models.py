@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_tumorseg.core.inference import run_to_end, segment
+from napari_tumorseg.core.inference import segment
 from napari_tumorseg.core.io import read_exam
+from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.metrics import evaluate_labels
 from napari_tumorseg.core.models import TumorModel, load_model
 

@@ -8,8 +8,9 @@ The public Python API works without Qt or napari::
 
 from .core.errors import TumorSegError
 from .core.finetune import finetune, finetune_and_save
-from .core.inference import run_to_end, segment
+from .core.inference import segment
 from .core.io import read_exam, read_volume, write_labels
+from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_volumes_ml
 from .core.models import list_models, load_model
 from .core.registration import register, stack_sequences

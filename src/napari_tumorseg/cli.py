@@ -114,8 +114,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .core.finetune import finetune_and_save
-    from .core.inference import exam_to_channels, run_to_end
+    from .core.inference import exam_to_channels
     from .core.io import read_volume
+    from .core.jobs import run_to_end
     from .core.models import load_model
     from .core.volume import check_grid_match
 
@@ -157,10 +158,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         f"fine-tuned {model.label} on {entry['corrected_voxels']} corrected voxels of "
         f"{exam.name}: {result.steps} steps in {result.seconds:.0f} s ({args.mode})"
     )
-    print(
-        f"saved {folder.parent.name}@{folder.name} in {folder}; "
-        f"use it with --model {args.name}"
-    )
+    print(f"saved {folder.parent.name}@{folder.name} in {folder}; use it with --model {args.name}")
     return 0
 
 

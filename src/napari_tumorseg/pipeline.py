@@ -12,8 +12,9 @@ import numpy as np
 
 from ._sample_data import sample_exam_dir
 from .core.errors import TumorSegError
-from .core.inference import SegmentationResult, exam_to_channels, run_to_end, segment
+from .core.inference import SegmentationResult, exam_to_channels, segment
 from .core.io import SEQUENCES, Exam, read_exam, write_labels, write_volume
+from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from .core.models import load_model
 from .core.volume import Volume

@@ -13,8 +13,8 @@ from napari_tumorseg.core.finetune import (
     finetune_and_save,
     load_replay,
 )
-from napari_tumorseg.core.inference import run_to_end
 from napari_tumorseg.core.io import read_exam
+from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.models import load_model, user_models_dir
 
 from ..conftest import BRATS, make_tiny_model

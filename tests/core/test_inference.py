@@ -16,7 +16,6 @@ from napari_tumorseg.core.inference import (
     gaussian_importance,
     plan_windows,
     probabilities_to_labels,
-    run_to_end,
     segment,
     select_device,
     slice_inference,
@@ -24,6 +23,7 @@ from napari_tumorseg.core.inference import (
     window_starts,
 )
 from napari_tumorseg.core.io import SEQUENCES, Exam, read_exam
+from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.models import TumorModel
 from napari_tumorseg.core.unet import UNet
 from napari_tumorseg.core.volume import Volume

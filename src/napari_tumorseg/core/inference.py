@@ -36,7 +36,6 @@ import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -1011,15 +1010,3 @@ def segment(
 
 def _preview(to_input: _ModelToInput, window: Box, current: Callable[[Box], np.ndarray]):
     return to_input(window, current(window))
-
-
-def run_to_end(generator: Generator[Any, None, Any], on_event: Callable | None = None) -> Any:
-    """Run a long-job generator (inference, registration, fine-tuning) synchronously and return
-    its result; ``on_event`` sees every yielded progress event (tests, CLI, scripts)."""
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        if on_event is not None:
-            on_event(event)

@@ -25,7 +25,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import SimpleITK as sitk
 
 from .errors import TumorSegError
 from .io import SEQUENCES, is_nifti_path, read_volume, write_volume
+from .jobs import map_events, run_to_end
 from .volume import Volume
 
 __all__ = [
@@ -740,18 +741,9 @@ def _registration_error(exc: BaseException, moving: Volume, fixed: Volume) -> Ba
 
 def register(fixed: Volume, moving: Volume, **kwargs) -> RegistrationResult:
     """`register_to_reference` run to the end without progress; returns its result."""
-    return _exhaust(register_to_reference(fixed, moving, **kwargs))
+    return run_to_end(register_to_reference(fixed, moving, **kwargs))
 
 
-def _exhaust(generator: Generator):
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
-
-
-# ============================================================================ exams
 def stack_sequences(
     scans: dict[str, Volume],
     reference: str | None = None,
@@ -821,30 +813,17 @@ def stack_sequences(
                 initialisation="identity",
             )
         else:
-            results[seq] = yield from _relabel(
+            results[seq] = yield from map_events(
                 register_to_reference(fixed, scan, transform, output=grid, **kwargs),
-                sequence=seq,
-                step=step,
-                steps=len(present),
+                lambda event, seq=seq, step=step: replace(
+                    event, sequence=seq, step=step, steps=len(present)
+                ),
             )
         if results[seq].warning:
             warnings.append(results[seq].warning)
     array = np.stack([results[seq].moved.array.astype(np.float32, copy=False) for seq in present])
     volume = grid.with_array(array, name="exam", channels=tuple(present))
     return StackResult(volume=volume, reference=reference, results=results, warnings=warnings)
-
-
-def _relabel(generator: Generator, **changes) -> Iterator:
-    """Re-yield a progress generator's events with some fields replaced; return its value."""
-    try:
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                return stop.value
-            yield replace(event, **changes)
-    finally:
-        generator.close()
 
 
 # ============================================================================ files

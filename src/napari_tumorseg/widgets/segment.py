@@ -24,6 +24,7 @@ from ..core.errors import TumorSegError
 from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import exam_to_channels, segment
 from ..core.io import REGIONS, SEQUENCES, Exam, case_name
+from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
 from ._pickers import SequencePickers
@@ -43,21 +44,16 @@ def with_previews(generator, interval: float = REDRAW_INTERVAL):
     """Pair each progress event of `segment` with a preview of the windows just computed,
     at most every ``interval`` seconds, computed here -- in the worker thread -- so the main
     thread only copies arrays. Yields ``(event, (box, values) or None)``."""
-    last = 0.0
-    try:
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                return stop.value
-            preview = None
-            now = time.perf_counter()
-            if event.preview is not None and (now - last >= interval or event.done == event.total):
-                last = now
-                preview = event.preview()
-            yield event, preview
-    finally:
-        generator.close()
+    last = [0.0]
+
+    def pair(event):
+        now = time.perf_counter()
+        if event.preview is None or (now - last[0] < interval and event.done != event.total):
+            return event, None
+        last[0] = now
+        return event, event.preview()
+
+    return map_events(generator, pair)
 
 
 class SegmentWidget(QWidget):
