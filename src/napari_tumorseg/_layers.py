@@ -16,9 +16,6 @@ from .core.volume import SourceGeometry, Volume
 
 META_KEY = "tumorseg"
 
-#: A radiologist's default look for each sequence when several are shown together.
-_SEQUENCE_COLORMAP = {"t1": "gray", "t1ce": "gray", "t2": "gray", "flair": "gray"}
-
 
 def geometry_metadata(volume: Volume, **extra) -> dict:
     """The ``metadata`` entry that lets the writer restore ``volume``'s geometry."""
@@ -92,7 +89,7 @@ def scan_layer_data(volume: Volume, name: str | None = None, **kwargs) -> tuple:
     """napari layer-data tuple for a scan (image layer)."""
     layer_kwargs = {
         "name": name or volume.name,
-        "colormap": _SEQUENCE_COLORMAP.get(volume.name, "gray"),
+        "colormap": "gray",
         "contrast_limits": contrast_limits(volume.array),
         "metadata": geometry_metadata(volume),
         **volume.layer_transform(),

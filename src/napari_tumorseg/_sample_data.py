@@ -7,13 +7,6 @@ from pathlib import Path
 
 from ._reader import read_layers
 
-# (folder under sample_data/, what it is) for each sample.
-SAMPLES = {
-    "brats2018": "BraTS 2018 glioma Brats18_TCIA01_378_1: 4 sequences and expert labels",
-    "tcga_raw": "TCGA-FG-6692 raw clinical exam: 4 unregistered sequences as scanned",
-    "brats2023": "BraTS 2023 glioma BraTS-GLI-00001-000: 4 sequences, no labels",
-}
-
 
 def sample_data_dir() -> Path:
     """The sample_data folder: inside the installed package, or at the repository root."""
@@ -24,7 +17,7 @@ def sample_data_dir() -> Path:
 
 
 def sample_exam_dir(name: str) -> Path:
-    """Folder of one sample exam (a key of `SAMPLES`)."""
+    """Folder of one sample exam: ``brats2018``, ``tcga_raw`` or ``brats2023``."""
     return sample_data_dir() / name
 
 

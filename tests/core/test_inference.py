@@ -52,11 +52,8 @@ class LogitIdentity(nn.Module):
 
 def _drain(generator):
     events = []
-    while True:
-        try:
-            events.append(next(generator))
-        except StopIteration as stop:
-            return events, stop.value
+    result = run_to_end(generator, events.append)
+    return events, result
 
 
 def _tiny_unet(spatial_dims, seed=0):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import SimpleITK as sitk
 
 from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.io import SEQUENCES, read_exam, read_volume, write_volume
+from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.registration import (
     RegistrationProgress,
     reference_grid,
@@ -30,9 +30,9 @@ from napari_tumorseg.core.registration import (
 )
 from napari_tumorseg.core.volume import Volume
 
-SAMPLES = Path(__file__).resolve().parents[2] / "sample_data"
-BRATS = SAMPLES / "brats2018"
-TCGA = SAMPLES / "tcga_raw"
+from ..conftest import BRATS, TCGA_RAW
+
+TCGA = TCGA_RAW
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,8 @@ def _head_dice(fixed: Volume, moving: Volume, transform) -> float:
 
 def _drain(generator):
     events = []
-    while True:
-        try:
-            events.append(next(generator))
-        except StopIteration as stop:
-            return stop.value, events
+    result = run_to_end(generator, events.append)
+    return result, events
 
 
 # --------------------------------------------------------------------------- accuracy
