@@ -28,9 +28,15 @@ from evaluate_models import validate  # noqa: E402
 
 from napari_tumorseg.core.augment import JointAugment
 from napari_tumorseg.core.io import SEQUENCES
-from napari_tumorseg.core.models import TumorModel, save_model
+from napari_tumorseg.core.models import TumorModel, load_model, save_model
 from napari_tumorseg.core.preprocess import MISSING_POLICY, NORMALIZATION
-from napari_tumorseg.core.training import PatchSampler, build_cache, cosine_lr, train_steps
+from napari_tumorseg.core.training import (
+    PatchSampler,
+    build_cache,
+    cosine_lr,
+    cpu_bf16_is_fast,
+    train_steps,
+)
 from napari_tumorseg.core.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    p.add_argument("--init", default=None, help="model to start from (warm start), e.g. 3d")
+    p.add_argument(
+        "--intensity",
+        default="",
+        help="intensity augmentation strengths, e.g. scale=0.25,shift=0.25,gamma=0.5",
+    )
+    p.add_argument("--p-drop-other", type=float, default=0.1, help="t1/t2 dropout chance")
     args = p.parse_args(argv)
     if args.patch is None:
         args.patch = 64 if args.dims == 3 else 128
@@ -102,10 +115,23 @@ def main(argv=None) -> int:
     train = [e for e in exams if e.name not in validation]
     log(f"training on {len(train)} exams: {[e.name for e in train]}; validation {validation}")
     patch = (args.patch,) * args.dims
-    sampler = PatchSampler(train, patch, batch_size=args.batch, seed=args.seed)
+
+    def make_sampler(seed: int) -> PatchSampler:
+        return PatchSampler(
+            train, patch, batch_size=args.batch, p_drop_other=args.p_drop_other, seed=seed
+        )
+
+    sampler = make_sampler(args.seed)
     network = UNet(args.dims, features=features, norm="instance")
+    init_training = None
+    if args.init is not None:
+        parent = load_model(args.init)
+        network.load_state_dict(parent.network.state_dict())
+        init_training = {k: parent.card["training"].get(k) for k in ("steps", "minutes", "config")}
+        log(f"warm start from {args.init} ({init_training['steps']} steps)")
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-5)
-    augment = JointAugment(p_affine=0.25, p_elastic=0.0, seed=args.seed)
+    intensity = {k: float(v) for k, v in (kv.split("=") for kv in args.intensity.split(",") if kv)}
+    augment = JointAugment(p_affine=0.25, p_elastic=0.0, intensity=intensity, seed=args.seed)
 
     state_path = run_dir / "state.json"
     state = {"step": 0, "elapsed": 0.0, "losses": []}
@@ -113,7 +139,7 @@ def main(argv=None) -> int:
         state = json.loads(state_path.read_text())
         network.load_state_dict(load_file(str(run_dir / "weights.safetensors")))
         optimizer.load_state_dict(torch.load(run_dir / "optimizer.pt", weights_only=True))
-        sampler = PatchSampler(train, patch, batch_size=args.batch, seed=args.seed + state["step"])
+        sampler = make_sampler(args.seed + state["step"])
         log(f"resumed at step {state['step']} after {state['elapsed'] / 60:.1f} min")
 
     budget = args.minutes * 60
@@ -187,10 +213,14 @@ def main(argv=None) -> int:
             "hardware": f"{platform.processor() or platform.machine()}, "
             f"{args.threads} threads, {args.device}",
             "torch": torch.__version__,
+            "precision": "bfloat16 autocast"
+            if args.device == "cpu" and cpu_bf16_is_fast()
+            else "float32",
             "seed": args.seed,
             "config": config,
             "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
             "loss_curve": state["losses"],
+            "warm_start": init_training,
         },
         "citations": CITATIONS,
     }

@@ -8,7 +8,7 @@ scan, nearest neighbour for the mask); intensity transforms touch the scan only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,7 @@ class JointAugment:
     """The training augmentation: each transform applied to a whole batch with a probability.
 
     Call it with ``(image, mask)`` of shapes (B, C, *S) and (B, K, *S); returns both augmented.
+    ``intensity`` overrides `random_intensity`'s strengths (e.g. ``{"gamma": 0.5}``).
     """
 
     p_flip: float = 0.5
@@ -154,6 +155,7 @@ class JointAugment:
     p_affine: float = 0.3
     p_elastic: float = 0.0
     p_intensity: float = 0.8
+    intensity: dict = field(default_factory=dict)
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -175,5 +177,5 @@ class JointAugment:
         if self.p_flip > 0:
             image, mask = random_flip(image, mask, g, self.p_flip)
         if self._chance(self.p_intensity):
-            image = random_intensity(image, g)
+            image = random_intensity(image, g, **self.intensity)
         return image, mask
