@@ -18,9 +18,9 @@ from qtpy.QtWidgets import QApplication
 PLUGIN = "napari-tumorseg"
 
 
-def _wait(worker, app) -> None:
+def _wait(signal, app) -> None:
     done = []
-    worker.finished.connect(lambda: done.append(1))
+    signal.connect(lambda *args: done.append(1))
     while not done:
         app.processEvents()
 
@@ -40,7 +40,7 @@ def main() -> None:
     _, register = viewer.window.add_plugin_dock_widget(PLUGIN, "Register sequences")
     viewer.dims.set_point(0, viewer.layers["t1ce (raw)"].data_to_world((13, 0, 0))[0])
     viewer.screenshot(path=str(args.out / "register_before.png"), canvas_only=False)
-    _wait(register.run(), app)
+    _wait(register.run().finished, app)
     for layer in viewer.layers:
         layer.visible = False
     for name, colormap in (("t1ce (registered)", "magenta"), ("flair (registered)", "green")):
@@ -74,7 +74,7 @@ def main() -> None:
             shots.append(1)
 
     worker.yielded.connect(grab)
-    _wait(worker, app)
+    _wait(segment.segmented, app)
     for name in ("WT probability", "TC probability", "ET probability"):
         viewer.layers[name].visible = False
     measure = docks["Tumour volumes"]

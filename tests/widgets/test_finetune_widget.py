@@ -25,8 +25,8 @@ def corrected_dock(make_napari_viewer, tiny_model, qtbot):
     viewer.open(str(BRATS), plugin="napari-tumorseg")
     widget = SegmentWidget(viewer)
     widget.refresh_models(select=tiny_model)
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=300_000):
+    widget.run()
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
     labels = widget.labels_layer
     expert = viewer.layers["Brats18_TCIA01_378_1 labels"].data

@@ -38,7 +38,7 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
         )
     )
     timer.start()
-    with qtbot.waitSignal(worker.finished, timeout=300_000):
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
     timer.stop()
     # The probability layers existed while the windows were computed ...
@@ -62,7 +62,7 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
     labels.data_setitem((np.array([80]), np.array([120]), np.array([120])), 4)
     edited_before = labels.data.copy()
     worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=300_000):
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
     assert widget.labels_layer is not labels
     np.testing.assert_array_equal(labels.data, edited_before)
@@ -82,8 +82,8 @@ def test_cancel_leaves_layers_as_they_were(segment_dock, qtbot):
 
 def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     viewer, widget = segment_dock
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=300_000):
+    widget.run()
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
     labels = widget.labels_layer
     answers = []

@@ -7,13 +7,36 @@ stays responsive. Layers are only touched in the callbacks, which run on the mai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
 
 from ..core.errors import TumorSegError
+
+
+#: Milliseconds between two steps of `run_in_turns`: time for the viewer to paint and take input.
+TURN_MS = 15
+
+
+def run_in_turns(steps: Iterable[Callable[[], object]]) -> None:
+    """Call ``steps`` on the main thread, one per turn of the event loop, ``TURN_MS`` apart.
+
+    Adding a napari layer stalls the viewer (100-300 ms measured on 2 cores with software
+    rendering); adding four in one callback stalls it four times as long. One step per turn
+    lets the viewer repaint and handle input in between.
+    """
+    pending = list(steps)
+
+    def next_step() -> None:
+        if pending:
+            pending.pop(0)()
+        if pending:
+            QTimer.singleShot(TURN_MS, next_step)
+
+    QTimer.singleShot(0, next_step)
 
 
 class Runner:
@@ -47,8 +70,13 @@ class Runner:
         on_cancel: Callable[[], None] | None = None,
         on_fail: Callable[[], None] | None = None,
         total: int = 100,
+        prepare: Iterable[Callable[[], object]] = (),
     ):
-        """Run ``generator`` in a worker thread; callbacks run on the main thread."""
+        """Run ``generator`` in a worker thread; callbacks run on the main thread.
+
+        ``prepare`` steps (e.g. adding the layers the job fills) run first, one per event-loop
+        turn (`run_in_turns`); the worker starts after the last one.
+        """
         if self.worker is not None:
             raise RuntimeError("a job is already running")
         self._generator = generator
@@ -66,7 +94,7 @@ class Runner:
         worker.finished.connect(self._finished)
         self.worker = worker
         self.on_start_stop(True)
-        worker.start()
+        run_in_turns([*prepare, worker.start])
         return worker
 
     def set_progress(self, done: int, total: int | None = None, text: str | None = None) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -28,7 +30,7 @@ from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
 from ._pickers import SequencePickers
-from ._runner import Runner
+from ._runner import Runner, run_in_turns
 
 #: Colour of each region's probability layer (the label colours of its main label).
 REGION_COLORMAPS = {"WT": "green", "TC": "red", "ET": "yellow"}
@@ -58,7 +60,10 @@ def with_previews(generator, interval: float = REDRAW_INTERVAL):
 
 class SegmentWidget(QWidget):
     """Pick the sequences and a model; Run fills WT/TC/ET probability layers live, then adds an
-    editable BraTS labels layer."""
+    editable BraTS labels layer and emits ``segmented`` with it."""
+
+    #: Emitted with the new labels layer once a run's layers are all in place.
+    segmented = Signal(object)
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
@@ -157,7 +162,7 @@ class SegmentWidget(QWidget):
             show_warning(f"Segment tumour: {exc}")
             self.status.setText(str(exc))
             return None
-        self._prob_layers = self._add_probability_layers(channels)
+        self._prob_layers = {}
         self._last_redraw = 0.0
         missing = [s for s in SEQUENCES if s not in channels.channels]
         note = f" (missing: {', '.join(missing)})" if missing else ""
@@ -180,23 +185,22 @@ class SegmentWidget(QWidget):
             on_return=self._on_done,
             on_cancel=self._discard_probability_layers,
             on_fail=self._discard_probability_layers,
+            # One layer per event-loop turn (each add stalls the viewer); then the worker starts.
+            prepare=[partial(self._add_probability_layer, channels, r) for r in REGIONS],
         )
 
-    def _add_probability_layers(self, channels) -> dict:
+    def _add_probability_layer(self, channels, region: str) -> None:
         grid = channels.with_array(channels.array[0], channels=())  # geometry only, no copy
-        layers = {}
-        for region in REGIONS:
-            layers[region] = self.viewer.add_image(
-                np.zeros(channels.spatial_shape, np.float32),
-                name=f"{probability_layer_name(region)} (running)",
-                colormap=REGION_COLORMAPS[region],
-                blending="additive",
-                opacity=0.6,
-                contrast_limits=(0.0, 1.0),
-                metadata=geometry_metadata(grid, region=region),
-                **grid.layer_transform(),
-            )
-        return layers
+        self._prob_layers[region] = self.viewer.add_image(
+            np.zeros(channels.spatial_shape, np.float32),
+            name=f"{probability_layer_name(region)} (running)",
+            colormap=REGION_COLORMAPS[region],
+            blending="additive",
+            opacity=0.6,
+            contrast_limits=(0.0, 1.0),
+            metadata=geometry_metadata(grid, region=region),
+            **grid.layer_transform(),
+        )
 
     def _discard_probability_layers(self) -> None:
         for layer in self._prob_layers.values():
@@ -225,28 +229,39 @@ class SegmentWidget(QWidget):
 
     def _on_done(self, result) -> None:
         self.result = result
-        # The previous run's probability maps make way for this run's.
-        for region, layer in self._prob_layers.items():
-            name = probability_layer_name(region)
-            if name in self.viewer.layers:
-                self.viewer.layers.remove(name)
-            layer.data = result.probabilities.array[list(REGIONS).index(region)]
-            layer.name = name
-        name = f"{self._channels.name} segmentation"
-        data, kwargs, _ = labels_layer_data(result.labels, name=name)
+        layers, self._prob_layers = self._prob_layers, {}
+        steps = []
+        for region, layer in layers.items():
+            steps += [
+                # The previous run's probability map makes way for this run's.
+                partial(self._remove_layer, probability_layer_name(region)),
+                partial(self._finish_probability_layer, layer, region, result),
+            ]
+        steps.append(partial(self._add_labels_layer, result, self._channels.name, self._model))
+        run_in_turns(steps)
+
+    def _remove_layer(self, name: str) -> None:
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+
+    def _finish_probability_layer(self, layer, region: str, result) -> None:
+        layer.data = result.probabilities.array[list(REGIONS).index(region)]
+        layer.name = probability_layer_name(region)
+
+    def _add_labels_layer(self, result, exam_name: str, model) -> None:
+        data, kwargs, _ = labels_layer_data(result.labels, name=f"{exam_name} segmentation")
         # Remember what the model said, so edits (the user's corrections) can be told apart.
         kwargs["metadata"][META_KEY].update(
-            model=self._model.label,
+            model=model.label,
             model_labels=result.labels.array.copy(),
             sequences=list(result.used_sequences),
         )
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
         # overwritten.
         self.labels_layer = self.viewer.add_labels(data, **kwargs)
-        self._prob_layers = {}
         missing = list(result.missing_sequences)
         text = (
-            f"done in {result.seconds:.1f} s with {self._model.label}; "
+            f"done in {result.seconds:.1f} s with {model.label}; "
             f"based on {', '.join(result.used_sequences)}"
         )
         if missing:
@@ -256,6 +271,7 @@ class SegmentWidget(QWidget):
         if self._after_finetune is not None:
             self._show_changes(self._after_finetune, result.labels.array)
             self._after_finetune = None
+        self.segmented.emit(self.labels_layer)
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self):
