@@ -11,6 +11,7 @@ from napari_tumorseg.core.finetune import (
     correction_weights,
     finetune,
     finetune_and_save,
+    interpolate_weights,
     load_replay,
 )
 from napari_tumorseg.core.io import read_exam
@@ -52,6 +53,20 @@ def test_correction_weights_favour_corrected_slices():
     weights = correction_weights(edited, edited.shape, uncorrected=0.1)
     assert (weights[2] == 1).all() and (weights[[0, 1, 3, 4]] == pytest.approx(0.1))
     assert (correction_weights(None, (2, 2, 2)) == 1).all()
+
+
+def test_interpolate_weights_blends_towards_the_parent():
+    import torch
+
+    network = torch.nn.Conv3d(2, 3, 3)
+    tuned = {k: v.detach().clone() for k, v in network.named_parameters()}
+    parent = {k: torch.randn_like(v) for k, v in tuned.items()}
+    interpolate_weights(network, parent, 0.25)
+    for name, p in network.named_parameters():
+        torch.testing.assert_close(p.detach(), 0.25 * tuned[name] + 0.75 * parent[name])
+    interpolate_weights(network, parent, 0.0)
+    for name, p in network.named_parameters():
+        torch.testing.assert_close(p.detach(), parent[name])
 
 
 def test_change_summary_counts_and_scores_uncorrected_slices():

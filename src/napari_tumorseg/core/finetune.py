@@ -8,8 +8,10 @@ training code, and yields progress between steps. Two outcomes:
 
 - ``mode="adapt"``: the strongest fit to this exam, to re-segment it;
 - ``mode="keep"``: a version meant for the next exams -- a lower learning rate, L2-SP
-  regularisation towards the parent weights (Li et al., ICML 2018) and replay of the user's
-  earlier corrected exams, so what the corrections teach carries over without forgetting.
+  regularisation towards the parent weights (Li et al., ICML 2018), replay of the user's
+  earlier corrected exams, and at the end the weights interpolated between the parent and the
+  fine-tuned network (WiSE-FT, Wortsman et al., CVPR 2022), so what the corrections teach
+  carries over without forgetting.
 
 Nothing is written here: the caller saves the returned network (atomically, `models`) only when
 the generator finished, so a cancelled or failed fine-tune leaves every model file as it was.
@@ -38,9 +40,10 @@ from .training import CachedExam, cache_exam, cosine_lr, crop_padded, train_step
 UNCORRECTED_WEIGHT = 0.1
 
 MODES = {
-    # lr, L2-SP strength, share of batches replayed from earlier corrected exams
-    "adapt": {"lr": 3e-4, "l2sp": 0.0, "replay": 0.0},
-    "keep": {"lr": 1e-4, "l2sp": 1e-2, "replay": 0.5},
+    # lr, L2-SP strength, share of batches replayed from earlier corrected exams, and the
+    # share of the fine-tuned weights kept when interpolating back towards the parent's
+    "adapt": {"lr": 3e-4, "l2sp": 0.0, "replay": 0.0, "interpolate": 1.0},
+    "keep": {"lr": 1e-4, "l2sp": 1e-2, "replay": 0.5, "interpolate": 0.5},
 }
 
 
@@ -161,6 +164,16 @@ def l2sp(network: torch.nn.Module, parent: dict[str, torch.Tensor], alpha: float
     return penalty
 
 
+def interpolate_weights(
+    network: torch.nn.Module, parent: dict[str, torch.Tensor], alpha: float
+) -> None:
+    """Set every parameter to ``alpha`` x its fine-tuned value + (1 - ``alpha``) x the parent's
+    (in place; WiSE-FT). ``alpha`` = 1 keeps the fine-tuned network, 0 restores the parent."""
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            p.lerp_(parent[name].to(p.device), 1.0 - alpha)
+
+
 def finetune(
     model: TumorModel,
     exam: Exam,
@@ -256,6 +269,8 @@ def finetune(
         losses.append(progress.loss)
         last = progress.step
         yield FinetuneProgress(progress.step, progress.loss, progress.elapsed, seconds, steps)
+    if settings["interpolate"] < 1.0:
+        interpolate_weights(network, parent, settings["interpolate"])
     network.eval().cpu()
     elapsed = time.perf_counter() - started
     n_edited = int(edited.sum()) if edited is not None else int(labels.size)
