@@ -197,6 +197,7 @@ def main(argv=None) -> int:
         "channels": list(SEQUENCES),
         "regions": ["WT", "TC", "ET"],
         "patch_size": list(patch),
+        "train_patch_size": list(patch),
         "spacing_mm": spacing,
         "normalization": NORMALIZATION,
         "missing_policy": MISSING_POLICY,

@@ -226,7 +226,8 @@ def finetune(
     if card["spatial_dims"] == 2:
         spacing = [float(reference.spacing[0]), *spacing[1:]]
     corrections = prepare_corrections(exam, labels, edited, spacing)
-    patch = tuple(card["patch_size"])
+    # Train on patches of the size the model was trained on (the inference window can be larger).
+    patch = tuple(card.get("train_patch_size", card["patch_size"]))
     batch_size = batch_size or (2 if card["spatial_dims"] == 3 else 8)
     sampler = _CorrectionSampler(
         corrections,
