@@ -83,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="intensity augmentation strengths, e.g. scale=0.25,shift=0.25,gamma=0.5",
     )
     p.add_argument("--p-drop-other", type=float, default=0.1, help="t1/t2 dropout chance")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="inference window edge stored in the card (default: the training patch)",
+    )
     args = p.parse_args(argv)
     if args.patch is None:
         args.patch = 64 if args.dims == 3 else 128
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
         "spatial_dims": args.dims,
         "channels": list(SEQUENCES),
         "regions": ["WT", "TC", "ET"],
-        "patch_size": list(patch),
+        "patch_size": [args.window] * args.dims if args.window else list(patch),
         "train_patch_size": list(patch),
         "spacing_mm": spacing,
         "normalization": NORMALIZATION,
