@@ -16,7 +16,6 @@ from qtpy.QtCore import QTimer
 
 from ..core.errors import TumorSegError
 
-
 #: Milliseconds between two steps of `run_in_turns`: time for the viewer to paint and take input.
 TURN_MS = 15
 
