@@ -34,8 +34,8 @@ from napari_tumorseg.core.training import (
     PatchSampler,
     build_cache,
     cosine_lr,
-    cpu_bf16_is_fast,
     train_steps,
+    uses_bf16,
 )
 from napari_tumorseg.core.unet import UNet
 
@@ -220,9 +220,7 @@ def main(argv=None) -> int:
             "hardware": f"{platform.processor() or platform.machine()}, "
             f"{args.threads} threads, {args.device}",
             "torch": torch.__version__,
-            "precision": "bfloat16 autocast"
-            if args.device == "cpu" and cpu_bf16_is_fast()
-            else "float32",
+            "precision": "bfloat16 autocast" if uses_bf16(args.device) else "float32",
             "seed": args.seed,
             "config": config,
             "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),

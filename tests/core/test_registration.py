@@ -32,8 +32,6 @@ from napari_tumorseg.core.volume import Volume
 
 from ..conftest import BRATS, TCGA_RAW
 
-TCGA = TCGA_RAW
-
 
 @pytest.fixture(scope="module")
 def brats():
@@ -42,7 +40,7 @@ def brats():
 
 @pytest.fixture(scope="module")
 def tcga():
-    return read_exam(TCGA)
+    return read_exam(TCGA_RAW)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -218,6 +218,12 @@ def cpu_bf16_is_fast() -> bool:
         return False
 
 
+def uses_bf16(device: torch.device | str) -> bool:
+    """Whether `train_steps` runs the forward pass under bfloat16 autocast by default on
+    ``device``: on CPUs with native bfloat16 only."""
+    return torch.device(device).type == "cpu" and cpu_bf16_is_fast()
+
+
 def train_steps(
     network: torch.nn.Module,
     batches: Iterator,
@@ -242,8 +248,7 @@ def train_steps(
     between steps when the consumer stops iterating. Returns the number of the last step done.
     """
     device = torch.device(device)
-    if bf16 is None:
-        bf16 = device.type == "cpu" and cpu_bf16_is_fast()
+    bf16 = uses_bf16(device) if bf16 is None else bf16
     network.to(device).train()
     started = time.perf_counter()
     step = start_step
