@@ -56,9 +56,11 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
 def test_segment_case_folder_writes_in_the_scan_geometry(tmp_path, tiny_model):
     out, prob = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
     result = _run(
-        "segment", BRATS, "--out", out, "--prob", prob, "--model", tiny_model, "--overlap", "0.25"
+        *("segment", BRATS, "--out", out, "--prob", prob, "--model", tiny_model),
+        *("--overlap", "0.25", "--precision", "float32"),
     )
     assert result.returncode == 0, result.stderr
+    assert "on cpu (float32)" in result.stderr
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
     seg, p = nib.load(str(out)), nib.load(str(prob))
     assert seg.shape == t1.shape and p.shape == (*t1.shape, 3)

@@ -101,6 +101,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         device=args.device,
         overlap=args.overlap,
         tta=args.tta,
+        precision=args.precision,
         register=args.register,
         reference=args.reference,
         log=lambda m: print(m, file=sys.stderr),
@@ -238,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     seg.add_argument("--overlap", type=float, default=0.5, help="window overlap (3D models)")
     seg.add_argument("--tta", action="store_true", help="test-time mirroring")
+    seg.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "float32"),
+        help="auto: mixed precision where the device has it natively (float16 on CUDA, "
+        "bfloat16 on CPUs with AVX512-BF16/AMX); float32: full precision everywhere",
+    )
     seg.add_argument(
         "--register",
         action="store_true",

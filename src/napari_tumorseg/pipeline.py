@@ -115,6 +115,7 @@ def segment_exam(
     register: bool = False,
     reference: str | None = None,
     log: Callable[[str], None] = print,
+    precision: str = "auto",
 ) -> tuple[SegmentationResult, list[Path]]:
     """Segment one exam and write the label map (and probabilities) in the reference geometry."""
     channels = prepare_exam(exam, register=register, reference=reference, log=log)
@@ -133,13 +134,16 @@ def segment_exam(
             log(f"  {event.done}/{event.total} windows" if event.total else "  ...")
 
     result = run_to_end(
-        segment(channels, tumour_model, device=device, overlap=overlap, tta=tta), report
+        segment(
+            channels, tumour_model, device=device, overlap=overlap, tta=tta, precision=precision
+        ),
+        report,
     )
     like = exam.reference
     written = [write_labels(out, result.labels.array, like)]
     if prob_out is not None:
         written.append(write_volume(prob_out, result.probabilities.array, like))
-    log(f"done in {result.seconds:.1f} s on {result.device}")
+    log(f"done in {result.seconds:.1f} s on {result.device} ({result.precision})")
     return result, written
 
 

@@ -160,7 +160,9 @@ def test_identity_network_reproduces_the_input(mode, tta):
 def test_matches_monai_sliding_window(spatial_dims, shape, patch, overlap):
     network = _tiny_unet(spatial_dims)
     image = _random_image((4, *shape), seed=1)
-    _, ours = _drain(sliding_window(network, image, patch, overlap=overlap, batch_size=3))
+    _, ours = _drain(
+        sliding_window(network, image, patch, overlap=overlap, batch_size=3, precision="float32")
+    )
     with torch.inference_mode():
         theirs = sliding_window_inference(
             torch.from_numpy(image)[None], patch, 3, network, overlap=overlap, mode="gaussian"
@@ -227,6 +229,53 @@ def test_closing_the_generator_stops_between_batches(mode):
     assert calls == 1 and network.calls == 1
     with pytest.raises(StopIteration):
         next(engine)
+
+
+class _RecordsDtype(torch.nn.Module):
+    """A 1x1 convolution that records the dtype its output had under autocast."""
+
+    def __init__(self, spatial_dims: int):
+        super().__init__()
+        conv = torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d
+        self.conv = conv(4, 3, 1)
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.seen.append(y.dtype)
+        return y
+
+
+@pytest.mark.parametrize("mode", ["3d", "2d"])
+def test_cpu_mixed_precision_only_where_the_cpu_has_bfloat16(monkeypatch, mode):
+    image = _random_image((4, 8, 16, 16))
+    results = {}
+    for native, precision in [(True, "auto"), (True, "float32"), (False, "auto")]:
+        monkeypatch.setattr(inference, "cpu_bf16_is_fast", lambda native=native: native)
+        network = _RecordsDtype(3 if mode == "3d" else 2)
+        torch.manual_seed(0)
+        network.conv.reset_parameters()
+        if mode == "3d":
+            engine = sliding_window(network, image, 8, precision=precision)
+        else:
+            engine = slice_inference(network, image, precision=precision)
+        _, results[native, precision] = _drain(engine)
+        expected = torch.bfloat16 if (native, precision) == (True, "auto") else torch.float32
+        assert set(network.seen) == {expected}
+    assert results[True, "auto"].dtype == np.float32  # blending stays float32
+    np.testing.assert_allclose(results[True, "auto"], results[True, "float32"], atol=2e-2)
+    assert not np.array_equal(results[True, "auto"], results[True, "float32"])
+    np.testing.assert_array_equal(results[False, "auto"], results[True, "float32"])
+
+
+def test_autocast_dtype_per_device_and_precision(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_bf16_is_fast", lambda: False)
+    assert inference.autocast_dtype(torch.device("cuda")) == torch.float16
+    assert inference.autocast_dtype(torch.device("cuda"), "float32") is None
+    assert inference.autocast_dtype(torch.device("cpu")) is None
+    assert inference.autocast_dtype(torch.device("mps")) is None
+    with pytest.raises(TumorSegError, match="unknown precision 'half'"):
+        inference.autocast_dtype(torch.device("cpu"), "half")
 
 
 class _OutOfMemoryOnMeta(LogitIdentity):

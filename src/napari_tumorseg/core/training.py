@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .inference import cpu_bf16_is_fast
 from .io import REGIONS, SEQUENCES, Exam, read_exam
 from .losses import dice_bce_loss
 from .preprocess import prepare, resample_array
@@ -206,16 +207,6 @@ def cosine_lr(
         return base * (step + 1) / warmup
     progress = min(max(progress, 0.0), 1.0)
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def cpu_bf16_is_fast() -> bool:
-    """Whether this CPU has native bfloat16 (AVX512-BF16 or AMX), where bf16 autocast speeds up
-    training. Without it (e.g. AVX2-only CPUs) oneDNN falls back to a path that was measured
-    60x slower than float32 for 3D convolutions, so training stays in float32 there."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def uses_bf16(device: torch.device | str) -> bool:

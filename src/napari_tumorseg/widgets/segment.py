@@ -261,7 +261,8 @@ class SegmentWidget(QWidget):
         self.labels_layer = self.viewer.add_labels(data, **kwargs)
         missing = list(result.missing_sequences)
         text = (
-            f"done in {result.seconds:.1f} s with {model.label}; "
+            f"done in {result.seconds:.1f} s with {model.label} on {result.device} "
+            f"({result.precision}); "
             f"based on {', '.join(result.used_sequences)}"
         )
         if missing:
