@@ -1,27 +1,30 @@
 """Our 3D/2D inference against MONAI's ``sliding_window_inference`` on the full BraTS sample exam.
 
-Run from the repository root (about 4 minutes on 2 CPU cores)::
+Run from the repository root (about 3 minutes on 2 CPU cores)::
 
     python benchmarks/bench_inference.py             # updates docs/BENCHMARKS.md (## Inference)
     python benchmarks/bench_inference.py --no-write  # prints the table only
 
-Every case runs in its own subprocess, so that its peak RSS (``ru_maxrss``) is its own. All cases
-use one network, ``UNet(3, features=(16, 32, 64, 128, 256))`` with seeded random weights, the
-same patch, overlap, Gaussian blending (sigma = patch / 8) and batch size, on
-``torch.set_num_threads(2)``:
+Every case runs in its own subprocess, so that its peak RSS (``ru_maxrss``) is its own. The 3D
+cases use one network (the bundled ``3d`` model by default, ``--weights random`` for a seeded
+random ``UNet(3, features=...)``), the same window (the model card's unless ``--patch``), overlap,
+Gaussian blending (sigma = patch / 8) and batch size, on ``torch.set_num_threads(2)``:
 
 - ``monai``: the MONAI user's way: the exam z-scored over the brain (zeros outside, the same
-  values as our model input) at full size (4 x 155 x 240 x 240), ``sliding_window_inference``,
-  sigmoid, `probabilities_to_labels`. Timed: inference + sigmoid + labels.
+  values as our model input), resampled to the model spacing, the whole volume through
+  ``sliding_window_inference`` in float32, sigmoid, back to 1 mm, `probabilities_to_labels`.
+  Timed: resampling + inference + sigmoid + labels.
 - ``ours``: `napari_tumorseg.core.inference.segment` end to end (brain mask, crop, z-score,
-  windows without brain skipped, map back on the full grid, labels). Timed: everything.
-- ``monai-crop``: MONAI on our cropped model input: shows that where both compute the same
-  windows the maps agree (max |p difference|, Dice 1.0).
-- ``ours-2d``: `segment` with a 2D model (same channel widths) slice by slice.
+  windows without brain skipped, map back on the full grid, labels) with its default precision
+  (bfloat16 autocast on CPUs with native bfloat16, else float32). Timed: everything.
+- ``ours-fp32``: the same with ``precision="float32"``.
+- ``monai-crop``: MONAI, float32, on our cropped model input: the same windows as ours, so it
+  separates what the window grid changes from what the arithmetic changes.
+- ``ours-2d``: `segment` with the bundled ``2d`` model (random weights with ``--weights
+  random``), slice by slice.
 
 Labels are compared with `core.metrics.evaluate_labels` (Dice per region). Our labels are 0
-outside the brain by design (``restrict_to_brain``); the "brain" Dice column applies the same brain
-mask to MONAI's labels, the "raw" column does not.
+outside the brain by design (``restrict_to_brain``), so MONAI's labels get the same brain mask.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ from _report import DOC, write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 EXAM = ROOT / "sample_data" / "brats2018"
 SECTION = "## Inference"
-CASES = ("monai", "ours", "monai-crop", "ours-2d")
+CASES = ("monai", "ours", "ours-fp32", "monai-crop", "ours-2d")
 FEATURES = (16, 32, 64, 128, 256)
-WEIGHTS = "random"
+WEIGHTS = "3d"
 
 
 # --------------------------------------------------------------------------- one case per process
@@ -94,7 +97,9 @@ def _spacing() -> list[float]:
 def _model(spatial_dims: int, patch: int):
     from napari_tumorseg.core.models import TumorModel, load_model
 
-    if spatial_dims == 3 and WEIGHTS != "random":
+    if WEIGHTS != "random":
+        if spatial_dims == 2:
+            return load_model("2d")
         model = load_model(WEIGHTS)
         model.card = {**model.card, "patch_size": [patch] * 3}
         return model
@@ -165,8 +170,8 @@ def run_case(case: str, args, out: Path) -> dict:
         info["seconds"] = time.perf_counter() - start
         info["cpu_seconds"] = time.process_time() - cpu
         np.save(out / f"{case}_prob.npy", probabilities)
-    elif case in ("ours", "ours-2d"):
-        spatial_dims = 3 if case == "ours" else 2
+    elif case in ("ours", "ours-fp32", "ours-2d"):
+        spatial_dims = 2 if case == "ours-2d" else 3
         model = _model(spatial_dims, args.patch)
         start, cpu = time.perf_counter(), time.process_time()
         generator = segment(
@@ -175,6 +180,7 @@ def run_case(case: str, args, out: Path) -> dict:
             device="cpu",
             overlap=args.overlap,
             batch_size=args.batch_size if spatial_dims == 3 else None,
+            precision="float32" if case == "ours-fp32" else "auto",
         )
         events = 0
         while True:
@@ -188,12 +194,14 @@ def run_case(case: str, args, out: Path) -> dict:
         info["cpu_seconds"] = time.process_time() - cpu
         info["windows"] = event.total
         info["events"] = events
+        info["precision"] = result.precision
         labels = result.labels.array
-        if case == "ours":
+        if spatial_dims == 3:
             np.save(out / f"{case}_prob.npy", result.probabilities.array)
     else:
         raise SystemExit(f"unknown case {case}")
     np.save(out / f"{case}_labels.npy", labels)
+    info.setdefault("precision", "float32")
     info["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return info
 
@@ -243,15 +251,15 @@ def _fmt_dice(d: dict[str, float]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--patch", type=int, help="window edge (default: the model card's, or 96)")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--features", help="U-Net widths, e.g. 4,8 for a smoke test")
     parser.add_argument(
         "--weights",
-        default="random",
-        help="'random' (seeded) or a model name for load_model (its 3D network for MONAI and ours)",
+        default="3d",
+        help="a 3D model name for load_model (default 3d) or 'random' (seeded random weights)",
     )
     parser.add_argument("--quick", action="store_true", help="skip the MONAI-on-our-crop check")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
@@ -259,6 +267,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _set_network(args.features, args.weights)
+    if args.patch is None:
+        args.patch = 96
+        if args.weights != "random":
+            from napari_tumorseg.core.models import load_model
+
+            args.patch = int(load_model(args.weights).card["patch_size"][0])
 
     if args.case:  # child process
         info = run_case(args.case, args, args.tmp)
@@ -275,97 +289,85 @@ def main(argv=None) -> int:
         cases = [c for c in CASES if not (args.quick and c == "monai-crop")]
         infos = {case: _spawn(case, args, out) for case in cases}
         labels = {case: np.load(out / f"{case}_labels.npy") for case in cases}
+        differences = {}
         if "monai-crop" in cases:
-            ours, theirs = np.load(out / "ours_prob.npy"), np.load(out / "monai-crop_prob.npy")
-            diff = float(np.abs(ours - theirs).max())
-            del ours, theirs
+            theirs = np.load(out / "monai-crop_prob.npy")
+            for case in ("ours", "ours-fp32"):
+                differences[case] = float(np.abs(np.load(out / f"{case}_prob.npy") - theirs).max())
+            del theirs
     brain = brain_mask(exam_to_channels(read_exam(EXAM)).array)
-    monai_brain = labels["monai"] * brain
-    dice_raw = _dice(labels["ours"], labels["monai"])
-    dice_brain = _dice(labels["ours"], monai_brain)
-    dice_crop = _dice(labels["ours"], labels["monai-crop"]) if "monai-crop" in labels else None
+    labels["monai"] = labels["monai"] * brain
     load_after = os.getloadavg()[0]
 
-    base, base_cpu = infos["monai"]["seconds"], infos["monai"]["cpu_seconds"]
-    rows = [
-        (
-            "MONAI `sliding_window_inference`, full 155x240x240 volume",
-            infos["monai"],
-            "reference",
-            "reference",
-        ),
-        (
-            "ours: `segment` (crop to brain, skip windows without brain)",
-            infos["ours"],
-            _fmt_dice(dice_brain),
-            _fmt_dice(dice_raw),
-        ),
-    ]
-    if dice_crop is not None:
-        rows.append(
-            (
-                "MONAI on our cropped input (math check)",
-                infos["monai-crop"],
-                f"{_fmt_dice(dice_crop)} (vs ours; max abs p difference {diff:.1e})",
-                "-",
+    def row(name: str, case: str) -> str:
+        info = infos[case]
+        windows = f"{info['windows']} slices" if case == "ours-2d" else info["windows"]
+        full = same = "-"
+        if case in ("ours", "ours-fp32"):
+            full = _fmt_dice(_dice(labels[case], labels["monai"]))
+        if case in ("ours", "ours-fp32") and "monai-crop" in infos:
+            same = (
+                f"{_fmt_dice(_dice(labels[case], labels['monai-crop']))} "
+                f"(max abs p difference {differences[case]:.1e})"
             )
+        crop = infos.get("monai-crop")
+        speed_same = f"{crop['cpu_seconds'] / info['cpu_seconds']:.2f}x" if crop else "-"
+        return (
+            f"| {name} | {info['precision']} | {windows} | {info['cpu_seconds']:.1f} | "
+            f"{base_cpu / info['cpu_seconds']:.2f}x | {speed_same} | {info['seconds']:.1f} | "
+            f"{info['peak_rss_gb']:.2f} | {full} | {same} |"
         )
-    rows += [
-        ("ours 2D: `segment`, slice by slice (2D U-Net, same widths)", infos["ours-2d"], "-", "-"),
-    ]
+
+    base_cpu = infos["monai"]["cpu_seconds"]
+    shape = "x".join(map(str, labels["monai"].shape))
+    network = (
+        f"seeded random `UNet(3, features={FEATURES})`"
+        if args.weights == "random"
+        else f"the bundled `{args.weights}` model"
+    )
     lines = [
         SECTION,
         "",
         "Command (repository root, 2 CPU cores, no GPU):",
         "",
         "```",
-        f"python benchmarks/bench_inference.py --patch {args.patch} --overlap {args.overlap} "
-        f"--batch-size {args.batch_size} --threads {args.threads}"
-        + (f" --weights {args.weights}" if args.weights != "random" else "")
+        f"python benchmarks/bench_inference.py --weights {args.weights} --patch {args.patch} "
+        f"--overlap {args.overlap} --batch-size {args.batch_size} --threads {args.threads}"
         + (" --quick" if args.quick else ""),
         "```",
         "",
-        "Sample exam `sample_data/brats2018` (4 x 155 x 240 x 240, 1 mm). Network "
-        + (
-            f"`UNet(3, features={FEATURES})`, seeded random weights"
-            if args.weights == "random"
-            else f"model `{args.weights}` (3D cases)"
-        )
-        + f"; 2D case `UNet(2, features={FEATURES})`, seeded random weights; patch "
-        f"{args.patch}^3, overlap {args.overlap}, Gaussian blending (sigma = patch/8), "
-        f"batch {args.batch_size}, "
-        f"`torch.set_num_threads({args.threads})`, float32, CPU. Each case runs in its own "
-        "process; peak RSS is that process's `ru_maxrss` (Python, torch, the exam and all). "
-        f"Load average {load_before:.1f} before, {load_after:.1f} after: other work shares "
-        "the 2 cores, so wall-clock times swing with it; CPU seconds (`time.process_time()` of "
-        "the timed part, all threads) are the steadier measure and give the speed ratio.",
+        f"Sample exam `sample_data/brats2018` (4 x {shape}, 1 mm). 3D rows: {network} at "
+        f"{_spacing()[0]:g} mm, window {args.patch}^3, overlap {args.overlap}, Gaussian "
+        f"blending (sigma = patch/8), batch {args.batch_size}, "
+        f"`torch.set_num_threads({args.threads})`, CPU "
+        f"({platform.processor() or platform.machine()}; native bfloat16: "
+        f"{'yes' if _native_bf16() else 'no'}). Each case runs in its own process; peak RSS "
+        "is that process's `ru_maxrss` (Python, torch, the exam and all). CPU seconds "
+        "(`time.process_time()` of the timed part, all threads) give the speed ratios; load "
+        f"average {load_before:.1f} before, {load_after:.1f} after.",
         "",
-        "| case | windows | CPU s | speed vs MONAI (CPU) | wall s | speed vs MONAI (wall) | "
-        "peak RSS (GB) | Dice WT / TC / ET vs MONAI (brain) | Dice vs MONAI (raw) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | arithmetic | windows | CPU s | speed vs MONAI, whole volume | "
+        "speed vs MONAI, same windows | wall s | peak RSS (GB) | "
+        "Dice WT / TC / ET vs MONAI, whole volume | Dice WT / TC / ET vs MONAI, same windows |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        row("MONAI `sliding_window_inference`, whole volume", "monai"),
+        row("ours: `segment` (brain box, windows without brain skipped)", "ours"),
+        row('ours, `precision="float32"`', "ours-fp32"),
     ]
-    for name, info, d_brain, d_raw in rows:
-        windows = info.get("windows", "-")
-        if info["case"] == "ours-2d":
-            windows = f"{windows} slices"
-        lines.append(
-            f"| {name} | {windows} | {info['cpu_seconds']:.1f} | "
-            f"{base_cpu / info['cpu_seconds']:.2f}x | {info['seconds']:.1f} | "
-            f"{base / info['seconds']:.2f}x | {info['peak_rss_gb']:.2f} | {d_brain} | {d_raw} |"
-        )
+    if "monai-crop" in infos:
+        lines.append(row("MONAI on our cropped input (our windows)", "monai-crop"))
     lines += [
+        row("ours 2D: `segment`, slice by slice", "ours-2d"),
         "",
-        "- Same math: where both compute the same windows, our blend is MONAI's (window "
-        "positions, importance map, weighted mean; `tests/core/test_inference.py` checks "
-        "agreement within 1e-4). The speed-up is fewer FLOPs: the brain box "
-        f"({'x'.join(map(str, _brain_box_shape(brain)))} voxels + 2 margin) needs "
-        f"{infos['ours']['windows']} windows instead of {infos['monai']['windows']}.",
-        "- Dice (brain): our labels against MONAI's with the same brain mask applied (our "
-        "labels are 0 outside the brain by design). Raw: MONAI's labels as they come. A "
-        "window's output depends on everything the window sees (instance normalisation, "
-        "receptive field), so a different window grid (brain box vs full volume) changes the "
-        "labels of an untrained network, whose labels cover much of the head; on the same "
-        "windows (math check row) MONAI and we agree exactly.",
+        f"- Windows: the brain box ({'x'.join(map(str, _brain_box_shape(brain)))} voxels at "
+        f"1 mm) needs {infos['ours']['windows']} windows where the whole volume needs "
+        f"{infos['monai']['windows']}. A window's output depends on everything it sees "
+        "(instance normalisation, receptive field), so a different window grid changes some "
+        "labels even in float32 (the whole-volume Dice column); on the same windows our blend "
+        "is MONAI's (`tests/core/test_inference.py`: within 1e-4).",
+        "- Arithmetic: bfloat16 autocast (the bundled models' training precision) where the "
+        "CPU has native bfloat16; elsewhere `segment` runs float32 and the bfloat16 row "
+        "equals the float32 one.",
         "",
     ]
     table = "\n".join(lines)
@@ -375,6 +377,12 @@ def main(argv=None) -> int:
         print(f"updated {DOC}")
     print(f"({platform.processor() or platform.machine()}, python {platform.python_version()})")
     return 0
+
+
+def _native_bf16() -> bool:
+    from napari_tumorseg.core.inference import cpu_bf16_is_fast
+
+    return cpu_bf16_is_fast()
 
 
 def _brain_box_shape(mask: np.ndarray) -> tuple[int, ...]:
