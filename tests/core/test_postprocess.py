@@ -7,6 +7,7 @@ from napari_tumorseg.core.postprocess import (
     entropy_map,
     fill_holes,
     keep_largest_component,
+    relabel_small_enhancing,
     remove_small_islands,
     uncertain_slices,
 )
@@ -32,6 +33,19 @@ def test_remove_small_islands_by_volume(min_ml, kept_small):
     out = remove_small_islands(_two_blobs(), min_ml=min_ml, voxel_ml=0.001)
     assert bool(out[3, 23, 23] == 1) is kept_small
     assert out[10, 10, 10] == 4
+
+
+@pytest.mark.parametrize(("min_ml", "relabelled"), [(0.0, False), (0.064, False), (0.065, True)])
+def test_relabel_small_enhancing(min_ml, relabelled):
+    labels = _two_blobs()  # 64 enhancing voxels of 1 uL: 0.064 mL
+    out = relabel_small_enhancing(labels, min_ml, voxel_ml=0.001)
+    assert out is not labels and (labels == 4).sum() == 64  # input untouched
+    if relabelled:
+        assert not (out == 4).any()
+        np.testing.assert_array_equal(out[labels == 4], 1)
+        np.testing.assert_array_equal(out[labels != 4], labels[labels != 4])
+    else:
+        np.testing.assert_array_equal(out, labels)
 
 
 def test_fill_holes_in_the_core():
