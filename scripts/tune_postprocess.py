@@ -13,18 +13,18 @@ choose. With ``--drop t1ce`` the same is done without post-contrast T1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from napari_tumorseg.core.inference import probabilities_to_labels, segment
+from napari_tumorseg.core.inference import card_labels, segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.metrics import evaluate_labels
 from napari_tumorseg.core.models import load_model
-from napari_tumorseg.core.postprocess import relabel_small_enhancing, remove_small_islands
 from napari_tumorseg.core.preprocess import bounding_box
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,15 +34,18 @@ WT_THRESHOLDS = (0.3, 0.4, 0.5)
 
 
 def probabilities(model_name: str, folder: Path, tta: bool, drop: tuple, cache: Path):
-    """The model's (3, Z, Y, X) probabilities for one exam, cached as float16."""
+    """The model's (3, Z, Y, X) probabilities for one exam, cached as float16 (keyed by the
+    weights' digest, so new weights are run again)."""
+    model = load_model(model_name)
+    digest = hashlib.sha1((model.path / "model.safetensors").read_bytes()).hexdigest()[:8]
     suffix = ("_tta" if tta else "") + "".join(f"_no-{s}" for s in drop)
-    tag = f"{model_name}_{folder.name}{suffix}"
+    tag = f"{model_name}-{digest}_{folder.name}{suffix}"
     path = cache / f"{tag}.npy"
     if not path.exists():
         exam = read_exam(folder)
         for seq in drop:
             exam.scans.pop(seq, None)
-        result = run_to_end(segment(exam, load_model(model_name), device="cpu", tta=tta))
+        result = run_to_end(segment(exam, model, device="cpu", tta=tta, postprocess=False))
         cache.mkdir(parents=True, exist_ok=True)
         np.save(path, result.probabilities.array.astype(np.float16))
         print(f"  {tag}: {result.seconds:.1f} s ({result.precision})", flush=True)
@@ -103,11 +106,12 @@ def main(argv=None) -> int:
         for folder in exams:
             name = folder.name
             voxel_ml = float(np.prod(spacings[name])) / 1000
-            labels = probabilities_to_labels(
-                maps[name, setting["source"], setting["tta"]], (setting["wt_threshold"], 0.5, 0.5)
-            )
-            labels = relabel_small_enhancing(labels, setting["et_min_ml"], voxel_ml)
-            labels = remove_small_islands(labels, setting["island_ml"], voxel_ml)
+            rules = {
+                "thresholds": [setting["wt_threshold"], 0.5, 0.5],
+                "et_min_ml": setting["et_min_ml"],
+                "island_ml": setting["island_ml"],
+            }
+            labels = card_labels(maps[name, setting["source"], setting["tta"]], rules, voxel_ml)
             result = evaluate_labels(labels, references[name], spacings[name], hd95=False)
             scores[name] = {r: round(result[r]["dice"], 4) for r in REGIONS}
         val = np.mean([[scores[f.name][r] for r in REGIONS] for f in validation], axis=0)

@@ -12,6 +12,7 @@ from torch import nn
 from napari_tumorseg.core import inference
 from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.inference import (
+    card_labels,
     exam_to_channels,
     gaussian_importance,
     plan_windows,
@@ -409,6 +410,36 @@ def test_segment_end_to_end(spatial_dims, model_spacing, channels):
     assert painted.max() == 1
     if not resampled:  # the final boxes tile the brain box
         assert painted[~outside].all()
+
+
+def test_card_labels_applies_the_rules():
+    probabilities = np.zeros((3, 10, 20, 20), np.float32)
+    probabilities[0, 2:8, 2:12, 2:12] = 0.45  # WT only above a 0.4 threshold
+    probabilities[:, 4:6, 4:8, 4:8] = 0.9  # 32 voxels of ET (0.032 mL at 1 uL)
+    probabilities[0, 5, 16:18, 16:18] = 0.9  # a 4-voxel island
+    plain = card_labels(probabilities, None, 0.001)
+    np.testing.assert_array_equal(plain, probabilities_to_labels(probabilities))
+    rules = {"thresholds": [0.4, 0.5, 0.5], "et_min_ml": 0.1, "island_ml": 0.01}
+    labels = card_labels(probabilities, rules, 0.001)
+    assert (labels == 2).sum() == 6 * 10 * 10 - 32 and not (labels == 4).any()
+    assert (labels == 1).sum() == 32 and not labels[5, 16:18, 16:18].any()
+    overridden = card_labels(probabilities, rules, 0.001, threshold=0.5)
+    assert (overridden == 2).sum() == 0  # the 0.45 region is gone; the island too
+    assert (overridden == 1).sum() == 32
+
+
+def test_segment_uses_the_cards_postprocess_rules():
+    volume = _synthetic_channels()
+    model = _tiny_model(3)
+    rules = {"thresholds": [0.3, 0.6, 0.7], "island_ml": 0.005}
+    model.card["postprocess"] = rules
+    _, result = _drain(segment(volume, model, device="cpu"))
+    probabilities = result.probabilities.array
+    voxel_ml = float(np.prod(volume.spacing)) / 1000
+    np.testing.assert_array_equal(result.labels.array, card_labels(probabilities, rules, voxel_ml))
+    _, raw = _drain(segment(volume, model, device="cpu", postprocess=False))
+    np.testing.assert_array_equal(raw.labels.array, probabilities_to_labels(probabilities))
+    assert not np.array_equal(raw.labels.array, result.labels.array)
 
 
 def test_segment_rejects_bad_input():

@@ -43,6 +43,7 @@ import torch
 
 from .errors import TumorSegError
 from .io import SEQUENCES, Exam
+from .postprocess import relabel_small_enhancing, remove_small_islands
 from .preprocess import Prepared, prepare
 from .volume import Volume
 
@@ -761,6 +762,31 @@ def probabilities_to_labels(
 
 
 # --------------------------------------------------------------------------- exams
+def card_labels(
+    probabilities: np.ndarray,
+    rules: dict | None,
+    voxel_ml: float,
+    threshold: float | Sequence[float] | None = None,
+) -> np.ndarray:
+    """BraTS labels from region probabilities with a model card's ``postprocess`` rules.
+
+    Rules (all optional; chosen per model on its validation exams with
+    ``scripts/tune_postprocess.py``): ``thresholds`` (one or per region, default 0.5),
+    ``et_min_ml`` (less enhancing tumour than this becomes core,
+    `postprocess.relabel_small_enhancing`) and ``island_ml`` (tumour pieces smaller than this
+    are removed, `postprocess.remove_small_islands`). ``threshold`` overrides the card's.
+    """
+    rules = rules or {}
+    if threshold is None:
+        threshold = rules.get("thresholds", 0.5)
+    labels = probabilities_to_labels(probabilities, threshold)
+    if rules.get("et_min_ml"):
+        labels = relabel_small_enhancing(labels, float(rules["et_min_ml"]), voxel_ml)
+    if rules.get("island_ml"):
+        labels = remove_small_islands(labels, float(rules["island_ml"]), voxel_ml)
+    return labels
+
+
 def exam_to_channels(exam: Exam) -> Volume:
     """The scans of an exam as one (4, Z, Y, X) float32 Volume in the order t1, t1ce, t2, flair.
 
@@ -924,9 +950,10 @@ def segment(
     overlap: float = 0.5,
     tta: bool = False,
     batch_size: int | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     restrict_to_brain: bool = True,
     precision: str = "auto",
+    postprocess: bool = True,
 ) -> Generator[SegmentationProgress, None, SegmentationResult]:
     """Segment a brain tumour: prepare the exam, run the model, threshold to BraTS labels.
 
@@ -955,12 +982,16 @@ def segment(
         Mirroring test-time augmentation (8x the compute in 3D, 4x in 2D).
     batch_size : int, optional
         Windows (default 2) or slices (default 16) per forward pass.
-    threshold : float
-        Probability above which a voxel belongs to a region.
+    threshold : float, optional
+        Probability above which a voxel belongs to a region (default: the model card's
+        ``postprocess`` thresholds, else 0.5).
     restrict_to_brain : bool
         Set probabilities outside the brain mask to 0 (tumour lies inside the brain).
     precision : {"auto", "float32"}
         Mixed precision where the device has it natively (see `autocast_dtype`), or float32.
+    postprocess : bool
+        Apply the model card's ``postprocess`` rules to the label map (`card_labels`); the
+        probabilities are returned as the network gave them either way.
 
     Raises
     ------
@@ -1045,7 +1076,9 @@ def segment(
     if mask is not None:
         maps *= mask
     probabilities = prepared.to_input_grid(maps)
-    labels = probabilities_to_labels(probabilities, threshold)
+    rules = card.get("postprocess") if postprocess else None
+    voxel_ml = float(np.prod(channels.spacing)) / 1000
+    labels = card_labels(probabilities, rules, voxel_ml, threshold)
     return SegmentationResult(
         probabilities=channels.with_array(
             probabilities, name="probabilities", channels=REGION_NAMES
