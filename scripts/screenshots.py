@@ -3,12 +3,16 @@
     xvfb-run -a -s "-screen 0 1280x1024x24" python scripts/screenshots.py [--model 3d] [--out docs]
 
 Writes demo.png (the labelled sample segmented, with the docks), segment_running.png (the
-probability maps filling in), register_before.png / register_after.png (the raw exam).
+probability maps filling in), register_before.png / register_after.png (the raw exam) and
+finetune_done.png (3 slices corrected with the expert labels, "Fine-tune on my corrections"
+pressed, the exam segmented again; the fine-tuned version goes to a temporary user folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 import napari
@@ -82,6 +86,22 @@ def main() -> None:
     measure.reference_box.setCurrentText(expert.name)
     measure.evaluate()
     viewer.screenshot(path=str(args.out / "demo.png"), canvas_only=False)
+
+    # Fine-tune on 3 corrected slices (the expert labels painted in), then re-segmentation.
+    os.environ["TUMORSEG_USER_DIR"] = tempfile.mkdtemp(prefix="tumorseg_screenshots_")
+    labels = segment.labels_layer
+    slices = np.flatnonzero((expert.data > 0).any(axis=(1, 2)))
+    for z in slices[[len(slices) // 4, len(slices) // 2, 3 * len(slices) // 4]]:
+        index = np.nonzero(np.ones(expert.data[z].shape, bool))
+        labels.data_setitem((np.full(index[0].shape, z), *index), expert.data[z][index])
+    segment.ft_name.setText("my-model")
+    _wait(segment.finetune().finished, app)
+    _wait(segment.segmented, app)
+    measure.layer_box.setCurrentText(segment.labels_layer.name)
+    measure.evaluate()
+    labels.visible = False
+    viewer.screenshot(path=str(args.out / "finetune_done.png"), canvas_only=False)
+    print(segment.changes.text())
     viewer.close()
 
 

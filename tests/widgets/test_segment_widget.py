@@ -58,15 +58,34 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
     # Same placement as the scans.
     np.testing.assert_allclose(labels.translate, viewer.layers["t1"].translate)
 
-    # A second run never overwrites the first (maybe edited) label map.
+    # A second run never overwrites the first (maybe edited) label map; it refills the
+    # probability layers (no new napari layer, the user's display settings stay) ...
     labels.data_setitem((np.array([80]), np.array([120]), np.array([120])), 4)
     edited_before = labels.data.copy()
+    maps = {r: viewer.layers[probability_layer_name(r)] for r in REGIONS}
+    maps["WT"].opacity = 0.3
+    first_wt = maps["WT"].data.copy()
+    n_layers = len(viewer.layers)
     worker = widget.run()
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
     assert widget.labels_layer is not labels
     np.testing.assert_array_equal(labels.data, edited_before)
-    assert sum(probability_layer_name("WT") == layer.name for layer in viewer.layers) == 1
+    assert len(viewer.layers) == n_layers + 1
+    for region, layer in maps.items():
+        assert viewer.layers[probability_layer_name(region)] is layer
+    assert maps["WT"].opacity == 0.3
+    np.testing.assert_allclose(maps["WT"].data, first_wt, atol=1e-6)  # same model, same map
+
+    # ... and a cancelled run puts the refilled layers back as they were.
+    names = [layer.name for layer in viewer.layers]
+    second_wt = maps["WT"].data.copy()
+    worker = widget.run()
+    worker.yielded.connect(lambda e: widget.runner.cancel())
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert [layer.name for layer in viewer.layers] == names
+    np.testing.assert_array_equal(viewer.layers[probability_layer_name("WT")].data, second_wt)
 
 
 def test_cancel_leaves_layers_as_they_were(segment_dock, qtbot):

@@ -58,6 +58,16 @@ def with_previews(generator, interval: float = REDRAW_INTERVAL):
     return map_events(generator, pair)
 
 
+def _same_grid(layer, volume) -> bool:
+    """Whether ``layer`` holds a map on ``volume``'s grid (shape and affine)."""
+    affine = layer.metadata.get(META_KEY, {}).get("affine")
+    return (
+        tuple(layer.data.shape) == tuple(volume.spatial_shape)
+        and affine is not None
+        and np.allclose(affine, volume.affine)
+    )
+
+
 class SegmentWidget(QWidget):
     """Pick the sequences and a model; Run fills WT/TC/ET probability layers live, then adds an
     editable BraTS labels layer and emits ``segmented`` with it."""
@@ -71,6 +81,7 @@ class SegmentWidget(QWidget):
         self.result = None
         self.labels_layer = None
         self._prob_layers: dict = {}
+        self._reused: dict = {}  # region -> the data of a reused layer, restored on cancel
         self._last_redraw = 0.0
 
         form = QFormLayout(self)
@@ -162,7 +173,7 @@ class SegmentWidget(QWidget):
             show_warning(f"Segment tumour: {exc}")
             self.status.setText(str(exc))
             return None
-        self._prob_layers = {}
+        self._prob_layers, self._reused = {}, {}
         self._last_redraw = 0.0
         missing = [s for s in SEQUENCES if s not in channels.channels]
         note = f" (missing: {', '.join(missing)})" if missing else ""
@@ -191,6 +202,16 @@ class SegmentWidget(QWidget):
 
     def _add_probability_layer(self, channels, region: str) -> None:
         grid = channels.with_array(channels.array[0], channels=())  # geometry only, no copy
+        name = probability_layer_name(region)
+        previous = self.viewer.layers[name] if name in self.viewer.layers else None
+        if previous is not None and _same_grid(previous, grid):
+            # The previous run's map is refilled: adding a napari layer stalls the viewer, and
+            # the user's display settings (visibility, opacity, colormap) stay. Cancel restores it.
+            self._reused[region] = previous.data
+            previous.data = np.zeros(channels.spatial_shape, np.float32)
+            previous.name = f"{name} (running)"
+            self._prob_layers[region] = previous
+            return
         self._prob_layers[region] = self.viewer.add_image(
             np.zeros(channels.spatial_shape, np.float32),
             name=f"{probability_layer_name(region)} (running)",
@@ -203,10 +224,13 @@ class SegmentWidget(QWidget):
         )
 
     def _discard_probability_layers(self) -> None:
-        for layer in self._prob_layers.values():
-            if layer in self.viewer.layers:
+        for region, layer in self._prob_layers.items():
+            if region in self._reused:
+                layer.data = self._reused[region]
+                layer.name = probability_layer_name(region)
+            elif layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
-        self._prob_layers = {}
+        self._prob_layers, self._reused = {}, {}
         self.status.setText("cancelled: the layers are as they were before Run")
 
     def _on_progress(self, item) -> None:
@@ -229,11 +253,11 @@ class SegmentWidget(QWidget):
 
     def _on_done(self, result) -> None:
         self.result = result
-        layers, self._prob_layers = self._prob_layers, {}
+        layers, self._prob_layers, self._reused = self._prob_layers, {}, {}
         steps = []
         for region, layer in layers.items():
             steps += [
-                # The previous run's probability map makes way for this run's.
+                # A previous run's probability map that was not reused makes way for this one.
                 partial(self._remove_layer, probability_layer_name(region)),
                 partial(self._finish_probability_layer, layer, region, result),
             ]
