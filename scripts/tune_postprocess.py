@@ -3,11 +3,12 @@
     python scripts/tune_postprocess.py --data ../shared/data/brats2018/train \
         --exams Brats18_CBICA_ABM_1,Brats18_TCIA10_637_1 --test sample_data/brats2018
 
-Each model runs once per exam (and once more with mirroring TTA); the probability maps are
-cached under --cache, so re-running only re-scores. Every combination of the options below is
-scored (Dice WT / TC / ET against the expert labels); the table is ranked by the mean Dice over
-the validation exams only, and the test exam's figures are printed beside it, never used to
-choose. With ``--drop t1ce`` the same is done without post-contrast T1.
+Each model (--models, default 3d and 2d; also their averages) runs once per exam, and once more
+with mirroring TTA; the probability maps are cached under --cache, so re-running only re-scores.
+Every combination of the options below is scored (Dice WT / TC / ET against the expert labels);
+the table is ranked by the mean Dice over the validation exams only, and the test exam's
+figures are printed beside it, never used to choose. With ``--drop t1ce`` the same is done
+without post-contrast T1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from napari_tumorseg.core.preprocess import bounding_box
 
 ROOT = Path(__file__).resolve().parents[1]
 REGIONS = ("WT", "TC", "ET")
-SOURCES = ("3d", "2d", "3d+2d")
 WT_THRESHOLDS = (0.3, 0.4, 0.5)
 
 
@@ -58,6 +58,10 @@ def main(argv=None) -> int:
     parser.add_argument("--exams", required=True, help="validation case folders (comma-separated)")
     parser.add_argument("--test", type=Path, action="append", default=[], help="test exam folder")
     parser.add_argument("--drop", default="", help="sequences to leave out, e.g. t1ce")
+    parser.add_argument(
+        "--models", default="3d,2d", help="models to score, alone and averaged (comma-separated)"
+    )
+    parser.add_argument("--max-ensemble", type=int, default=3, help="most models averaged")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "probabilities")
     parser.add_argument("--no-tta", action="store_true", help="skip the (slow) TTA runs")
     parser.add_argument("--top", type=int, default=15)
@@ -67,6 +71,12 @@ def main(argv=None) -> int:
     validation = [args.data / name for name in args.exams.split(",") if name]
     exams = [*validation, *args.test]
     ttas = (False,) if args.no_tta else (False, True)
+    models = [m for m in args.models.split(",") if m]
+    ensembles = [
+        "+".join(c)
+        for r in range(2, min(args.max_ensemble, len(models)) + 1)
+        for c in itertools.combinations(models, r)
+    ]
 
     references, spacings, maps = {}, {}, {}
     for folder in exams:
@@ -74,11 +84,11 @@ def main(argv=None) -> int:
         references[folder.name] = exam.labels.array
         spacings[folder.name] = exam.reference.spacing
         for tta in ttas:
-            p3 = probabilities("3d", folder, tta, drop, args.cache)
-            p2 = probabilities("2d", folder, tta, drop, args.cache)
-            maps[folder.name, "3d", tta] = p3
-            maps[folder.name, "2d", tta] = p2
-            maps[folder.name, "3d+2d", tta] = (p3 + p2) / 2
+            for name in models:
+                maps[folder.name, name, tta] = probabilities(name, folder, tta, drop, args.cache)
+            for combination in ensembles:
+                members = [maps[folder.name, m, tta] for m in combination.split("+")]
+                maps[folder.name, combination, tta] = sum(members) / len(members)
         # Score inside the box holding every map's candidate voxels and the reference: outside
         # it both label maps are 0 for every setting (no probability reaches 0.3), so the
         # scores are those of the whole exam, at a fraction of the cost.
@@ -93,7 +103,7 @@ def main(argv=None) -> int:
             maps[key] = maps[key][(slice(None), *box)]
 
     options = {
-        "source": SOURCES,
+        "source": (*models, *ensembles),
         "tta": ttas,
         "wt_threshold": WT_THRESHOLDS,
         "et_min_ml": (0.0, 0.2, 0.5, 1.0),
@@ -121,7 +131,7 @@ def main(argv=None) -> int:
     baseline = next(
         r
         for r in rows
-        if r["source"] == "3d"
+        if r["source"] == models[0]
         and not r["tta"]
         and r["wt_threshold"] == 0.5
         and r["et_min_ml"] == 0
@@ -132,14 +142,15 @@ def main(argv=None) -> int:
         f.name for f in args.test
     )
     print(header)
+    width = max(len(source) for source in options["source"])
     for row in [*rows[: args.top], baseline]:
         tests = " | ".join(
             "/".join(f"{row['scores'][f.name][r]:.3f}" for r in REGIONS) for f in args.test
         )
         val = "/".join(f"{v:.3f}" for v in row["validation_mean"])
-        mark = "  <- plain 3d" if row is baseline else ""
+        mark = f"  <- plain {models[0]}" if row is baseline else ""
         print(
-            f"{row['source']:6} {row['tta']!s:5} {row['wt_threshold']:<6} "
+            f"{row['source']:{width}} {row['tta']!s:5} {row['wt_threshold']:<6} "
             f"{row['et_min_ml']:<9} {row['island_ml']:<9} | {val} | {tests}{mark}"
         )
     if args.json:
