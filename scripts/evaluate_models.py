@@ -50,13 +50,49 @@ def main(argv=None) -> int:
     parser.add_argument("--exams", required=True, help="comma-separated case folders")
     parser.add_argument("--drop", default="", help="sequences to leave out, e.g. t1ce")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument(
+        "--update-card",
+        type=Path,
+        metavar="TEST_EXAM",
+        help="instead: score the exams with all sequences and without t1ce, and TEST_EXAM "
+        "(never used to choose anything) likewise, and write it all into the model's card",
+    )
     args = parser.parse_args(argv)
     model = load_model(args.model)
     folders = [args.data / name for name in args.exams.split(",") if name]
+    if args.update_card:
+        update_card(model, folders, args.update_card, args.data)
+        return 0
     drop = tuple(s for s in args.drop.split(",") if s)
     result = validate(model, folders, drop, tta=args.tta)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def update_card(model: TumorModel, folders: list[Path], test: Path, data: Path) -> None:
+    """Re-measure the card's metrics with the current inference code and post-processing."""
+    precision = run_to_end(segment(read_exam(test), model, device="cpu")).precision
+    metrics = {
+        "validation": validate(model, folders),
+        "validation_without_t1ce": validate(model, folders, ("t1ce",)),
+        "test_sample": validate(model, [test]),
+        "test_sample_without_t1ce": validate(model, [test], ("t1ce",)),
+    }
+    exams = ",".join(f.name for f in folders)
+    rules = {k: v for k, v in (model.card.get("postprocess") or {}).items() if k != "why"}
+    metrics.update(
+        mean=metrics["validation"]["mean"],
+        inference=f"cpu, {precision}, postprocess {rules or 'none'}",
+        command=f"python scripts/evaluate_models.py --model {model.card['name']} --data {data} "
+        f"--exams {exams} --update-card {test}",
+    )
+    card_path = model.path / "card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"] = metrics
+    tmp = card_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(card_path)
+    print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

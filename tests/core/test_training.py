@@ -74,3 +74,39 @@ def test_cache_matches_the_inference_preprocessing():
     # WT volume is kept through the resampling (within a few percent).
     wt_ml = region_targets(exam.labels.array)[0].sum() / 1000
     assert cached.target[0].sum() * 8 / 1000 == pytest.approx(wt_ml, rel=0.05)
+
+
+def test_teacher_gives_the_targets_where_the_labels_are_not_corrections():
+    torch.manual_seed(0)
+    network, teacher = UNet(3, features=(4, 8)), UNet(3, features=(4, 8)).eval()
+    image = torch.randn(1, 4, 16, 16, 16)
+    labels = (torch.rand(1, 3, 16, 16, 16) > 0.5).float()
+    weight = torch.full((1, 1, 16, 16, 16), 0.1)
+    weight[:, :, 5:8] = 1.0  # three corrected slices ...
+    weight[:, :, 8] = 0.7  # ... and one blurred by resampling
+    seen = []
+
+    def loss_fn(logits, target, weight=None):
+        seen.append(target.detach().clone())
+        return logits.float().mean()
+
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+    batches = iter([(image, labels, weight)])
+    list(
+        train_steps(
+            network,
+            batches,
+            optimizer,
+            lambda s, e: 0.0,
+            1,
+            loss_fn=loss_fn,
+            bf16=False,
+            teacher=teacher,
+        )
+    )
+    with torch.no_grad():
+        soft = torch.sigmoid(teacher(image))
+    target = seen[0]
+    torch.testing.assert_close(target[:, :, 5:9], labels[:, :, 5:9])
+    torch.testing.assert_close(target[:, :, :5], soft[:, :, :5])
+    torch.testing.assert_close(target[:, :, 9:], soft[:, :, 9:])

@@ -228,6 +228,7 @@ def train_steps(
     regulariser: Callable[[], torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
     bf16: bool | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> Generator[TrainProgress, None, int]:
     """Train ``network`` until ``max_steps`` steps or ``seconds`` have passed, yielding progress.
 
@@ -237,6 +238,12 @@ def train_steps(
     weights). On a CPU with native bfloat16 the forward pass runs under bfloat16 autocast by
     default (2.4x faster there; loss and weights stay float32; see `cpu_bf16_is_fast`). Stops
     between steps when the consumer stops iterating. Returns the number of the last step done.
+
+    With a ``teacher`` network (frozen; e.g. the parent of a fine-tune), voxels whose weight is
+    below 0.5 (not corrections: those weigh 1, blurred by resampling and augmentation) take the
+    teacher's probabilities on the same augmented patch as their targets
+    instead of the batch's labels: distillation where the labels are not a correction
+    (learning without forgetting, Li & Hoiem 2017), with no sharpening towards hard labels.
     """
     device = torch.device(device)
     bf16 = uses_bf16(device) if bf16 is None else bf16
@@ -258,6 +265,11 @@ def train_steps(
                     k = target.shape[1]
                     image, mask = augment(image, torch.cat([target, weight], dim=1))
                     target, weight = mask[:, :k], mask[:, k:]
+            if teacher is not None and weight is not None:
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    soft = torch.sigmoid(teacher(image).float())
+                corrected = (weight >= 0.5).to(soft.dtype).expand_as(soft)
+                target = corrected * target + (1 - corrected) * soft
             lr = lr_at(step, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
