@@ -15,7 +15,7 @@ training code, and yields progress between steps. Two outcomes:
   interpolated between the parent and the fine-tuned network (WiSE-FT, Wortsman et al., CVPR
   2022), so what the corrections teach carries over with little forgetting. Measured with
   benchmarks/bench_finetune.py: distillation cut the worst loss on another exam from -0.068
-  to -0.025 WT Dice for about the same gain on the corrected exam.
+  to -0.032 WT Dice for about the same gain on the corrected exam.
 
 Nothing is written here: the caller saves the returned network (atomically, `models`) only when
 the generator finished, so a cancelled or failed fine-tune leaves every model file as it was.
