@@ -798,6 +798,18 @@ def exam_to_channels(exam: Exam) -> Volume:
     TumorSegError
         The exam has no scan, or its scans lie on different grids (naming them).
     """
+    reference = check_one_grid(exam)
+    array = np.zeros((len(SEQUENCES), *reference.spatial_shape), dtype=np.float32)
+    for c, name in enumerate(SEQUENCES):
+        if name in exam.scans:
+            array[c] = exam.scans[name].array
+    present = tuple(s for s in SEQUENCES if s in exam.scans)
+    return reference.with_array(array, name=exam.name or "exam", channels=present)
+
+
+def check_one_grid(exam: Exam) -> Volume:
+    """The exam's reference scan, after checking (cheaply, no copy) that every scan lies on its
+    grid; raises `TumorSegError` as `exam_to_channels` does."""
     if not exam.scans:
         raise TumorSegError("the exam holds no scan")
     reference = exam.reference
@@ -813,12 +825,7 @@ def exam_to_channels(exam: Exam) -> Volume:
             f"{ref_name} ({_grid_text(reference)}); register the sequences first "
             "(the Register sequences dock, or tumorseg segment --register)"
         )
-    array = np.zeros((len(SEQUENCES), *reference.spatial_shape), dtype=np.float32)
-    for c, name in enumerate(SEQUENCES):
-        if name in exam.scans:
-            array[c] = exam.scans[name].array
-    present = tuple(s for s in SEQUENCES if s in exam.scans)
-    return reference.with_array(array, name=exam.name or "exam", channels=present)
+    return reference
 
 
 def _grid_text(volume: Volume) -> str:
