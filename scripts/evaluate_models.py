@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_tumorseg.core.inference import segment
+from napari_tumorseg.core.inference import precision_label, segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.metrics import evaluate_labels
@@ -71,7 +71,6 @@ def main(argv=None) -> int:
 
 def update_card(model: TumorModel, folders: list[Path], test: Path, data: Path) -> None:
     """Re-measure the card's metrics with the current inference code and post-processing."""
-    precision = run_to_end(segment(read_exam(test), model, device="cpu")).precision
     metrics = {
         "validation": validate(model, folders),
         "validation_without_t1ce": validate(model, folders, ("t1ce",)),
@@ -82,7 +81,7 @@ def update_card(model: TumorModel, folders: list[Path], test: Path, data: Path) 
     rules = {k: v for k, v in (model.card.get("postprocess") or {}).items() if k != "why"}
     metrics.update(
         mean=metrics["validation"]["mean"],
-        inference=f"cpu, {precision}, postprocess {rules or 'none'}",
+        inference=f"cpu, {precision_label('cpu')}, postprocess {rules or 'none'}",
         command=f"python scripts/evaluate_models.py --model {model.card['name']} --data {data} "
         f"--exams {exams} --update-card {test}",
     )

@@ -257,7 +257,9 @@ def finetune(
     )
     torch.manual_seed(seed)
     network = copy.deepcopy(model.network).to(device)
-    parent = {k: v.detach().clone() for k, v in network.named_parameters()}
+    # A frozen copy of the parent: anchor of L2-SP and WiSE-FT, and the distillation teacher.
+    frozen = copy.deepcopy(network).eval().requires_grad_(False)
+    parent = dict(frozen.named_parameters())
     regulariser = l2sp(network, parent, settings["l2sp"]) if settings["l2sp"] else None
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings["lr"], weight_decay=0.0)
     augment = JointAugment(p_affine=0.2, p_intensity=0.5, seed=seed)
@@ -282,7 +284,7 @@ def finetune(
         loss_fn=dice_bce_loss,
         regulariser=regulariser,
         device=device,
-        teacher=copy.deepcopy(model.network).to(device).eval() if settings["distill"] else None,
+        teacher=frozen if settings["distill"] else None,
     )
     last = 0
     for progress in run:

@@ -1095,11 +1095,14 @@ def segment(
         missing_sequences=missing,
         seconds=time.perf_counter() - started,
         device=last_device,
-        precision=_precision_text(autocast_dtype(torch.device(last_device), precision)),
+        precision=precision_label(last_device, precision),
     )
 
 
-def _precision_text(dtype: torch.dtype | None) -> str:
+def precision_label(device: str | torch.device, precision: str = "auto") -> str:
+    """The arithmetic inference uses on ``device``: "float32", "bfloat16 autocast" or
+    "float16 autocast" (see `autocast_dtype`)."""
+    dtype = autocast_dtype(torch.device(device), precision)
     return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
 

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, geometry_metadata, labels_layer_data
+from .._layers import META_KEY, geometry_metadata, labels_layer_data, layer_volume
 from ..core.errors import TumorSegError
 from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import check_one_grid, segment
@@ -56,16 +56,6 @@ def with_previews(generator, interval: float = REDRAW_INTERVAL):
         return event, event.preview()
 
     return map_events(generator, pair)
-
-
-def _same_grid(layer, volume) -> bool:
-    """Whether ``layer`` holds a map on ``volume``'s grid (shape and affine)."""
-    affine = layer.metadata.get(META_KEY, {}).get("affine")
-    return (
-        tuple(layer.data.shape) == tuple(volume.spatial_shape)
-        and affine is not None
-        and np.allclose(affine, volume.affine)
-    )
 
 
 class SegmentWidget(QWidget):
@@ -206,7 +196,7 @@ class SegmentWidget(QWidget):
     def _add_probability_layer(self, grid, region: str) -> None:
         name = probability_layer_name(region)
         previous = self.viewer.layers[name] if name in self.viewer.layers else None
-        if previous is not None and _same_grid(previous, grid):
+        if previous is not None and layer_volume(previous).same_grid(grid):
             # The previous run's map is refilled: adding a napari layer stalls the viewer, and
             # the user's display settings (visibility, opacity, colormap) stay. Cancel restores it.
             self._reused[region] = previous.data
