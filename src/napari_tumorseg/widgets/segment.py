@@ -50,7 +50,7 @@ def with_previews(generator, interval: float = REDRAW_INTERVAL):
 
     def pair(event):
         now = time.perf_counter()
-        if event.preview is None or (now - last[0] < interval and event.done != event.total):
+        if event.preview is None or event.done == event.total or now - last[0] < interval:
             return event, None
         last[0] = now
         return event, event.preview()
@@ -228,13 +228,18 @@ class SegmentWidget(QWidget):
     def _on_progress(self, item) -> None:
         event, preview = item
         self.runner.set_progress(event.done, event.total, text=f"{event.done}/{event.total}")
+        if event.done == event.total:
+            # The whole map arrives with the result right after (`_finish_probability_layer`):
+            # painting the last boxes first would copy up to the whole brain twice (~100 ms of
+            # stalled viewer measured).
+            return
         if event.box is not None and event.probabilities is not None:
             self._paint(event.box, event.probabilities)
         # The windows just computed, blended so far: the map fills in window by window.
         if preview is not None and preview[0] is not None:
             self._paint(*preview)
         now = time.perf_counter()
-        if now - self._last_redraw >= REDRAW_INTERVAL or event.done == event.total:
+        if now - self._last_redraw >= REDRAW_INTERVAL:
             self._last_redraw = now
             for layer in self._prob_layers.values():
                 layer.refresh()
@@ -254,6 +259,9 @@ class SegmentWidget(QWidget):
                 partial(self._finish_probability_layer, layer, region, result),
             ]
         steps.append(partial(self._add_labels_layer, result, self._exam_name, self._model))
+        # Its own turn: napari's notification toast and the listeners of ``segmented`` (the
+        # measurement dock) would lengthen the labels layer's stall.
+        steps.append(partial(self._announce, result, self._model))
         run_in_turns(steps)
 
     def _remove_layer(self, name: str) -> None:
@@ -275,6 +283,8 @@ class SegmentWidget(QWidget):
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
         # overwritten.
         self.labels_layer = self.viewer.add_labels(data, **kwargs)
+
+    def _announce(self, result, model) -> None:
         missing = list(result.missing_sequences)
         text = (
             f"done in {result.seconds:.1f} s with {model.label} on {result.device} "
