@@ -100,7 +100,8 @@ def main(argv=None) -> None:
         f"| progress events received by the dock | {len(events)} |",
         f"| longest event-loop stall | {gaps.max():.0f} ms |",
         f"| 99th percentile of event-loop gaps | {np.percentile(gaps, 99):.0f} ms |",
-        f"| event-loop gaps over 100 ms | {int((gaps > 100).sum())} |",
+        f"| event-loop gaps over 100 ms | {int((gaps > 100).sum())} "
+        f"({', '.join(f'{g:.0f}' for g in sorted(gaps[gaps > 100], reverse=True)) or '-'}) |",
         f"| Python full garbage collections during the run (any thread; they hold the GIL) | "
         f"{len(collections.ms)}{longest_collection} |",
         *(

@@ -146,3 +146,17 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
         z = review.next_uncertain_slice()
         world = viewer.layers[UNCERTAINTY].data_to_world((z, 0, 0))
         assert viewer.dims.point[0] == pytest.approx(world[0])
+
+
+def test_repaint_next_turn_holds_the_repaint_for_one_turn_even_on_error(qtbot):
+    from qtpy.QtWidgets import QWidget
+
+    from napari_tumorseg.widgets._runner import repaint_next_turn
+
+    widget = QWidget()
+    qtbot.addWidget(widget)
+    with pytest.raises(ValueError), repaint_next_turn(widget):
+        assert not widget.updatesEnabled()
+        raise ValueError("a failed layer add")
+    assert not widget.updatesEnabled()  # back on in the next turn, not in this one
+    qtbot.waitUntil(widget.updatesEnabled, timeout=2000)

@@ -8,6 +8,7 @@ stays responsive. Layers are only touched in the callbacks, which run on the mai
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
+from contextlib import contextmanager
 
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -36,6 +37,30 @@ def run_in_turns(steps: Iterable[Callable[[], object]]) -> None:
             QTimer.singleShot(TURN_MS, next_step)
 
     QTimer.singleShot(0, next_step)
+
+
+@contextmanager
+def repaint_next_turn(widget):
+    """Hold back the repaint of ``widget``'s window until the next event-loop turn.
+
+    Adding a napari layer takes 70-80 ms and the window repaint it triggers another 40-55 ms
+    (2 cores, software rendering); Qt runs that repaint before any timer or input of the same
+    turn, so together they stalled the viewer for 105-146 ms. With the window's updates off
+    during the add, the two fall into separate turns: 94-107 ms and about 55 ms measured.
+    """
+    window = widget.window()
+    window.setUpdatesEnabled(False)
+    try:
+        yield
+    finally:
+        QTimer.singleShot(0, lambda: _enable_updates(window))
+
+
+def _enable_updates(window) -> None:
+    try:
+        window.setUpdatesEnabled(True)
+    except RuntimeError:  # the window was closed in between
+        pass
 
 
 class Runner:

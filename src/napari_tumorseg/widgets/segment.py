@@ -30,7 +30,7 @@ from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
 from ._pickers import SequencePickers
-from ._runner import Runner, run_in_turns
+from ._runner import Runner, repaint_next_turn, run_in_turns
 
 #: Colour of each region's probability layer (the label colours of its main label).
 REGION_COLORMAPS = {"WT": "green", "TC": "red", "ET": "yellow"}
@@ -204,16 +204,17 @@ class SegmentWidget(QWidget):
             previous.name = f"{name} (running)"
             self._prob_layers[region] = previous
             return
-        self._prob_layers[region] = self.viewer.add_image(
-            np.zeros(grid.spatial_shape, np.float32),
-            name=f"{probability_layer_name(region)} (running)",
-            colormap=REGION_COLORMAPS[region],
-            blending="additive",
-            opacity=0.6,
-            contrast_limits=(0.0, 1.0),
-            metadata=geometry_metadata(grid, region=region),
-            **grid.layer_transform(),
-        )
+        with repaint_next_turn(self):
+            self._prob_layers[region] = self.viewer.add_image(
+                np.zeros(grid.spatial_shape, np.float32),
+                name=f"{probability_layer_name(region)} (running)",
+                colormap=REGION_COLORMAPS[region],
+                blending="additive",
+                opacity=0.6,
+                contrast_limits=(0.0, 1.0),
+                metadata=geometry_metadata(grid, region=region),
+                **grid.layer_transform(),
+            )
 
     def _discard_probability_layers(self) -> None:
         for region, layer in self._prob_layers.items():
@@ -282,7 +283,8 @@ class SegmentWidget(QWidget):
         )
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
         # overwritten.
-        self.labels_layer = self.viewer.add_labels(data, **kwargs)
+        with repaint_next_turn(self):
+            self.labels_layer = self.viewer.add_labels(data, **kwargs)
 
     def _announce(self, result, model) -> None:
         missing = list(result.missing_sequences)
@@ -384,12 +386,12 @@ class SegmentWidget(QWidget):
             for region, c in summary["changes"].items()
         ]
         if "dice_after" in summary:
+            # On the slices the user left alone the old map is their map (Dice 1 before), so
+            # this says how much the new model departs from what they accepted there.
             lines.append(
-                f"Dice vs your labels on the {summary['uncorrected_slices']} uncorrected slices: "
-                + ", ".join(
-                    f"{r} {summary['dice_before'][r]:.3f} -> {summary['dice_after'][r]:.3f}"
-                    for r in summary["dice_after"]
-                )
+                f"Dice vs your labels on the {summary['uncorrected_slices']} slices you did not "
+                "correct (1 = unchanged): "
+                + ", ".join(f"{r} {d:.3f}" for r, d in summary["dice_after"].items())
             )
         self.changes.setText("\n".join(lines))
 
