@@ -53,6 +53,10 @@ def test_correction_weights_favour_corrected_slices():
     weights = correction_weights(edited, edited.shape, uncorrected=0.1)
     assert (weights[2] == 1).all() and (weights[[0, 1, 3, 4]] == pytest.approx(0.1))
     assert (correction_weights(None, (2, 2, 2)) == 1).all()
+    # The rest of a corrected slice can count less than the corrected voxels themselves.
+    weights = correction_weights(edited, edited.shape, uncorrected=0.1, confirmed=0.4)
+    assert weights[2, 1, 1] == 1 and weights[2, 0, 0] == pytest.approx(0.4)
+    assert (weights[[0, 1, 3, 4]] == pytest.approx(0.1)).all()
 
 
 def test_interpolate_weights_blends_towards_the_parent():
