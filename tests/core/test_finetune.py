@@ -12,7 +12,6 @@ from napari_tumorseg.core.finetune import (
     finetune,
     finetune_and_save,
     interpolate_weights,
-    load_replay,
 )
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
@@ -56,7 +55,7 @@ def test_correction_weights_favour_corrected_slices():
     # The rest of a corrected slice can count less than the corrected voxels themselves.
     weights = correction_weights(edited, edited.shape, uncorrected=0.1, confirmed=0.4)
     assert weights[2, 1, 1] == 1 and weights[2, 0, 0] == pytest.approx(0.4)
-    assert (weights[[0, 1, 3, 4]] == pytest.approx(0.1)).all()
+    assert weights[[0, 1, 3, 4]] == pytest.approx(0.1)
 
 
 def test_interpolate_weights_blends_towards_the_parent():
@@ -104,7 +103,7 @@ def test_cancelled_finetune_leaves_model_files_byte_identical(exam):
     assert [p.name for p in (root / "mine").iterdir()] == ["v1"]
 
 
-def test_finetune_saves_a_new_version_with_its_card_and_replay(exam):
+def test_finetune_saves_a_new_version_with_its_card(exam):
     model = load_model(make_tiny_model("mine"))
     prediction = np.zeros(exam.reference.spatial_shape, np.uint8)
     corrected, edited, chosen = _three_corrected_slices(exam, prediction)
@@ -119,7 +118,7 @@ def test_finetune_saves_a_new_version_with_its_card_and_replay(exam):
     assert card["finetune"]["corrected_voxels"] == int(edited.sum())
     assert card["finetune"]["corrected_slices"] == [int(z) for z in chosen]
     assert card["finetune"]["steps"] == 3
-    assert [r.cached.name for r in load_replay(folder)] == ["Brats18_TCIA01_378_1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.safetensors"]
     # The parent version is still there: "revert" is choosing it again.
     assert load_model("mine@v1").card["version"] == 1
 

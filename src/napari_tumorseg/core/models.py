@@ -168,12 +168,11 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
 
 
 def save_model(
-    network: torch.nn.Module, card: dict, folder: str | Path, half: bool = False, extra=None
+    network: torch.nn.Module, card: dict, folder: str | Path, half: bool = False
 ) -> Path:
     """Write weights and card into ``folder`` atomically (a temporary folder renamed into place).
 
-    ``extra(tmp_folder)``, if given, writes further files (e.g. replay data) into the folder
-    before it is renamed. An existing folder is replaced only once the new one is complete.
+    An existing folder is replaced only once the new one is complete.
     """
     folder = Path(folder)
     card = {**card, "architecture": dict(getattr(network, "config", card.get("architecture")))}
@@ -189,8 +188,6 @@ def save_model(
         }
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
-        if extra is not None:
-            extra(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -205,14 +202,14 @@ def save_model(
     return folder
 
 
-def save_user_model(network: torch.nn.Module, card: dict, name: str, extra=None) -> Path:
+def save_user_model(network: torch.nn.Module, card: dict, name: str) -> Path:
     """Save a new version of user model ``name``; returns its folder (``.../name/v<k>``)."""
     if not name or any(c in name for c in "/\\@") or name in BUNDLED:
         raise TumorSegError(f"{name!r} is not a valid model name (no / \\ @; not 3d or 2d)")
     versions = _user_versions(name)
     version = int(versions[-1].name[1:]) + 1 if versions else 1
     card = {**card, "name": name, "version": version}
-    return save_model(network, card, user_models_dir() / name / f"v{version}", extra=extra)
+    return save_model(network, card, user_models_dir() / name / f"v{version}")
 
 
 def list_models() -> list[dict]:
