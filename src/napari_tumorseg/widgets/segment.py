@@ -108,6 +108,9 @@ class SegmentWidget(QWidget):
         self.loss_curve = LossCurve()
         self.changes = QLabel("")
         self.changes.setWordWrap(True)
+        # Room for the summary of a fine-tune (two wrapped lines) before it arrives: napari's
+        # dock area does not grow with a label, and the Dice line was cut off below the fold.
+        self.changes.setMinimumHeight(4 * self.changes.fontMetrics().lineSpacing())
         form.addRow("Fine-tune", self.ft_mode)
         form.addRow("Budget", self.ft_seconds)
         form.addRow("Save as", self.ft_name)
@@ -382,8 +385,11 @@ class SegmentWidget(QWidget):
         )
         self.last_changes = summary
         lines = [
-            f"{region}: +{c['added']} / -{c['removed']} voxels"
-            for region, c in summary["changes"].items()
+            "voxels added / removed: "
+            + ", ".join(
+                f"{region} +{c['added']} / -{c['removed']}"
+                for region, c in summary["changes"].items()
+            )
         ]
         if "dice_after" in summary:
             # On the slices the user left alone the old map is their map (Dice 1 before), so
