@@ -3,7 +3,7 @@
     xvfb-run -a -s "-screen 0 1280x1024x24" python scripts/screenshots.py [--model 3d] [--out docs]
 
 Writes demo.png (the labelled sample segmented, with the docks), segment_running.png (the
-probability maps filling in), register_before.png / register_after.png (the raw exam) and
+probability maps filling in, 2D model), register_before.png / register_after.png (the raw exam) and
 finetune_done.png (3 slices corrected with the expert labels, "Fine-tune on my corrections"
 pressed, the exam segmented again; the fine-tuned version goes to a temporary user folder).
 """
@@ -66,18 +66,27 @@ def main() -> None:
     viewer.dims.set_point(0, z)
     expert.visible = False
     segment = docks["Segment tumour"]
-    segment.model.setCurrentText(args.model)
+    # The live view: the bundled 3D model covers this exam's brain with 2 windows in
+    # one batch (one progress event, then the finished map), so the 2D model shows the filling
+    # in, slice batch by slice batch.
+    segment.model.setCurrentText("2d")
     worker = segment.run()
     shots = []
 
     def grab(item):
         event = item[0]
-        if not shots and event.total and event.done >= event.total // 2:
+        # Three quarters through the slices from the bottom: the tumour's largest slice (shown)
+        # is done, the slices above it are still empty.
+        if not shots and event.total and event.done >= 0.75 * event.total:
             app.processEvents()
             viewer.screenshot(path=str(args.out / "segment_running.png"), canvas_only=False)
             shots.append(1)
 
     worker.yielded.connect(grab)
+    _wait(segment.segmented, app)
+    viewer.layers.remove(segment.labels_layer)
+    segment.model.setCurrentText(args.model)
+    segment.run()
     _wait(segment.segmented, app)
     for name in ("WT probability", "TC probability", "ET probability"):
         viewer.layers[name].visible = False
