@@ -160,3 +160,27 @@ def test_repaint_next_turn_holds_the_repaint_for_one_turn_even_on_error(qtbot):
         raise ValueError("a failed layer add")
     assert not widget.updatesEnabled()  # back on in the next turn, not in this one
     qtbot.waitUntil(widget.updatesEnabled, timeout=2000)
+
+
+def test_a_job_slows_the_windows_spinner_and_restores_it(qtbot):
+    from qtpy.QtGui import QMovie
+    from qtpy.QtWidgets import QLabel, QWidget
+
+    from napari_tumorseg.widgets._runner import SPINNER_SPEED, Runner
+
+    window = QWidget()
+    qtbot.addWidget(window)
+    movie = QMovie()
+    QLabel(window).setMovie(movie)
+    runner = Runner("job", lambda running: None, owner=QWidget(window))
+
+    def job():
+        yield 1
+        return 2
+
+    speeds = []
+    worker = runner.start(job(), on_yield=lambda e: speeds.append(movie.speed()), on_return=print)
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        pass
+    assert speeds == [SPINNER_SPEED]
+    assert movie.speed() == 100

@@ -78,7 +78,7 @@ class RegisterWidget(QWidget):
         check.addWidget(self.check_button)
         form.addRow("Check", check)
 
-        self.runner = Runner("Registering sequences", self._set_running)
+        self.runner = Runner("Registering sequences", self._set_running, owner=self)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.runner.cancel)
         self.check_button.clicked.connect(self.show_checkerboard)

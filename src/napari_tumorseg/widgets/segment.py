@@ -121,8 +121,8 @@ class SegmentWidget(QWidget):
         form.addRow(self.loss_curve)
         form.addRow(self.changes)
 
-        self.runner = Runner("Segmenting", self._set_running)
-        self.tuner = Runner("Fine-tuning", self._set_running)
+        self.runner = Runner("Segmenting", self._set_running, owner=self)
+        self.tuner = Runner("Fine-tuning", self._set_running, owner=self)
         self._previous_model: str | None = None
         self._after_finetune: dict | None = None
         self.run_button.clicked.connect(self.run)
