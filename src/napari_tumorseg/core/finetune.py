@@ -13,14 +13,13 @@ training code, and yields progress between steps. Two outcomes:
   forgetting, Li & Hoiem 2017), L2-SP regularisation towards the parent weights (Li et al.,
   ICML 2018), and at the end the weights interpolated between the parent and the fine-tuned
   network (WiSE-FT, Wortsman et al., CVPR 2022), so what the corrections teach carries over
-  with little forgetting. Only the voxels the
-  user changed are hard targets; the rest of the corrected slices is distilled too. Measured
-  with benchmarks/bench_finetune.py: distillation cut the worst loss on another exam from
-  -0.068 to -0.032 WT Dice for about the same gain on the corrected exam, and hard targets on
-  the changed voxels alone to -0.008, with a larger gain. Replaying the user's earlier
-  corrected exams (half the batches) was measured too and dropped: in a chain of two "keep"
-  rounds it lowered the unseen exam (0.714-0.717 WT against 0.724-0.728 without, 3 runs each)
-  and did not protect the earlier exam (0.893 against 0.892).
+  with little forgetting. Only the voxels the user changed are hard targets; the rest of the
+  corrected slices is distilled too. Measured with benchmarks/bench_finetune.py: distillation
+  cut the worst loss on another exam from -0.068 to -0.032 WT Dice for about the same gain on
+  the corrected exam, and hard targets on the changed voxels alone to -0.008, with a larger
+  gain. Replaying the user's earlier corrected exams (half the batches) was measured too and
+  dropped: in a chain of two "keep" rounds it lowered the unseen exam (0.714-0.717 WT against
+  0.724-0.730 without) and did not protect the earlier exam (0.893 against 0.892).
 
 Nothing is written here: the caller saves the returned network (atomically, `models`) only when
 the generator finished, so a cancelled or failed fine-tune leaves every model file as it was.
@@ -142,11 +141,10 @@ class _CorrectionSampler:
 
     def __next__(self):
         images, targets, weights = [], [], []
+        cached, focus = self.exam.cached, self.exam.focus
+        weight = self.exam.weight[None]
         for _ in range(self.batch_size):
-            source = self.exam
-            centre = source.focus[int(self.rng.integers(len(source.focus)))]
-            cached = source.cached
-            weight = source.weight[None]
+            centre = focus[int(self.rng.integers(len(focus)))]
             if len(self.patch) == 2:
                 z = int(centre[0])
                 start = [int(c) - p // 2 for c, p in zip(centre[1:], self.patch)]
