@@ -1,6 +1,6 @@
 """Fine-tuning on 3 corrected slices: this exam, the other exams, and several exams in a row.
 
-    python benchmarks/bench_finetune.py [--model 3d] [--seconds 60]
+    python benchmarks/bench_finetune.py [--model 3d] [--seconds 60] [--adapt-seeds 3]
 
 A simulated user corrects 3 axial slices through the tumour of an exam (the expert labels on
 those slices only; the rest of the map is the model's output, seen and left alone). For each
@@ -8,7 +8,9 @@ exam never used in training (the two validation exams and the sample exam):
 
 - "adapt to this exam" and "keep for next exams" are fine-tuned for --seconds on 2 CPU cores;
 - WT/TC/ET Dice on the exam's uncorrected slices before and after (against the expert labels);
-- WT Dice on each of the other exams before and after (forgetting).
+- WT Dice on each of the other exams before and after (forgetting);
+- on the exams starting below 0.85 WT, "adapt" is repeated with --adapt-seeds seeds and the
+  mean gain reported: one 60 s run varies by about +-0.03 WT with the steps it manages.
 
 Then "keep" fine-tuning runs on the exams in a row (each version the parent of the next) and
 the mean Dice on exams none of them saw is reported before and after. Writes the "Fine-tuning"
@@ -49,6 +51,12 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="3d")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--adapt-seeds",
+        type=int,
+        default=3,
+        help="seeds of the 'adapt' runs on exams starting below 0.85 WT (their mean is reported)",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -102,6 +110,24 @@ def main(argv=None) -> None:
             tuned = with_network(result.network)
             row[mode] = dice(predict(tuned, exam), exam, keep)
             row[f"{mode}_steps"] = result.steps
+            if mode == "adapt" and before["WT"] < 0.85:
+                # One 60 s run varies by about +-0.03 WT with the steps it manages: repeat.
+                row["adapt_wt_seeds"] = [row["adapt"]["WT"]]
+                for seed in range(1, args.adapt_seeds):
+                    again = run_to_end(
+                        finetune(
+                            base,
+                            exam,
+                            corrected,
+                            edited,
+                            mode=mode,
+                            seconds=args.seconds,
+                            seed=seed,
+                        )
+                    )
+                    row["adapt_wt_seeds"].append(
+                        dice(predict(with_network(again.network), exam), exam, keep)["WT"]
+                    )
             if mode == "keep":
                 keep_versions[name] = result
                 for other, other_exam in exams.items():
@@ -144,7 +170,8 @@ def main(argv=None) -> None:
 
     lines = [
         f"Command: `python benchmarks/bench_finetune.py --model {args.model} --seconds "
-        f"{args.seconds:g}` ({args.threads} CPU threads; {minutes:.0f} min in all). Exams never "
+        f"{args.seconds:g} --adapt-seeds {args.adapt_seeds}` ({args.threads} CPU threads; "
+        f"{minutes:.0f} min in all). Exams never "
         "used in training (validation exams and the sample exam); the user corrects 3 axial "
         "slices through the tumour with the expert labels; Dice against the expert labels on "
         "the exam's other (uncorrected) slices, WT / TC / ET.",
@@ -174,7 +201,9 @@ def main(argv=None) -> None:
         "below 0.85 WT: "
         + (
             ", ".join(
-                f"{r['exam']} adapt {r['adapt']['WT'] - r['before']['WT']:+.3f}"
+                f"{r['exam']} adapt {_adapt_gain(r):+.3f} (mean of seeds "
+                + ", ".join(f"{wt - r['before']['WT']:+.3f}" for wt in r["adapt_wt_seeds"])
+                + ")"
                 for r in rows
                 if r["before"]["WT"] < 0.85
             )
@@ -198,6 +227,11 @@ def main(argv=None) -> None:
         write_section("Fine-tuning", "\n".join(lines))
 
 
+def _adapt_gain(row) -> float:
+    """Mean WT gain of the "adapt" runs of an exam (all seeds)."""
+    return float(np.mean(row.get("adapt_wt_seeds", [row["adapt"]["WT"]]))) - row["before"]["WT"]
+
+
 def _against_goals(rows, forgetting, chain_before: float, chain_after: float) -> list[str]:
     """The issue's goals, each with the measured figure and met / NOT met."""
 
@@ -205,14 +239,14 @@ def _against_goals(rows, forgetting, chain_before: float, chain_after: float) ->
         return "met" if ok else "NOT met"
 
     low = [r for r in rows if r["before"]["WT"] < 0.85]
-    adapt = np.mean([r["adapt"]["WT"] - r["before"]["WT"] for r in low]) if low else None
+    adapt = np.mean([_adapt_gain(r) for r in low]) if low else None
     keep = np.mean([r["keep"]["WT"] - r["before"]["WT"] for r in low]) if low else None
     worst = min(after - before for _, _, before, after in forgetting)
     lines = ["Against the goals:", ""]
     if low:
         lines += [
-            f'- "adapt" on the exams starting below 0.85 WT: {adapt:+.3f} (goal +0.15, '
-            f"{verdict(adapt >= 0.15)});",
+            f'- "adapt" on the exams starting below 0.85 WT: {adapt:+.3f}, mean of the seeds '
+            f"(goal +0.15, {verdict(adapt >= 0.15)});",
             f'- "keep" there: {keep:+.3f} (goal +0.05, {verdict(keep >= 0.05)});',
         ]
     lines += [

@@ -76,6 +76,28 @@ def test_cache_matches_the_inference_preprocessing():
     assert cached.target[0].sum() * 8 / 1000 == pytest.approx(wt_ml, rel=0.05)
 
 
+@pytest.mark.parametrize("z", [93, 94, 95])
+def test_cache_keeps_a_corrected_slice_among_weaker_ones(z):
+    """1 -> 1.5 mm: whichever slice the user corrected, its labels and weight survive."""
+    exam = read_exam(BRATS)
+    expert = exam.labels.array
+    labels = np.zeros_like(expert)
+    labels[z] = expert[z]
+    weight = np.full(expert.shape, 0.1, np.float32)
+    weight[z] = 1.0
+    cached = cache_exam(exam, [1.5, 1.5, 1.5], labels=labels, weight=weight)
+    # The model slices around it (one, or two when it falls between them) carry its tumour
+    # (1.5 x 1.5 mm in-plane voxels) ...
+    wt_ml = (expert[z] > 0).sum() / 1000
+    carrying = np.flatnonzero(cached.target[0].any(axis=(1, 2)))
+    assert len(carrying) in (1, 2) and np.ptp(carrying) < 2
+    for k in carrying:
+        assert cached.target[0, k].sum() * 1.5**2 / 1000 == pytest.approx(wt_ml, rel=0.1)
+    # ... and counts as a correction (weight >= 0.5), far more than the slices left alone.
+    assert cached.weight.max() >= 0.5
+    assert cached.weight.max() > 5 * cached.weight.min() > 0
+
+
 def test_teacher_gives_the_targets_where_the_labels_are_not_corrections():
     torch.manual_seed(0)
     network, teacher = UNet(3, features=(4, 8)), UNet(3, features=(4, 8)).eval()

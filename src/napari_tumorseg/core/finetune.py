@@ -44,8 +44,10 @@ from .models import TumorModel, save_user_model
 from .training import CachedExam, cache_exam, cosine_lr, crop_padded, train_steps
 
 #: Loss weight of the voxels the user left alone, relative to corrected slices (see
-#: `correction_weights`); chosen with benchmarks/bench_finetune.py.
-UNCORRECTED_WEIGHT = 0.1
+#: `correction_weights`); chosen with benchmarks/bench_finetune.py (0.1 when resampling
+#: blended a corrected slice with its neighbours; 0.125 keeps that ratio since
+#: `training.cache_exam` no longer does).
+UNCORRECTED_WEIGHT = 0.125
 
 MODES = {
     # lr, L2-SP strength, the share of the fine-tuned weights kept when interpolating back
