@@ -87,8 +87,9 @@ def cache_exam(
         targets = resample_array(targets, shape) > 0.5
     else:
         weight = weight[prepared.box][None].astype(np.float32)
-        confidence = weight.max(axis=(2, 3), keepdims=True)
-        total = np.maximum(resample_array(np.broadcast_to(confidence, weight.shape), shape), 1e-6)
+        confidence = weight.max(axis=(2, 3), keepdims=True)  # (1, Z, 1, 1)
+        # Interpolation is separable: the z profile alone gives the normaliser.
+        total = np.maximum(resample_array(confidence, (shape[0], 1, 1)), 1e-6)
         targets = resample_array(targets * confidence, shape) / total > 0.5
         share = min(1.0, shape[0] / weight.shape[1])
         weight = share * (resample_array(weight * confidence, shape) / total)[0]
