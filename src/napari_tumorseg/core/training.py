@@ -70,7 +70,10 @@ def cache_exam(
     overlaps rather than a blend with its neighbours (plain linear resampling from 1 to
     1.5 mm lost every third corrected slice: its voxels never made half of a model voxel), and
     weights are scaled by the share of a model voxel one input slice fills (2/3 from 1 to
-    1.5 mm; a partial volume), as the blend did for the other slices.
+    1.5 mm; a partial volume), as the blend did for the other slices. Voxels weighing 1 are
+    corrections: every model voxel overlapping one weighs at least that share too (and at least
+    0.5), so that a thin correction, or one on thin slices, stays a correction (weight >= 0.5,
+    see `train_steps`).
     """
     reference = exam.reference
     channels = np.zeros((len(SEQUENCES), *reference.spatial_shape), np.float32)
@@ -92,7 +95,13 @@ def cache_exam(
         total = np.maximum(resample_array(confidence, (shape[0], 1, 1)), 1e-6)
         targets = resample_array(targets * confidence, shape) / total > 0.5
         share = min(1.0, shape[0] / weight.shape[1])
+        corrections = (weight >= 1.0).astype(np.float32)
         weight = share * (resample_array(weight * confidence, shape) / total)[0]
+        # A model voxel that overlaps a correction is one, however thin the correction: a
+        # one-voxel brush stroke at 1 mm fills at most about half of a 1.5 mm voxel, and its
+        # blurred weight (under 0.5) would let the parent's output override it in distillation.
+        touched = resample_array(corrections * confidence, shape)[0] > 1e-3
+        weight[touched] = np.maximum(weight[touched], max(share, 0.5))
     return CachedExam(
         exam.name, prepared.image.astype(np.float16), targets.astype(np.uint8), weight
     )
