@@ -18,7 +18,9 @@ from qtpy.QtWidgets import QLabel
 
 from ..core.errors import TumorSegError
 
-#: Milliseconds between two steps of `run_in_turns`: time for the viewer to paint and take input.
+#: Milliseconds between two steps of `run_in_turns` (and before the first): time for the viewer
+#: to paint and take input. A zero-delay timer can fire before input and other timers that fell
+#: due during the previous step, which then wait for both steps.
 TURN_MS = 15
 #: Speed (percent) of napari's animated "in progress" indicator while one of our jobs runs.
 SPINNER_SPEED = 25
@@ -29,7 +31,8 @@ def run_in_turns(steps: Iterable[Callable[[], object]]) -> None:
 
     Adding a napari layer stalls the viewer (100-300 ms measured on 2 cores with software
     rendering); adding four in one callback stalls it four times as long. One step per turn
-    lets the viewer repaint and handle input in between.
+    lets the viewer repaint and handle input in between. The first step waits ``TURN_MS`` too:
+    the caller (a button's click, a worker's signal) has just held the event loop itself.
     """
     pending = list(steps)
 
@@ -39,7 +42,7 @@ def run_in_turns(steps: Iterable[Callable[[], object]]) -> None:
         if pending:
             QTimer.singleShot(TURN_MS, next_step)
 
-    QTimer.singleShot(0, next_step)
+    QTimer.singleShot(TURN_MS, next_step)
 
 
 @contextmanager
@@ -49,14 +52,16 @@ def repaint_next_turn(widget):
     Adding a napari layer takes 70-80 ms and the window repaint it triggers another 40-55 ms
     (2 cores, software rendering); Qt runs that repaint before any timer or input of the same
     turn, so together they stalled the viewer for 105-146 ms. With the window's updates off
-    during the add, the two fall into separate turns: 94-107 ms and about 55 ms measured.
+    during the add, the two fall into separate turns: 94-107 ms and about 55 ms measured. The
+    updates come back ``TURN_MS`` later, not at once: a zero-delay timer could run before the
+    input and timers that fell due during the add, and the repaint would hold them too.
     """
     window = widget.window()
     window.setUpdatesEnabled(False)
     try:
         yield
     finally:
-        QTimer.singleShot(0, lambda: _enable_updates(window))
+        QTimer.singleShot(TURN_MS, lambda: _enable_updates(window))
 
 
 def _enable_updates(window) -> None:
@@ -84,6 +89,11 @@ def slow_spinners(widget) -> list:
     return slowed
 
 
+class JobError(Exception):
+    """Carries a job's RuntimeError (its ``__cause__``) through superqt's worker, which would
+    otherwise swallow it."""
+
+
 class Runner:
     """One job at a time: start, cancel, and napari's progress bar.
 
@@ -104,6 +114,7 @@ class Runner:
         self._progress = None
         self._generator = None
         self._job = None
+        self._delivered = None
 
     @property
     def running(self) -> bool:
@@ -130,17 +141,30 @@ class Runner:
         self._progress = progress(total=total, desc=self.description)
         if self.owner is not None:
             self._slowed = slow_spinners(self.owner)
-        worker = create_worker(lambda: (yield from generator), _start_thread=False)
+        outcome: list = []
+
+        def work():
+            try:
+                result = yield from generator
+            except RuntimeError as exc:
+                # superqt takes a RuntimeError for a deleted Qt object and only warns: no
+                # ``errored``, no ``finished``, and the dock would wait for ever.
+                raise JobError(exc) from exc
+            outcome.append(result)
+            return result
+
+        # Errors go to `_failed` (a clear notification), not re-raised into the event loop.
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
         job = self._job = object()
         # Events still queued when the job was cancelled are dropped: the caller's layers may
         # already have been restored.
         worker.yielded.connect(lambda event: self._job is job and on_yield(event))
-        worker.returned.connect(on_return)
+        worker.returned.connect(lambda result: self._returned(job, result, on_return))
         worker.aborted.connect(self._close_generator)
         if on_cancel is not None:
             worker.aborted.connect(on_cancel)
         worker.errored.connect(lambda exc: self._failed(exc, on_fail))
-        worker.finished.connect(self._finished)
+        worker.finished.connect(lambda: self._finished(job, outcome, on_return))
         self.worker = worker
         self.on_start_stop(True)
         run_in_turns([*prepare, worker.start])
@@ -170,7 +194,13 @@ class Runner:
         if self._generator is not None:
             self._generator.close()
 
+    def _returned(self, job, result, on_return) -> None:
+        self._delivered = job
+        on_return(result)
+
     def _failed(self, exc: Exception, on_fail) -> None:
+        if isinstance(exc, JobError):
+            exc = exc.__cause__
         if isinstance(exc, TumorSegError):
             show_error(str(exc))
         else:
@@ -178,7 +208,12 @@ class Runner:
         if on_fail is not None:
             on_fail()
 
-    def _finished(self) -> None:
+    def _finished(self, job, outcome: list, on_return) -> None:
+        # A Cancel that came after the job's last step: superqt then sends neither
+        # ``aborted`` nor ``returned``, but the job did finish (a fine-tuned model may already
+        # be saved), so its result is delivered as if Cancel had not been pressed.
+        if outcome and self._delivered is not job:
+            self._returned(job, outcome[0], on_return)
         for movie, speed in self._slowed:
             movie.setSpeed(speed)
         self._slowed = []
