@@ -71,9 +71,8 @@ def cache_exam(
     1.5 mm lost every third corrected slice: its voxels never made half of a model voxel), and
     weights are scaled by the share of a model voxel one input slice fills (2/3 from 1 to
     1.5 mm; a partial volume), as the blend did for the other slices. Voxels weighing 1 are
-    corrections: every model voxel overlapping one weighs at least that share too (and at least
-    0.5), so that a thin correction, or one on thin slices, stays a correction (weight >= 0.5,
-    see `train_steps`).
+    corrections: every model voxel overlapping one weighs at least 0.5, so that a thin
+    correction, or one on thin slices, stays a correction (weight >= 0.5, see `train_steps`).
     """
     reference = exam.reference
     channels = np.zeros((len(SEQUENCES), *reference.spatial_shape), np.float32)
@@ -100,8 +99,10 @@ def cache_exam(
         # A model voxel that overlaps a correction is one, however thin the correction: a
         # one-voxel brush stroke at 1 mm fills at most about half of a 1.5 mm voxel, and its
         # blurred weight (under 0.5) would let the parent's output override it in distillation.
+        # Such partly corrected voxels weigh 0.5, the least a correction weighs; full ones
+        # keep their weight (the share above).
         touched = resample_array(corrections * confidence, shape)[0] > 1e-3
-        weight[touched] = np.maximum(weight[touched], max(share, 0.5))
+        weight[touched] = np.maximum(weight[touched], 0.5)
     return CachedExam(
         exam.name, prepared.image.astype(np.float16), targets.astype(np.uint8), weight
     )
