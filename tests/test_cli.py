@@ -111,6 +111,33 @@ def test_segment_bad_inputs_exit_2(tmp_path, tiny_model):
     assert not (tmp_path / "s.nii.gz").exists()
 
 
+def test_segment_checks_its_outputs_before_any_work(tmp_path, tiny_model):
+    """Minutes of registration and inference are not spent before a bad output is refused."""
+    out = tmp_path / "s.nii.gz"
+    _assert_exit_2(_run("segment", BRATS, "--out", out, "--overlap", "1"), "overlap")
+    _assert_exit_2(
+        _run("segment", BRATS, "--out", out, "--prob", tmp_path / "p.nrrd"), "p.nrrd", ".nii"
+    )
+    _assert_exit_2(_run("segment", BRATS, "--out", out, "--prob", out), "same file")
+    case = tmp_path / "case"
+    shutil.copytree(BRATS, case)
+    seg = next(case.glob("*_seg.nii.gz"))
+    before = seg.read_bytes()
+    _assert_exit_2(_run("segment", case, "--out", seg, "--model", tiny_model), str(seg), "input")
+    assert seg.read_bytes() == before and not out.exists()
+
+
+def test_explicit_sequences_keep_the_order_given():
+    """The first sequence given on the command line is the reference (contract 2.3)."""
+    from napari_tumorseg.cli import _exam_from_args, build_parser
+
+    files = {s: BRATS / f"Brats18_TCIA01_378_1_{s}.nii.gz" for s in ("flair", "t1ce")}
+    args = build_parser().parse_args(
+        ["segment", "--flair", str(files["flair"]), "--t1ce", str(files["t1ce"]), "--out", "s.nii"]
+    )
+    assert list(_exam_from_args(args).scans) == ["flair", "t1ce"]
+
+
 def test_register_writes_image_and_itk_transform(tmp_path):
     import SimpleITK as sitk
 
@@ -148,6 +175,19 @@ def test_evaluate_json_and_grid_mismatch(tmp_path):
 def test_models_lists_the_user_folder(capsys):
     assert main(["models"]) == 0
     assert "user models folder" in capsys.readouterr().out
+
+
+def test_a_broken_user_model_does_not_hide_the_others(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUMORSEG_USER_DIR", str(tmp_path))
+    from napari_tumorseg.core.models import CARD_FILE, user_models_dir
+
+    broken = user_models_dir() / "mine" / "v1"
+    broken.mkdir(parents=True)
+    (broken / CARD_FILE).write_text("{not json")
+    assert main(["models"]) == 0
+    captured = capsys.readouterr()
+    assert "3d" in captured.out and "2d" in captured.out
+    assert str(broken / CARD_FILE) in captured.err
 
 
 def test_unwritable_output_is_exit_2_with_one_line(tmp_path):

@@ -17,7 +17,10 @@ from .core.errors import TumorSegError
 def _cmd_models(args: argparse.Namespace) -> int:
     from .core.models import list_models, user_models_dir
 
-    cards = list_models()
+    problems: list[str] = []
+    cards = list_models(problems)
+    for problem in problems:
+        print(f"tumorseg: skipped a model: {problem}", file=sys.stderr)
     if not cards:
         print("no models installed")
     for card in cards:
@@ -62,7 +65,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _exam_from_args(args: argparse.Namespace):
     from .core.io import read_exam
 
-    explicit = {s: getattr(args, s) for s in ("t1", "t1ce", "t2", "flair") if getattr(args, s)}
+    # In the order given: the first is the reference whose geometry the outputs take.
+    order = dict.fromkeys(getattr(args, "sequence_order", []))
+    explicit = {s: getattr(args, s) for s in order if getattr(args, s)}
     if explicit and args.inputs:
         raise TumorSegError("give either CASE_DIR_OR_FILES or --t1/--t1ce/--t2/--flair, not both")
     if explicit:
@@ -74,6 +79,14 @@ def _exam_from_args(args: argparse.Namespace):
     return read_exam(args.inputs)
 
 
+class _SequenceFile(argparse.Action):
+    """Stores a --t1/--t1ce/--t2/--flair file and the order the sequences were given in."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.sequence_order = [*getattr(namespace, "sequence_order", []), self.dest]
+
+
 def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs",
@@ -83,7 +96,7 @@ def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
         help="a case folder, or NIfTI files named by sequence (*_t1ce.nii.gz)",
     )
     for seq in ("t1", "t1ce", "t2", "flair"):
-        parser.add_argument(f"--{seq}", type=Path, help=f"the {seq} scan")
+        parser.add_argument(f"--{seq}", type=Path, action=_SequenceFile, help=f"the {seq} scan")
     parser.add_argument("--model", default="3d", help="3d, 2d or a user model NAME[@vK]")
 
 
@@ -130,6 +143,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         mask = read_volume(args.edited, kind="scan")
         check_grid_match(mask, [exam.reference], args.edited)
         edited = np.asarray(mask.array) != 0
+        if not edited.any():
+            raise TumorSegError("marks no corrected voxel (it is all zeros)", args.edited)
     model = load_model(args.model)
     last = [0.0]
 
@@ -237,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the WT/TC/ET probabilities (4D NIfTI)",
     )
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    seg.add_argument("--overlap", type=float, default=0.5, help="window overlap (3D models)")
+    seg.add_argument(
+        "--overlap", type=float, default=0.5, help="window overlap in [0, 1) (3D models)"
+    )
     seg.add_argument("--tta", action="store_true", help="test-time mirroring")
     seg.add_argument(
         "--precision",

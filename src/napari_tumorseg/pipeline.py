@@ -12,8 +12,8 @@ import numpy as np
 
 from ._sample_data import sample_exam_dir
 from .core.errors import TumorSegError
-from .core.inference import SegmentationResult, exam_to_channels, segment
-from .core.io import SEQUENCES, Exam, read_exam, write_labels, write_volume
+from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
+from .core.io import SEQUENCES, Exam, is_nifti_path, read_exam, write_labels, write_volume
 from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from .core.models import load_model
@@ -61,6 +61,27 @@ def write_report(base: Path, report: dict) -> list[Path]:
         _atomic_write_text(base.with_suffix(".json"), json.dumps(report, indent=2)),
         _atomic_write_text(base.with_suffix(".csv"), buffer.getvalue()),
     ]
+
+
+def check_outputs(exam: Exam, *outputs: Path | None) -> None:
+    """Refuse outputs that are not NIfTI names, that name one file twice, or that would
+    overwrite one of the exam's own files."""
+    named = [Path(p) for p in outputs if p is not None]
+    for path in named:
+        if not is_nifti_path(path):
+            raise TumorSegError("output must end in .nii or .nii.gz", path)
+    resolved = [p.resolve() for p in named]
+    if len(set(resolved)) < len(resolved):
+        raise TumorSegError("two outputs would be written to the same file", named[0])
+    volumes = [*exam.scans.values(), exam.labels]
+    inputs = {
+        v.source.path.resolve()
+        for v in volumes
+        if v is not None and v.source is not None and v.source.path is not None
+    }
+    for path, full in zip(named, resolved):
+        if full in inputs:
+            raise TumorSegError("is one of this exam's input files: choose another output", path)
 
 
 def prepare_exam(
@@ -117,7 +138,13 @@ def segment_exam(
     log: Callable[[str], None] = print,
     precision: str = "auto",
 ) -> tuple[SegmentationResult, list[Path]]:
-    """Segment one exam and write the label map (and probabilities) in the reference geometry."""
+    """Segment one exam and write the label map (and probabilities) in the reference geometry.
+
+    The outputs and ``overlap`` are checked first, so that a bad name fails before minutes of
+    registration and inference.
+    """
+    check_outputs(exam, out, prob_out)
+    check_overlap(overlap)
     channels = prepare_exam(exam, register=register, reference=reference, log=log)
     tumour_model = load_model(model)
     missing = [s for s in SEQUENCES if s not in channels.channels]

@@ -128,3 +128,14 @@ def test_no_correction_is_a_clear_error(exam):
     labels = np.zeros(exam.reference.spatial_shape, np.uint8)
     with pytest.raises(TumorSegError, match="no corrected voxel"):
         next(finetune(model, exam, labels, np.zeros_like(labels, bool)))
+
+
+@pytest.mark.parametrize("name", ["3d", "a/b", "", ".hidden"])
+def test_a_bad_model_name_fails_before_any_training(exam, name):
+    model = load_model(make_tiny_model())
+    labels = np.zeros(exam.reference.spatial_shape, np.uint8)
+    edited = np.zeros_like(labels, bool)
+    edited[70, 100:110, 100:110] = True
+    run = finetune_and_save(model, exam, labels, edited, name=name, seconds=60)
+    with pytest.raises(TumorSegError, match="not a valid model name"):
+        next(run)  # the first step would have come here; no step is taken

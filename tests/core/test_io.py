@@ -231,3 +231,43 @@ def test_gzip_helper_matches_truncation_kind(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(b"hello" * 100)
     _assert_error(path, "NIfTI")
+
+
+def test_singular_affine_is_a_clear_error(tmp_path):
+    image = nib.Nifti1Image(np.ones((8, 8, 8), np.int16), np.eye(4))
+    image.set_sform(np.zeros((4, 4)), code=1)
+    image.set_qform(None, code=0)
+    path = tmp_path / "broken_t1.nii.gz"
+    nib.save(image, str(path))
+    _assert_error(path, "voxel-to-world")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    labels = read_volume(SEG)
+    umask = os.umask(0o022)
+    try:
+        fresh = write_labels(tmp_path / "new_seg.nii.gz", labels.array, labels)
+    finally:
+        os.umask(umask)
+    # mkstemp makes 0600 files; a saved mask must be readable as any file the user saves.
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+    shared = tmp_path / "shared_seg.nii.gz"
+    shared.write_bytes(b"old")
+    shared.chmod(0o664)
+    write_labels(shared, labels.array, labels)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o664  # replacing a file keeps its mode
+
+
+def test_scaled_integer_scan_reads_as_float32(tmp_path):
+    """scl_slope (scanner exports) must not turn a scan into a float64 copy."""
+    image = nib.Nifti1Image(np.arange(512, dtype=np.int16).reshape(8, 8, 8), np.eye(4))
+    image.header.set_slope_inter(0.5, 10.0)
+    path = tmp_path / "scaled_t2.nii.gz"
+    nib.save(image, str(path))
+    volume = read_volume(path)
+    assert volume.array.dtype == np.float32
+    expected = nib.load(str(path)).get_fdata()  # float64, nibabel's scaling
+    np.testing.assert_allclose(volume.array.transpose(2, 1, 0)[::-1, ::-1], expected, rtol=1e-6)

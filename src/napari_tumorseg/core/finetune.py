@@ -40,7 +40,7 @@ from .augment import JointAugment
 from .errors import TumorSegError
 from .io import Exam
 from .losses import dice_bce_loss
-from .models import TumorModel, save_user_model
+from .models import TumorModel, check_model_name, save_user_model
 from .training import CachedExam, cache_exam, cosine_lr, crop_padded, train_steps
 
 #: Loss weight of the voxels the user left alone, relative to corrected slices (see
@@ -343,6 +343,7 @@ def finetune_and_save(
 
     The version folder is written atomically. Returns ``(folder, result)``.
     """
+    check_model_name(name)  # before training, not after it
     result = yield from finetune(model, exam, labels, edited, mode=mode, **kwargs)
     folder = save_user_model(result.network, result.card, name)
     result.card.update(name=name, version=int(folder.name[1:]))

@@ -950,6 +950,13 @@ class _ModelToInput:
         return out_box, np.ascontiguousarray(values, dtype=np.float32)
 
 
+def check_overlap(overlap: float) -> float:
+    """``overlap`` if it is a window overlap (in [0, 1)), else a `TumorSegError`."""
+    if not 0 <= overlap < 1:
+        raise TumorSegError(f"the window overlap must be at least 0 and below 1, got {overlap}")
+    return overlap
+
+
 def segment(
     exam_or_channels: Exam | Volume,
     model,
@@ -1007,6 +1014,7 @@ def segment(
         unavailable device.
     """
     started = time.perf_counter()
+    check_overlap(overlap)
     if isinstance(model, str):
         from .models import load_model
 

@@ -115,7 +115,11 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise TumorSegError(f"is not a NIfTI file (read as {type(image).__name__})", path)
     try:
-        data = np.asanyarray(image.dataobj)
+        proxy = image.dataobj
+        scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
+        # Scaled integers (scl_slope, common in scanner exports) would come back as float64:
+        # twice the memory of the float32 the rest of the pipeline uses.
+        data = np.asarray(image.get_fdata(dtype=np.float32)) if scaled else np.asanyarray(proxy)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise TumorSegError(
             f"file is truncated or corrupt: the voxel data cannot be read ({_short(exc)})", path
@@ -230,6 +234,13 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
         elif data.dtype.kind not in "iub":
             raise TumorSegError(f"has an unsupported voxel type {data.dtype}", path)
         name = named if named not in (None, "labels") else file_stem(path)
+    affine = image.header.get_best_affine()
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise TumorSegError(
+            "its header gives no usable voxel-to-world transform (the affine is singular or "
+            "not finite): the scan's geometry is unknown",
+            path,
+        )
     return Volume.from_nifti(image, data, name=name, path=path)
 
 
@@ -367,6 +378,17 @@ def case_name(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+def creation_mode(path: str | Path, directory: bool = False) -> int:
+    """The permissions an atomically replaced ``path`` should get: those of the file it
+    replaces, else what ``open`` (or ``mkdir``) would give under the process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return (0o777 if directory else 0o666) & ~umask
+
+
 def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) -> Path:
     """Write a (Z, Y, X) or (C, Z, Y, X) array in the geometry of ``like`` (its source file's
     grid; channels become the 4th NIfTI dimension), atomically.
@@ -390,6 +412,8 @@ def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) 
     os.close(fd)
     try:
         nib.save(image, tmp)
+        # mkstemp creates the file readable by its owner only; the rename would keep that.
+        os.chmod(tmp, creation_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

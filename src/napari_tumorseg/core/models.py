@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TumorSegError
+from .io import creation_mode
 from .unet import build_network
 
 BUNDLED = ("3d", "2d")
@@ -127,7 +128,7 @@ def model_folder(name: str) -> Path:
     base, _, version = name.partition("@")
     versions = _user_versions(base)
     if not versions:
-        known = ", ".join([*BUNDLED, *(m["label"] for m in list_models() if m["parent"])])
+        known = ", ".join([*BUNDLED, *(m["label"] for m in list_models() if m.get("parent"))])
         raise TumorSegError(f"no model named {name!r}; known models: {known}")
     if not version:
         return versions[-1]
@@ -188,6 +189,7 @@ def save_model(
         }
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
+        os.chmod(tmp, creation_mode(folder, directory=True))  # mkdtemp: owner only
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -202,27 +204,43 @@ def save_model(
     return folder
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if it can name a user model, else a `TumorSegError` saying why."""
+    if not name or any(c in name for c in "/\\@") or name in BUNDLED or name.startswith("."):
+        raise TumorSegError(
+            f"{name!r} is not a valid model name (no / \\ @, not starting with '.'; not 3d or 2d)"
+        )
+    return name
+
+
 def save_user_model(network: torch.nn.Module, card: dict, name: str) -> Path:
     """Save a new version of user model ``name``; returns its folder (``.../name/v<k>``)."""
-    if not name or any(c in name for c in "/\\@") or name in BUNDLED:
-        raise TumorSegError(f"{name!r} is not a valid model name (no / \\ @; not 3d or 2d)")
+    check_model_name(name)
     versions = _user_versions(name)
     version = int(versions[-1].name[1:]) + 1 if versions else 1
     card = {**card, "name": name, "version": version}
     return save_model(network, card, user_models_dir() / name / f"v{version}")
 
 
-def list_models() -> list[dict]:
-    """Cards of the bundled models present and of every user model version, with ``label``."""
-    cards = []
-    for name in BUNDLED:
-        folder = bundled_dir() / name
-        if (folder / WEIGHTS_FILE).exists():
-            cards.append({**_read_card(folder), "label": name, "path": str(folder)})
+def list_models(problems: list[str] | None = None) -> list[dict]:
+    """Cards of the bundled models present and of every user model version, with ``label``.
+
+    A model whose card cannot be read is left out, so that one broken folder does not hide the
+    others; its message (naming the file) is appended to ``problems`` when given.
+    """
+    found = [(name, bundled_dir() / name) for name in BUNDLED]
+    found = [(label, folder) for label, folder in found if (folder / WEIGHTS_FILE).exists()]
     root = user_models_dir()
     if root.is_dir():
         for model in sorted(p for p in root.iterdir() if p.is_dir()):
-            for folder in _user_versions(model.name):
-                card = _read_card(folder)
-                cards.append({**card, "label": f"{model.name}@{folder.name}", "path": str(folder)})
+            found += [(f"{model.name}@{f.name}", f) for f in _user_versions(model.name)]
+    cards = []
+    for label, folder in found:
+        try:
+            card = _read_card(folder)
+        except TumorSegError as exc:
+            if problems is not None:
+                problems.append(str(exc))
+            continue
+        cards.append({**card, "label": label, "path": str(folder)})
     return cards
