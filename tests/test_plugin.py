@@ -183,3 +183,21 @@ def test_writer_uses_the_layer_transform_for_hand_made_labels(make_napari_viewer
         saved.affine, read_volume(BRATS / "Brats18_TCIA01_378_1_flair.nii.gz").affine, atol=1e-4
     )
     assert saved.array[80, 100, 60] == 2 and saved.array.sum() == 2
+    # ... and voxel for voxel like the scan it was drawn on (its header, not a fresh LPS one).
+    flair_file = nib.load(str(BRATS / "Brats18_TCIA01_378_1_flair.nii.gz"))
+    np.testing.assert_array_equal(nib.load(str(out)).affine, flair_file.affine)
+
+
+def test_writer_refuses_labels_the_reader_would_refuse(tmp_path):
+    """napari's "new label" picks 5: saving it would write a file that cannot be reopened."""
+    from napari_tumorseg._writer import write_labels_layer
+    from napari_tumorseg.core.errors import TumorSegError
+
+    seg = read_volume(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz", kind="labels")
+    data = seg.array.copy()
+    data[80, 100, 60] = 5
+    attributes = {"name": "edited", "scale": (1, 1, 1), "translate": (0, 0, 0)}
+    out = tmp_path / "edited_seg.nii.gz"
+    with pytest.raises(TumorSegError, match="values 5"):
+        write_labels_layer(str(out), data, attributes)
+    assert not out.exists()

@@ -43,10 +43,18 @@ def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
     viewer, widget, labels = corrected_dock
     parent = widget.model.currentText()
     n_layers = len(viewer.layers)
+    # The pickers move on (here: T1 unpicked); fine-tuning still learns from the scans the
+    # segmentation was made from, and re-segments those.
+    used = dict(labels.metadata["tumorseg"]["scan_layers"])
+    assert set(used) == {"t1", "t1ce", "t2", "flair"}
+    widget.pickers.boxes["t1"].setCurrentIndex(0)
+    assert "t1" not in widget.pickers.selected_layers()
     # Fine-tuning, then the exam segmented again with the new model.
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
         assert widget.finetune() is not None
     assert widget.model.currentText() == "mine@v1"
+    assert widget._finetune_context["scan_layers"] == used
+    assert widget.labels_layer.metadata["tumorseg"]["scan_layers"] == used
     assert len(widget.loss_curve.losses) >= 1
     assert widget.labels_layer is not labels
     assert len(viewer.layers) == n_layers + 1  # a new label map; the edited one stays

@@ -120,6 +120,11 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
         | (viewer.layers[probability_layer_name("ET")].data > 0.5)
     )
     assert wt == expected.sum()
+    # Ctrl+Z brings the model's own map back: none of its voxels counts as a correction.
+    labels.undo()
+    assert (labels.data > 0).sum() != wt and not edited_voxels(labels).any()
+    labels.redo()
+    assert not edited_voxels(labels).any()
 
     # After a manual edit, thresholds ask first; "no" keeps the edit.
     labels.data_setitem((np.array([70]), np.array([100]), np.array([100])), 1)
@@ -160,6 +165,58 @@ def test_repaint_next_turn_holds_the_repaint_for_one_turn_even_on_error(qtbot):
         raise ValueError("a failed layer add")
     assert not widget.updatesEnabled()  # back on in the next turn, not in this one
     qtbot.waitUntil(widget.updatesEnabled, timeout=2000)
+
+
+def test_a_runtime_error_in_a_job_is_reported_and_frees_the_runner(qtbot):
+    """superqt swallows a RuntimeError (CUDA errors, torch's out-of-memory, SimpleITK): the
+    runner must still report it and end the job, or the dock stays disabled."""
+    from napari_tumorseg.widgets._runner import Runner
+
+    states, failed = [], []
+    runner = Runner("job", states.append)
+
+    def job():
+        yield 1
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    runner.start(
+        job(),
+        on_yield=lambda e: None,
+        on_return=failed.append,
+        on_fail=lambda: failed.append("failed"),
+    )
+    qtbot.waitUntil(lambda: not runner.running, timeout=5000)
+    assert failed == ["failed"] and states == [True, False]
+
+
+def test_a_cancel_after_the_jobs_last_step_still_delivers_its_result(qtbot):
+    """Cancel pressed while the job finishes (e.g. saves a fine-tuned model): superqt then
+    sends neither ``aborted`` nor ``returned``; the result must still reach the dock."""
+    import threading
+
+    from napari_tumorseg.widgets._runner import Runner
+
+    finishing, proceed = threading.Event(), threading.Event()
+    returned, cancelled = [], []
+    runner = Runner("job", lambda running: None)
+
+    def job():
+        yield 1
+        finishing.set()
+        proceed.wait(5)
+        return "saved"
+
+    runner.start(
+        job(),
+        on_yield=lambda e: None,
+        on_return=returned.append,
+        on_cancel=lambda: cancelled.append(1),
+    )
+    qtbot.waitUntil(finishing.is_set, timeout=5000)
+    runner.cancel()
+    proceed.set()
+    qtbot.waitUntil(lambda: not runner.running, timeout=5000)
+    assert returned == ["saved"] and cancelled == []
 
 
 def test_a_job_slows_the_windows_spinner_and_restores_it(qtbot):

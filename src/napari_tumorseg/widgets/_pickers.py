@@ -68,9 +68,14 @@ class SequencePickers:
 
     def selected_volumes(self) -> dict:
         """Sequence -> Volume of the selected layers (named by sequence)."""
-        volumes = {}
-        for seq, layer in self.selected_layers().items():
-            volume = layer_volume(layer)
-            volume.name = seq
-            volumes[seq] = volume
-        return volumes
+        return volumes_of(self.selected_layers())
+
+
+def volumes_of(layers: dict) -> dict:
+    """Sequence -> Volume of sequence -> napari layer (each volume named by its sequence)."""
+    volumes = {}
+    for seq, layer in layers.items():
+        volume = layer_volume(layer)
+        volume.name = seq
+        volumes[seq] = volume
+    return volumes

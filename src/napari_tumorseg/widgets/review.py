@@ -46,11 +46,28 @@ def apply_labels(layer, new: np.ndarray) -> int:
 
 def edited_voxels(layer) -> np.ndarray | None:
     """Boolean map of the voxels the user changed since the model produced the layer, or None
-    when the layer does not come from a segmentation."""
-    model_labels = layer.metadata.get(META_KEY, {}).get("model_labels")
+    when the layer does not come from a segmentation.
+
+    A voxel that holds what the model said, or what one of the thresholds applied since gave
+    (`ReviewWidget.apply_thresholds`), is not an edit: Ctrl+Z after new thresholds brings back
+    the model's map, and its voxels must not turn into corrections.
+    """
+    meta = layer.metadata.get(META_KEY, {})
+    model_labels = meta.get("model_labels")
     if model_labels is None:
         return None
-    return np.asarray(layer.data) != model_labels
+    data = np.asarray(layer.data)
+    edited = data != model_labels
+    for derived in meta.get("threshold_labels", ()):
+        edited &= data != derived
+    return edited
+
+
+def model_output(layer) -> np.ndarray:
+    """The map the user started editing from: the last thresholds applied, else the model's."""
+    meta = layer.metadata.get(META_KEY, {})
+    derived = meta.get("threshold_labels") or [meta["model_labels"]]
+    return derived[-1]
 
 
 class ReviewWidget(QWidget):
@@ -163,7 +180,9 @@ class ReviewWidget(QWidget):
                 return 0
         new = probabilities_to_labels(prob, self.thresholds())
         changed = apply_labels(layer, new)
-        layer.metadata.setdefault(META_KEY, {})["model_labels"] = new.copy()
+        layer.metadata.setdefault(META_KEY, {}).setdefault("threshold_labels", []).append(
+            new.copy()
+        )
         self.status.setText(f"thresholds {self.thresholds()}: {changed} voxels changed")
         return changed
 

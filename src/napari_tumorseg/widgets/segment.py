@@ -29,7 +29,7 @@ from ..core.io import REGIONS, SEQUENCES, Exam, case_name
 from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
-from ._pickers import SequencePickers
+from ._pickers import SequencePickers, volumes_of
 from ._runner import Runner, repaint_next_turn, run_in_turns
 
 #: Colour of each region's probability layer (the label colours of its main label).
@@ -125,7 +125,8 @@ class SegmentWidget(QWidget):
         self.tuner = Runner("Fine-tuning", self._set_running, owner=self)
         self._previous_model: str | None = None
         self._after_finetune: dict | None = None
-        self.run_button.clicked.connect(self.run)
+        self._scan_names: dict = {}
+        self.run_button.clicked.connect(lambda: self.run())  # not clicked(bool) as scan_layers
         self.cancel_button.clicked.connect(self.cancel)
         self.finetune_button.clicked.connect(self.finetune)
         self.revert_button.clicked.connect(self.revert_model)
@@ -135,7 +136,10 @@ class SegmentWidget(QWidget):
     def refresh_models(self, select: str | None = None) -> None:
         """Fill the model picker: bundled 3D, bundled 2D, then user versions."""
         current = select or self.model.currentText()
-        labels = [card["label"] for card in list_models()]
+        problems: list[str] = []
+        labels = [card["label"] for card in list_models(problems)]
+        for problem in problems:
+            show_warning(f"Segment tumour: a model was left out: {problem}")
         self.model.clear()
         self.model.addItems(labels)
         if current in labels:
@@ -156,16 +160,20 @@ class SegmentWidget(QWidget):
         self.runner.cancel()
         self.tuner.cancel()
 
-    def run(self):
-        """Start segmenting the picked sequences; returns the worker (None if nothing to do)."""
+    def run(self, scan_layers: dict | None = None):
+        """Start segmenting the picked sequences (or ``scan_layers``: sequence -> layer name);
+        returns the worker (None if nothing to do)."""
         try:
-            exam = Exam(scans=self.pickers.selected_volumes(), name=self._case_name())
+            layers = self._scan_layers(scan_layers)
+            exam = Exam(scans=volumes_of(layers), name=self._case_name(layers))
             reference = check_one_grid(exam)
             model = load_model(self.model.currentText())
         except TumorSegError as exc:
             show_warning(f"Segment tumour: {exc}")
             self.status.setText(str(exc))
+            self._after_finetune = None
             return None
+        self._scan_names = {seq: layer.name for seq, layer in layers.items()}
         self._prob_layers, self._reused = {}, {}
         self._last_redraw = 0.0
         missing = [s for s in SEQUENCES if s not in exam.scans]
@@ -219,7 +227,20 @@ class SegmentWidget(QWidget):
                 **grid.layer_transform(),
             )
 
+    def _scan_layers(self, names: dict | None) -> dict:
+        """Sequence -> layer: the pickers' choice, or the layers named in ``names`` (the scans
+        a segmentation was made from), which must still be open."""
+        if names is None:
+            return self.pickers.selected_layers()
+        gone = [name for name in names.values() if name not in self.viewer.layers]
+        if gone:
+            raise TumorSegError(
+                f"the scans this segmentation was made from are no longer open ({', '.join(gone)})"
+            )
+        return {seq: self.viewer.layers[name] for seq, name in names.items()}
+
     def _discard_probability_layers(self) -> None:
+        self._after_finetune = None
         for region, layer in self._prob_layers.items():
             if region in self._reused:
                 layer.data = self._reused[region]
@@ -262,7 +283,9 @@ class SegmentWidget(QWidget):
                 partial(self._remove_layer, probability_layer_name(region)),
                 partial(self._finish_probability_layer, layer, region, result),
             ]
-        steps.append(partial(self._add_labels_layer, result, self._exam_name, self._model))
+        steps.append(
+            partial(self._add_labels_layer, result, self._exam_name, self._model, self._scan_names)
+        )
         # Its own turn: napari's notification toast and the listeners of ``segmented`` (the
         # measurement dock) would lengthen the labels layer's stall.
         steps.append(partial(self._announce, result, self._model))
@@ -276,13 +299,16 @@ class SegmentWidget(QWidget):
         layer.data = result.probabilities.array[list(REGIONS).index(region)]
         layer.name = probability_layer_name(region)
 
-    def _add_labels_layer(self, result, exam_name: str, model) -> None:
+    def _add_labels_layer(self, result, exam_name: str, model, scan_names: dict) -> None:
         data, kwargs, _ = labels_layer_data(result.labels, name=f"{exam_name} segmentation")
         # Remember what the model said, so edits (the user's corrections) can be told apart.
         kwargs["metadata"][META_KEY].update(
             model=model.label,
             model_labels=result.labels.array.copy(),
             sequences=list(result.used_sequences),
+            # The scan layers it was made from: fine-tuning learns from these, whatever the
+            # pickers show by then.
+            scan_layers=dict(scan_names),
         )
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
         # overwritten.
@@ -308,7 +334,7 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self):
         """Fine-tune the model on the edits of the current segmentation; returns the worker."""
-        from .review import edited_voxels
+        from .review import edited_voxels, model_output
 
         layer = self.labels_layer
         if layer is None or layer not in self.viewer.layers:
@@ -321,7 +347,8 @@ class SegmentWidget(QWidget):
         meta = layer.metadata.get(META_KEY, {})
         try:
             model = load_model(meta.get("model") or self.model.currentText())
-            exam = Exam(scans=self.pickers.selected_volumes(), name=self._case_name())
+            scans = self._scan_layers(meta.get("scan_layers"))
+            exam = Exam(scans=volumes_of(scans), name=self._case_name(scans))
             check_one_grid(exam)  # same grid check as for segmenting
         except TumorSegError as exc:
             show_warning(f"Fine-tune: {exc}")
@@ -329,11 +356,12 @@ class SegmentWidget(QWidget):
         corrected = np.array(layer.data, copy=True)
         mode = "keep" if self.ft_mode.currentIndex() == 0 else "adapt"
         self._finetune_context = {
-            "before": np.array(meta["model_labels"], copy=True),
+            "before": np.array(model_output(layer), copy=True),
             "corrected": corrected,
             "edited": edited,
             "spacing": exam.reference.spacing,
             "parent": model.label,
+            "scan_layers": {seq: scan.name for seq, scan in scans.items()},
         }
         self.loss_curve.clear()
         self.changes.setText(f"fine-tuning {model.label} on {int(edited.sum())} corrected voxels")
@@ -373,7 +401,7 @@ class SegmentWidget(QWidget):
         )
         show_info(f"Fine-tuned model saved as {label}")
         self._after_finetune = self._finetune_context
-        self.run()
+        self.run(scan_layers=self._finetune_context["scan_layers"])
 
     def _show_changes(self, context: dict, new_labels: np.ndarray) -> None:
         summary = change_summary(
@@ -408,8 +436,8 @@ class SegmentWidget(QWidget):
             self.changes.setText(f"reverted to {self._previous_model}")
             self.revert_button.setEnabled(False)
 
-    def _case_name(self) -> str:
-        for layer in self.pickers.selected_layers().values():
+    def _case_name(self, layers: dict) -> str:
+        for layer in layers.values():
             source = layer.metadata.get(META_KEY, {}).get("source_path")
             if source:
                 return case_name(source)
