@@ -244,6 +244,13 @@ def test_finetune_stores_a_user_model_that_segment_can_use(tmp_path, tiny_model)
     assert "mine@v1" in listed.stdout and f"parent {tiny_model}" in listed.stdout
     out = tmp_path / "seg2.nii.gz"
     assert _run("segment", BRATS, "--out", out, "--model", "mine").returncode == 0
+    blank = tmp_path / "nothing_edited.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros_like(edited), image.affine, image.header), str(blank))
+    _assert_exit_2(
+        _run(*("finetune", BRATS, "--labels", labels_path, "--edited", blank, "--name", "x")),
+        str(blank),
+        "no corrected voxel",
+    )
     _assert_exit_2(
         _run(
             "finetune",

@@ -164,7 +164,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             edited,
             name=args.name,
             mode=args.mode,
-            seconds=args.seconds,
+            seconds=60.0 if args.seconds is None and args.steps is None else args.seconds,
             steps=args.steps,
         ),
         report,
@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="non-zero where the user corrected (default: every voxel counts)",
     )
     tune.add_argument("--name", required=True, help="user model to store the new version as")
-    tune.add_argument("--seconds", type=float, default=60.0, help="time budget (default 60)")
+    tune.add_argument(
+        "--seconds", type=float, help="time budget (default 60, or none when --steps is given)"
+    )
     tune.add_argument("--steps", type=int, help="step budget (with --seconds: whichever first)")
     tune.add_argument(
         "--mode",

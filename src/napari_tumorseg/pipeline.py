@@ -57,10 +57,17 @@ def write_report(base: Path, report: dict) -> list[Path]:
     writer = csv.DictWriter(buffer, fieldnames=list(flat))
     writer.writeheader()
     writer.writerow(flat)
+    json_path, csv_path = report_paths(base)
     return [
-        _atomic_write_text(base.with_suffix(".json"), json.dumps(report, indent=2)),
-        _atomic_write_text(base.with_suffix(".csv"), buffer.getvalue()),
+        _atomic_write_text(json_path, json.dumps(report, indent=2)),
+        _atomic_write_text(csv_path, buffer.getvalue()),
     ]
+
+
+def report_paths(base: Path) -> tuple[Path, Path]:
+    """The JSON and CSV files `write_report` writes for ``base``. Not ``with_suffix``: it
+    would cut a name holding a dot ("sub-01.ses-1_report" -> "sub-01.json")."""
+    return base.with_name(f"{base.name}.json"), base.with_name(f"{base.name}.csv")
 
 
 def check_outputs(exam: Exam, *outputs: Path | None) -> None:

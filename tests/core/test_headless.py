@@ -18,3 +18,17 @@ def test_core_and_api_import_no_qt_or_napari():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reports_keep_a_dotted_exam_name(tmp_path):
+    """``with_suffix`` would turn "sub-01.ses-1_report" into "sub-01.json"."""
+    import numpy as np
+
+    from napari_tumorseg.pipeline import label_map_report, report_paths, write_report
+
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[1, 1, 1] = 2
+    base = tmp_path / "sub-01.ses-1_report"
+    written = write_report(base, label_map_report(labels, 0.001, exam="sub-01.ses-1"))
+    assert [p.name for p in written] == ["sub-01.ses-1_report.json", "sub-01.ses-1_report.csv"]
+    assert list(report_paths(base)) == written

@@ -22,17 +22,25 @@ MISSING_POLICY = "zeros after z-score (the brain mean); trained with random sequ
 NORMALIZATION = "per-channel z-score over brain voxels (mean 0, std 1), background set to 0"
 
 
-def brain_mask(channels: np.ndarray) -> np.ndarray:
-    """Boolean brain (or head) mask of a (C, Z, Y, X) exam.
+def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
+    """Boolean brain (or head) mask of a (C, Z, Y, X) exam, from the channels in ``present``
+    (indices; default all).
 
     Skull-stripped exams (BraTS) have exact zeros outside the brain: the mask is "any channel
     non-zero". Raw exams have noise everywhere: the mask is an Otsu threshold of the mean channel,
-    with holes filled and only the largest component kept.
+    with holes filled and only the largest component kept. Channel by channel, so that no copy of
+    the whole exam is made.
     """
-    nonzero = np.any(channels != 0, axis=0)
+    present = range(channels.shape[0]) if present is None else list(present)
+    nonzero = np.zeros(channels.shape[1:], bool)
+    for c in present:
+        nonzero |= channels[c] != 0
     if nonzero.mean() < 0.9:
         return nonzero
-    mean = channels.astype(np.float32).mean(axis=0)
+    mean = np.zeros(channels.shape[1:], np.float32)
+    for c in present:
+        mean += channels[c]
+    mean /= len(present)
     threshold = otsu_threshold(mean)
     mask = ndimage.binary_opening(mean > threshold, iterations=1)
     labels, n = ndimage.label(mask)
@@ -153,7 +161,7 @@ def prepare(
     present : sequence of int, optional
         Indices of the channels that hold a sequence; the others are zeros.
     """
-    mask = brain_mask(channels if present is None else channels[list(present)])
+    mask = brain_mask(channels, present)
     box = bounding_box(mask, margin)
     cropped = channels[(slice(None), *box)]
     mask = mask[box]

@@ -25,7 +25,7 @@ from .._layers import META_KEY, layer_volume
 from ..core.errors import TumorSegError
 from ..core.io import REGIONS, write_labels
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
-from ..pipeline import label_map_report, write_report
+from ..pipeline import label_map_report, report_paths, write_report
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"
@@ -182,7 +182,7 @@ class MeasureWidget(QWidget):
         if not name.endswith((".nii", ".nii.gz")):
             path = path.with_name(f"{name}.nii.gz")
         report_base = path.with_name(f"{stem}_report")
-        targets = [path, report_base.with_suffix(".json"), report_base.with_suffix(".csv")]
+        targets = [path, *report_paths(report_base)]
         existing = [p for p in targets if p.exists()]
         if existing and not confirm_overwrite(existing):
             show_info("Save mask: nothing written (existing files kept)")
