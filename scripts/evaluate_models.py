@@ -1,7 +1,7 @@
 """Dice of a model on labelled exams, with all sequences and with some missing.
 
     python scripts/evaluate_models.py --model 3d --data ../shared/data/brats2018/train \
-        --exams Brats18_CBICA_ABM_1,Brats18_TCIA10_637_1 [--drop t1ce] [--tta]
+        --exams Brats18_CBICA_ABM_1,Brats18_TCIA10_637_1 [--drop t1ce] [--tta] [--window fit]
 
 Reproduces the validation figures in the bundled models' cards (the full inference pipeline on
 the original 1 mm grid, Dice per region against the expert labels).
@@ -10,30 +10,45 @@ the original 1 mm grid, Dice per region against the expert labels).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from napari_tumorseg.core.inference import precision_label, segment
+from napari_tumorseg.core.inference import exam_to_channels, precision_label, segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.metrics import evaluate_labels
 from napari_tumorseg.core.models import TumorModel, load_model
+from napari_tumorseg.core.preprocess import prepare
 
 REGIONS = ("WT", "TC", "ET")
 
 
 def validate(
-    model: TumorModel, folders: list[Path], drop: tuple[str, ...] = (), tta: bool = False, log=print
+    model: TumorModel,
+    folders: list[Path],
+    drop: tuple[str, ...] = (),
+    tta: bool = False,
+    log=print,
+    window: str | None = None,
 ) -> dict:
-    """Dice per exam and mean (full inference pipeline, original grid)."""
+    """Dice per exam and mean (full inference pipeline, original grid).
+
+    ``window``: the 3D inference window instead of the card's: a size in voxels (cubic) or
+    "fit", one window per exam holding its whole brain box (rounded up to the network's
+    divisor).
+    """
     per_exam = {}
     for folder in folders:
         exam = read_exam(folder)
         for seq in drop:
             exam.scans.pop(seq, None)
+        if window:
+            model = copy.copy(model)
+            model.card = {**model.card, "patch_size": _window(model, exam, window)}
         result = run_to_end(segment(exam, model, device="cpu", tta=tta))
         scores = evaluate_labels(result.labels.array, exam.labels.array, exam.reference.spacing)
         per_exam[exam.name] = {r: round(s["dice"], 4) for r, s in scores.items()}
@@ -43,6 +58,15 @@ def validate(
     return {"per_exam": per_exam, "mean": mean}
 
 
+def _window(model: TumorModel, exam, window: str) -> list[int]:
+    if window != "fit":
+        return [int(window)] * 3
+    channels = exam_to_channels(exam)
+    prepared = prepare(channels.array, channels.spacing, model.card["spacing_mm"])
+    divisor = model.network.divisor
+    return [-(-n // divisor) * divisor for n in prepared.image.shape[1:]]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="3d")
@@ -50,6 +74,11 @@ def main(argv=None) -> int:
     parser.add_argument("--exams", required=True, help="comma-separated case folders")
     parser.add_argument("--drop", default="", help="sequences to leave out, e.g. t1ce")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument(
+        "--window",
+        help='3D inference window instead of the card\'s: voxels, or "fit" (one '
+        "window per exam holding its brain box)",
+    )
     parser.add_argument(
         "--update-card",
         type=Path,
@@ -64,7 +93,7 @@ def main(argv=None) -> int:
         update_card(model, folders, args.update_card, args.data)
         return 0
     drop = tuple(s for s in args.drop.split(",") if s)
-    result = validate(model, folders, drop, tta=args.tta)
+    result = validate(model, folders, drop, tta=args.tta, window=args.window)
     print(json.dumps(result, indent=2))
     return 0
 
