@@ -35,6 +35,9 @@ def test_volumes_follow_edits(viewer_and_dock, qtbot):
     labels.data_setitem(block, 0)
     qtbot.waitUntil(lambda: _volume(widget, 4) < wt_before, timeout=3000)
     assert _volume(widget, 4) == pytest.approx((labels.data > 0).sum() / 1000, abs=0.01)
+    # Ctrl+Z only refreshes the layer (no data or paint event): the volumes follow it too.
+    labels.undo()
+    qtbot.waitUntil(lambda: _volume(widget, 4) == pytest.approx(wt_before, abs=0.01), timeout=3000)
 
 
 def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
@@ -58,6 +61,13 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
     assert report["metrics"]["WT"]["dice"] == 1.0
     assert report["volumes_ml"]["WT"] == pytest.approx(_volume(widget, 4), abs=0.01)
     assert "WT_dice" in (tmp_path / "mask_report.csv").read_text().splitlines()[0]
+
+    # An edit after Evaluate: the old scores no longer describe the map, nor go into a report.
+    labels = viewer.layers[name]
+    labels.data_setitem((np.array([80]), np.array([120]), np.array([120])), 1)
+    assert widget.scores is None and widget.scores_table.item(0, 0).text() == "-"
+    edited = widget.save(tmp_path / "edited.nii.gz")
+    assert "metrics" not in json.loads(edited[1].read_text())
 
     # A second save is refused unless the user agrees; the files stay as they were.
     before = {p: p.read_bytes() for p in written}

@@ -52,6 +52,8 @@ class MeasureWidget(QWidget):
         self.viewer = napari_viewer
         self._layer = None
         self.scores: dict | None = None
+        self._scored_reference: str | None = None
+        self._history: tuple = ()
         self.layer_box = QComboBox()
         self.table = QTableWidget(len(ROWS), 1)
         self.table.setHorizontalHeaderLabels(["volume (mL)"])
@@ -110,17 +112,43 @@ class MeasureWidget(QWidget):
         if layer is self._layer:
             return
         if self._layer is not None:
-            self._layer.events.data.disconnect(self._schedule)
-            self._layer.events.paint.disconnect(self._schedule)
+            self._layer.events.data.disconnect(self._data_changed)
+            self._layer.events.paint.disconnect(self._data_changed)
+            self._layer.events.set_data.disconnect(self._refreshed)
         self._layer = layer
         if layer is not None:
-            layer.events.data.connect(self._schedule)
-            layer.events.paint.connect(self._schedule)
-        self.scores = None
+            layer.events.data.connect(self._data_changed)
+            layer.events.paint.connect(self._data_changed)
+            layer.events.set_data.connect(self._refreshed)
+        self._history = self._history_state()
+        self._clear_scores()
         self.update_measurements()
 
-    def _schedule(self, event=None) -> None:
+    def _history_state(self) -> tuple:
+        layer = self._layer
+        return (
+            id(layer),
+            len(getattr(layer, "_undo_history", ())),
+            len(getattr(layer, "_redo_history", ())),
+        )
+
+    def _refreshed(self, event=None) -> None:
+        # Undo and redo only refresh the layer (``set_data``), as every slice change does: the
+        # edit history tells them apart.
+        if self._history_state() != self._history:
+            self._data_changed()
+
+    def _data_changed(self, event=None) -> None:
+        self._history = self._history_state()
+        self._clear_scores()  # Dice/HD95 of the map as it was would go into the report
         self._timer.start()
+
+    def _clear_scores(self) -> None:
+        self.scores = None
+        self._scored_reference = None
+        for row in range(len(REGIONS)):
+            for column in range(2):
+                self.scores_table.setItem(row, column, QTableWidgetItem("-"))
 
     # ------------------------------------------------------------------ volumes
     def current_volumes(self) -> dict[str, float] | None:
@@ -142,8 +170,8 @@ class MeasureWidget(QWidget):
     def evaluate(self) -> dict | None:
         """Dice and HD95 of the selected map against the reference layer (shown in the table)."""
         name = self.reference_box.currentText()
+        self._clear_scores()
         if self._layer is None or name not in self.viewer.layers:
-            self.scores = None
             return None
         reference = layer_volume(self.viewer.layers[name])
         labels = layer_volume(self._layer)
@@ -153,6 +181,7 @@ class MeasureWidget(QWidget):
         self.scores = evaluate_labels(
             np.asarray(labels.array), np.asarray(reference.array), labels.spacing
         )
+        self._scored_reference = name
         for row, region in enumerate(REGIONS):
             s = self.scores[region]
             self.scores_table.setItem(row, 0, QTableWidgetItem(f"{s['dice']:.3f}"))
@@ -198,7 +227,7 @@ class MeasureWidget(QWidget):
                 layer=self._layer.name,
                 model=meta.get("model"),
                 mask_file=str(path),
-                reference=self.reference_box.currentText() if self.scores else None,
+                reference=self._scored_reference if self.scores else None,
                 metrics=self.scores,
             )
             written += write_report(report_base, report)
