@@ -58,6 +58,18 @@ def test_fill_holes_in_the_core():
     assert (out[labels > 0] == labels[labels > 0]).all()
 
 
+def test_a_pocket_in_the_oedema_stays_out_of_the_core():
+    """A sulcus or ventricle horn enclosed by oedema in one slice is not tumour core."""
+    labels = np.zeros((5, 9, 9), np.uint8)
+    labels[2, 2:7, 2:7] = 2
+    labels[2, 5, 5] = 0  # enclosed by oedema only
+    labels[2, 2, 2] = 0  # the square's corner, and behind it ...
+    labels[2, 3, 3] = 0  # ... a pocket open to the outside only through a diagonal gap
+    out = fill_holes(labels)
+    assert out[2, 5, 5] == 2 and out[2, 3, 3] == 0 and out[2, 2, 2] == 0
+    assert (out[labels > 0] == labels[labels > 0]).all()
+
+
 def test_entropy_and_uncertain_slices():
     prob = np.zeros((3, 6, 10, 10), np.float32)
     prob[:, 4, :5, :5] = 0.5  # slice 4: 25 unsure voxels

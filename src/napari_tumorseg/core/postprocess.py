@@ -52,16 +52,24 @@ def relabel_small_enhancing(labels: np.ndarray, min_ml: float, voxel_ml: float) 
 def fill_holes(labels: np.ndarray, fill_value: int = 1) -> np.ndarray:
     """Fill background holes enclosed by tumour (slice by slice, axially, and in 3D).
 
-    Holes inside the tumour core become ``fill_value`` (1, necrotic / non-enhancing core, by
-    default), the label a radiologist would give an enclosed unlabelled pocket.
+    A pocket enclosed by the tumour core (labels 1 and 4) becomes ``fill_value`` (1, necrotic /
+    non-enhancing core, by default), the label a radiologist would give it; one enclosed by
+    oedema becomes oedema (2): the BraTS regions nest, and a pocket in the oedema (a sulcus, a
+    ventricle horn) must not turn into tumour core. Background counts as connected through
+    faces, edges and corners, so a pocket open through a diagonal gap is not a hole.
     """
-    tumour = labels > 0
-    filled = ndimage.binary_fill_holes(tumour, structure=_CONNECTIVITY)
-    for z in np.flatnonzero(tumour.any(axis=(1, 2))):
-        filled[z] |= ndimage.binary_fill_holes(tumour[z])
     out = labels.copy()
-    out[filled & ~tumour] = fill_value
+    for region, value in ((np.isin(labels, (1, 4)), fill_value), (labels > 0, 2)):
+        out[_holes(region) & (out == 0)] = value
     return out
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    background_3d = np.ones((3, 3, 3), bool)
+    filled = ndimage.binary_fill_holes(mask, structure=background_3d)
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        filled[z] |= ndimage.binary_fill_holes(mask[z], structure=np.ones((3, 3), bool))
+    return filled & ~mask
 
 
 def entropy_map(probabilities: np.ndarray) -> np.ndarray:
