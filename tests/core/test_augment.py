@@ -54,6 +54,16 @@ def test_intensity_changes_the_scan_not_the_background(spatial_dims):
     assert torch.all(out[:, :, :2] == 0)
 
 
+def test_a_missing_sequence_stays_zero():
+    """Inference fills a missing sequence with exact zeros: training must see the same."""
+    torch.manual_seed(0)
+    image = torch.randn(2, 4, 16, 16, 16)
+    image[:, 1] = 0  # t1ce dropped
+    out = random_intensity(image, generator=torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(out[:, 1]) == 0
+    assert not torch.allclose(out[:, 0], image[:, 0])
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_joint_augment_pipeline(spatial_dims):
     image, mask = _scan_encoding_its_mask(spatial_dims)

@@ -119,10 +119,13 @@ def random_intensity(
     """Per-sample, per-channel intensity changes of z-scored scans (the mask is not touched).
 
     Scale and shift, gamma on the foreground's range, Gaussian noise and a smooth multiplicative
-    bias field. Background (exact zeros, or outside ``foreground``) stays zero.
+    bias field. Background (exact zeros, or outside ``foreground``) stays zero, and so does a
+    channel that is all zeros: a missing sequence, exactly as inference fills it.
     """
     batch, channels, spatial = image.shape[0], image.shape[1], image.ndim - 2
     fg = (image != 0).any(dim=1, keepdim=True) if foreground is None else foreground
+    present = (image != 0).flatten(2).any(dim=2).view(batch, channels, *([1] * spatial))
+    fg = fg & present
     view = (batch, channels, *([1] * spatial))
     out = image * (1 + (torch.rand(view, generator=generator) * 2 - 1).to(image) * scale)
     out = out + (torch.rand(view, generator=generator) * 2 - 1).to(image) * shift
