@@ -123,10 +123,9 @@ def random_intensity(
     channel that is all zeros: a missing sequence, exactly as inference fills it.
     """
     batch, channels, spatial = image.shape[0], image.shape[1], image.ndim - 2
-    fg = (image != 0).any(dim=1, keepdim=True) if foreground is None else foreground
-    present = (image != 0).flatten(2).any(dim=2).view(batch, channels, *([1] * spatial))
-    fg = fg & present
     view = (batch, channels, *([1] * spatial))
+    fg = (image != 0).any(dim=1, keepdim=True) if foreground is None else foreground
+    fg = fg & (image != 0).flatten(2).any(dim=2).view(view)  # a missing channel stays zero
     out = image * (1 + (torch.rand(view, generator=generator) * 2 - 1).to(image) * scale)
     out = out + (torch.rand(view, generator=generator) * 2 - 1).to(image) * shift
     if gamma > 0:
