@@ -2,11 +2,12 @@
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_measure.py
 
-Times, on the labelled sample (155 x 240 x 240 labels), (1) the core computation (volumes by one
-bincount + the tumour's slice range) and (2) the dock's whole update after a paint event (the
-debounce delay of 120 ms excluded), against a naive per-label ``(labels == v).sum()`` baseline
-and scipy.ndimage's labelled sums in the same run. Goal: the dock updates within 100 ms of an
-edit. Writes the "Measurement dock" section of docs/BENCHMARKS.md.
+Times, on the labelled sample (155 x 240 x 240 labels), (1) the core computation (volumes by
+`core.metrics.tumour_volumes_ml` + the tumour's slice range) and (2) the dock's whole update
+after a paint event (the debounce delay, ``measure.DEBOUNCE_MS``, excluded), against a naive
+per-label ``(labels == v).sum()`` baseline and scipy.ndimage's labelled sums in the same run.
+Goal: the dock updates within 100 ms of an edit. Writes the "Measurement dock" section of
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     rows.append(("ours: whole dock update after a paint (table redraw included)", widget))
     lines = [
         'Command: `xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_measure.py`'
-        " (2 CPU cores; median of 30 runs; the {DEBOUNCE_MS} ms debounce that merges a brush "
+        f" (2 CPU cores; median of 30 runs; the {DEBOUNCE_MS} ms debounce that merges a brush "
         "stroke's paint events is not included).",
         "",
         "| computation on a 155 x 240 x 240 label map | median ms |",

@@ -33,10 +33,14 @@ def test_registers_the_raw_exam_into_new_layers(make_napari_viewer, qtbot):
         pass
     new = [layer for layer in viewer.layers if REGISTERED in layer.name]
     assert [layer.name for layer in new] == [f"{s} {REGISTERED}" for s in ("t1ce", "t2", "flair")]
-    # One grid for all: same shape and placement, 1 mm voxels.
-    assert len({layer.data.shape for layer in new}) == 1
-    assert len({tuple(np.round(layer.translate, 4)) for layer in new}) == 1
-    np.testing.assert_allclose(new[0].scale, 1.0, atol=1e-6)
+    # One grid for all, the reference scan's own (by default): a mask segmented on these
+    # layers is saved voxel for voxel like the post-contrast T1 file.
+    reference = viewer.layers["t1ce (raw)"]
+    for layer in new:
+        assert layer.data.shape == reference.data.shape
+        np.testing.assert_allclose(layer.scale, reference.scale, atol=1e-6)
+        np.testing.assert_allclose(layer.translate, reference.translate, atol=1e-4)
+        assert layer.metadata["tumorseg"]["source_path"].endswith("t1c_raw.nii.gz")
     # The originals are untouched.
     for name, (data, translate) in before.items():
         np.testing.assert_array_equal(viewer.layers[name].data, data)

@@ -51,8 +51,11 @@ class RegisterWidget(QWidget):
         self.transform = QComboBox()
         self.transform.addItems(["rigid", "affine"])
         self.already = QCheckBox("already registered (only resample)")
-        self.isotropic = QCheckBox("resample to 1 mm isotropic (the models' spacing)")
-        self.isotropic.setChecked(True)
+        # Off by default: the registered layers then lie on the reference scan's own grid, so a
+        # mask segmented on them is saved voxel for voxel like that scan (contract 2.1), as the
+        # CLI's --register does. 1 mm is a new grid that belongs to no file.
+        self.isotropic = QCheckBox("resample to a new 1 mm isotropic grid")
+        self.isotropic.setChecked(False)
         self.run_button = QPushButton("Register")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
