@@ -101,13 +101,23 @@ def test_cancel_leaves_layers_as_they_were(segment_dock, qtbot):
 
 def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     viewer, widget = segment_dock
+    answers = []
+    # The dock is open before the segmentation, on the expert labels ...
+    review = ReviewWidget(viewer, confirm=lambda q: answers.append(q) or False)
+    expert = review.labels_layer
+    assert expert is not None and expert.name.endswith("labels")
+    expert_data = expert.data.copy()
     widget.run()
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
     labels = widget.labels_layer
-    answers = []
-    review = ReviewWidget(viewer, confirm=lambda q: answers.append(q) or False)
+    # ... and turns to the new segmentation.
     assert review.labels_layer is labels
+    # Thresholds never overwrite a map the model did not make (here: the expert labels).
+    review.layer_box.setCurrentText(expert.name)
+    assert review.apply_thresholds() == 0 and not answers
+    np.testing.assert_array_equal(expert.data, expert_data)
+    review.layer_box.setCurrentText(labels.name)
 
     # Thresholds on an unedited map apply without asking.
     review.sliders["WT"].setValue(5)

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._layers import META_KEY, layer_volume
-from ..core.inference import probabilities_to_labels
+from ..core.inference import card_labels
 from ..core.io import REGIONS
 from ..core.postprocess import (
     entropy_map,
@@ -135,6 +135,13 @@ class ReviewWidget(QWidget):
     def _refresh_choices(self, event=None) -> None:
         current = self.layer_box.currentText()
         names = [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
+        inserted = getattr(event, "value", None) if event is not None else None
+        if _is_segmentation(inserted):
+            # A new segmentation: the dock turns to it (staying on, say, the expert labels
+            # would let "Apply thresholds" act on the wrong map), and its uncertain slices are
+            # those of the new probabilities.
+            current = inserted.name
+            self._slice_order, self._slice_pos = [], -1
         self.layer_box.blockSignals(True)
         self.layer_box.clear()
         self.layer_box.addItems(names)
@@ -166,8 +173,22 @@ class ReviewWidget(QWidget):
         Returns the number of voxels changed (0 when nothing was done).
         """
         layer, prob = self.labels_layer, self.probabilities()
-        if layer is None or prob is None or prob.shape[1:] != layer.data.shape:
+        if layer is None or prob is None:
             show_warning("Apply thresholds: needs a segmentation and its probability layers")
+            return 0
+        if not _is_segmentation(layer):
+            # Expert labels, or a map drawn by hand: thresholds would overwrite it unasked.
+            show_warning(
+                f"Apply thresholds: {layer.name} was not made by Segment tumour; pick the "
+                "segmentation in 'Label map'"
+            )
+            return 0
+        source = self.viewer.layers[probability_layer_name("WT")]
+        if not layer_volume(source).same_grid(layer_volume(layer)):
+            show_warning(
+                f"Apply thresholds: the probability layers belong to another exam than "
+                f"{layer.name}; segment this exam again first"
+            )
             return 0
         edits = edited_voxels(layer)
         if edits is not None and edits.any():
@@ -178,7 +199,11 @@ class ReviewWidget(QWidget):
             if not self.confirm(question):
                 self.status.setText("thresholds not applied: your edits are kept")
                 return 0
-        new = probabilities_to_labels(prob, self.thresholds())
+        # With the rules of the model's card (e.g. the 2D model's small-island removal), as the
+        # segmentation itself was made.
+        rules = layer.metadata.get(META_KEY, {}).get("postprocess")
+        voxel_ml = layer_volume(layer).voxel_volume_ml
+        new = card_labels(prob, rules, voxel_ml, self.thresholds())
         changed = apply_labels(layer, new)
         layer.metadata.setdefault(META_KEY, {}).setdefault("threshold_labels", []).append(
             new.copy()
@@ -212,10 +237,12 @@ class ReviewWidget(QWidget):
             return None
         uncertainty = entropy_map(prob)
         source = self.viewer.layers[probability_layer_name("WT")]
-        if UNCERTAINTY in self.viewer.layers:
-            layer = self.viewer.layers[UNCERTAINTY]
+        layer = self.viewer.layers[UNCERTAINTY] if UNCERTAINTY in self.viewer.layers else None
+        if layer is not None and layer_volume(layer).same_grid(layer_volume(source)):
             layer.data = uncertainty
         else:
+            if layer is not None:  # an earlier exam's map, on another grid
+                self.viewer.layers.remove(layer)
             layer = self.viewer.add_image(
                 uncertainty,
                 name=UNCERTAINTY,
@@ -235,20 +262,44 @@ class ReviewWidget(QWidget):
 
     def next_uncertain_slice(self) -> int | None:
         """Move the viewer to the next most uncertain axial slice (cycling); returns it."""
-        if not self._slice_order and self.show_uncertainty() is None:
+        if (
+            not self._slice_order or UNCERTAINTY not in self.viewer.layers
+        ) and self.show_uncertainty() is None:
             return None
         if not self._slice_order:
             show_info("The model is sure everywhere")
             return None
         self._slice_pos = (self._slice_pos + 1) % len(self._slice_order)
         z = self._slice_order[self._slice_pos]
-        layer = self.viewer.layers[UNCERTAINTY]
-        world_z = layer.data_to_world((z, 0, 0))[0]
-        self.viewer.dims.set_point(0, world_z)
+        self.viewer.dims.set_point(0, _world_z_of_slice(self.viewer.layers[UNCERTAINTY], z))
         self.status.setText(
             f"slice {z} ({self._slice_pos + 1} of {len(self._slice_order)} uncertain slices)"
         )
         return z
+
+
+def _is_segmentation(layer) -> bool:
+    """A labels layer made by the Segment tumour dock (it remembers the model's map)."""
+    return (
+        layer is not None
+        and layer._type_string == "labels"
+        and layer.metadata.get(META_KEY, {}).get("model_labels") is not None
+    )
+
+
+def _world_z_of_slice(layer, z: int) -> float:
+    """The world z at which napari shows data slice ``z`` of ``layer``.
+
+    napari slices through the inverse transform restricted to the sliced axis; on an oblique
+    grid that differs from ``data_to_world((z, 0, 0))[0]`` by the tilt of the other axes (16
+    slices on the raw exam's 1 mm grid).
+    """
+    try:
+        inverse = layer._data_to_world.inverse.set_slice([0])
+        (a, b), _ = inverse.affine_matrix
+        return float((z - b) / a)
+    except (AttributeError, ValueError, ZeroDivisionError):  # napari's internals changed
+        return float(layer.data_to_world((z, 0, 0))[0])
 
 
 def _ask(question: str) -> bool:

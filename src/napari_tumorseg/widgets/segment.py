@@ -309,6 +309,8 @@ class SegmentWidget(QWidget):
             # The scan layers it was made from: fine-tuning learns from these, whatever the
             # pickers show by then.
             scan_layers=dict(scan_names),
+            # The card's post-processing, so that new thresholds (Review dock) apply it too.
+            postprocess=model.card.get("postprocess"),
         )
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
         # overwritten.
