@@ -92,16 +92,19 @@ def cache_exam(
         confidence = weight.max(axis=(2, 3), keepdims=True)  # (1, Z, 1, 1)
         # Interpolation is separable: the z profile alone gives the normaliser.
         total = np.maximum(resample_array(confidence, (shape[0], 1, 1)), 1e-6)
-        targets = resample_array(targets * confidence, shape) / total > 0.5
+        blended = resample_array(targets * confidence, shape) / total > 0.5
         share = min(1.0, shape[0] / weight.shape[1])
         corrections = (weight >= 1.0).astype(np.float32)
         weight = share * (resample_array(weight * confidence, shape) / total)[0]
         # A model voxel that overlaps a correction is one, however thin the correction: a
-        # one-voxel brush stroke at 1 mm fills at most about half of a 1.5 mm voxel, and its
-        # blurred weight (under 0.5) would let the parent's output override it in distillation.
-        # Such partly corrected voxels weigh 0.5, the least a correction weighs; full ones
-        # keep their weight (the share above).
-        touched = resample_array(corrections * confidence, shape)[0] > 1e-3
+        # one-voxel brush stroke at 1 mm fills as little as a quarter of a 1.5 mm voxel. Its
+        # labels come from the corrected voxels alone (blended with the untouched neighbours
+        # they were outvoted), and it weighs at least 0.5, the least a correction weighs, so
+        # that distillation does not hand it back to the parent; full ones keep the share.
+        coverage = resample_array(corrections * confidence, shape)
+        touched = coverage[0] > 1e-3
+        own = resample_array(targets * corrections * confidence, shape) / np.maximum(coverage, 1e-6)
+        targets = np.where(touched, own > 0.5, blended)
         weight[touched] = np.maximum(weight[touched], 0.5)
     return CachedExam(
         exam.name, prepared.image.astype(np.float16), targets.astype(np.uint8), weight
