@@ -135,6 +135,18 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     assert (labels.data > 0).sum() != wt and not edited_voxels(labels).any()
     labels.redo()
     assert not edited_voxels(labels).any()
+    # Erasing what the thresholds added is an edit, even where the model had said 0 too.
+    model = labels.metadata[META_KEY]["model_labels"]
+    spot = tuple(int(i[0]) for i in np.nonzero((labels.data > 0) & (model == 0)))
+    labels.data_setitem(tuple(np.array([i]) for i in spot), 0)
+    assert edited_voxels(labels)[spot]
+    labels.undo()
+    assert not edited_voxels(labels).any()
+    # Thresholds are applied only with the probabilities of the run that made the map.
+    run = labels.metadata[META_KEY]["run"]
+    labels.metadata[META_KEY]["run"] = "another run"
+    assert review.apply_thresholds() == 0
+    labels.metadata[META_KEY]["run"] = run
 
     # After a manual edit, thresholds ask first; "no" keeps the edit.
     labels.data_setitem((np.array([70]), np.array([100]), np.array([100])), 1)

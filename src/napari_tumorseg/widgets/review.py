@@ -45,29 +45,24 @@ def apply_labels(layer, new: np.ndarray) -> int:
 
 
 def edited_voxels(layer) -> np.ndarray | None:
-    """Boolean map of the voxels the user changed since the model produced the layer, or None
-    when the layer does not come from a segmentation.
-
-    A voxel that holds what the model said, or what one of the thresholds applied since gave
-    (`ReviewWidget.apply_thresholds`), is not an edit: Ctrl+Z after new thresholds brings back
-    the model's map, and its voxels must not turn into corrections.
-    """
-    meta = layer.metadata.get(META_KEY, {})
-    model_labels = meta.get("model_labels")
-    if model_labels is None:
+    """Boolean map of the voxels the user changed since the model produced the layer (or since
+    the thresholds applied last), or None when the layer does not come from a segmentation."""
+    if layer.metadata.get(META_KEY, {}).get("model_labels") is None:
         return None
-    data = np.asarray(layer.data)
-    edited = data != model_labels
-    for derived in meta.get("threshold_labels", ()):
-        edited &= data != derived
-    return edited
+    return np.asarray(layer.data) != model_output(layer)
 
 
 def model_output(layer) -> np.ndarray:
-    """The map the user started editing from: the last thresholds applied, else the model's."""
+    """The map the user is editing from: the model's, or the thresholds applied last and not
+    undone since (`ReviewWidget.apply_thresholds` records the edit-history depth it left; Ctrl+Z
+    below that depth took it back, and the map before it is the baseline again)."""
     meta = layer.metadata.get(META_KEY, {})
-    derived = meta.get("threshold_labels") or [meta["model_labels"]]
-    return derived[-1]
+    depth = len(getattr(layer, "_undo_history", ()))
+    baseline = meta["model_labels"]
+    for derived, applied_at in meta.get("threshold_labels", ()):
+        if depth >= applied_at:
+            baseline = derived
+    return baseline
 
 
 class ReviewWidget(QWidget):
@@ -135,7 +130,7 @@ class ReviewWidget(QWidget):
     def _refresh_choices(self, event=None) -> None:
         current = self.layer_box.currentText()
         names = [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
-        inserted = getattr(event, "value", None) if event is not None else None
+        inserted = event.value if getattr(event, "type", None) == "inserted" else None
         if _is_segmentation(inserted):
             # A new segmentation: the dock turns to it (staying on, say, the expert labels
             # would let "Apply thresholds" act on the wrong map), and its uncertain slices are
@@ -184,9 +179,12 @@ class ReviewWidget(QWidget):
             )
             return 0
         source = self.viewer.layers[probability_layer_name("WT")]
-        if not layer_volume(source).same_grid(layer_volume(layer)):
+        run = layer.metadata.get(META_KEY, {}).get("run")
+        if run is None or source.metadata.get(META_KEY, {}).get("run") != run:
+            # Exams on one grid (BraTS, follow-ups registered to a baseline) share the
+            # probability layers' shape: the run that made them tells them apart.
             show_warning(
-                f"Apply thresholds: the probability layers belong to another exam than "
+                f"Apply thresholds: the probability layers come from another run than "
                 f"{layer.name}; segment this exam again first"
             )
             return 0
@@ -205,8 +203,9 @@ class ReviewWidget(QWidget):
         voxel_ml = layer_volume(layer).voxel_volume_ml
         new = card_labels(prob, rules, voxel_ml, self.thresholds())
         changed = apply_labels(layer, new)
+        depth = len(getattr(layer, "_undo_history", ()))
         layer.metadata.setdefault(META_KEY, {}).setdefault("threshold_labels", []).append(
-            new.copy()
+            (new.copy(), depth)
         )
         self.status.setText(f"thresholds {self.thresholds()}: {changed} voxels changed")
         return changed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from functools import partial
 
 import numpy as np
@@ -276,15 +277,21 @@ class SegmentWidget(QWidget):
     def _on_done(self, result) -> None:
         self.result = result
         layers, self._prob_layers, self._reused = self._prob_layers, {}, {}
+        # Stamped on the probability layers and the label map of this run: the Review dock
+        # re-thresholds a map only with its own run's probabilities (exams on one grid look
+        # alike otherwise).
+        run = uuid.uuid4().hex
         steps = []
         for region, layer in layers.items():
             steps += [
                 # A previous run's probability map that was not reused makes way for this one.
                 partial(self._remove_layer, probability_layer_name(region)),
-                partial(self._finish_probability_layer, layer, region, result),
+                partial(self._finish_probability_layer, layer, region, result, run),
             ]
         steps.append(
-            partial(self._add_labels_layer, result, self._exam_name, self._model, self._scan_names)
+            partial(
+                self._add_labels_layer, result, self._exam_name, self._model, self._scan_names, run
+            )
         )
         # Its own turn: napari's notification toast and the listeners of ``segmented`` (the
         # measurement dock) would lengthen the labels layer's stall.
@@ -295,11 +302,12 @@ class SegmentWidget(QWidget):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
 
-    def _finish_probability_layer(self, layer, region: str, result) -> None:
+    def _finish_probability_layer(self, layer, region: str, result, run: str) -> None:
         layer.data = result.probabilities.array[list(REGIONS).index(region)]
         layer.name = probability_layer_name(region)
+        layer.metadata.setdefault(META_KEY, {})["run"] = run
 
-    def _add_labels_layer(self, result, exam_name: str, model, scan_names: dict) -> None:
+    def _add_labels_layer(self, result, exam_name: str, model, scan_names: dict, run: str) -> None:
         data, kwargs, _ = labels_layer_data(result.labels, name=f"{exam_name} segmentation")
         # Remember what the model said, so edits (the user's corrections) can be told apart.
         kwargs["metadata"][META_KEY].update(
@@ -311,6 +319,7 @@ class SegmentWidget(QWidget):
             scan_layers=dict(scan_names),
             # The card's post-processing, so that new thresholds (Review dock) apply it too.
             postprocess=model.card.get("postprocess"),
+            run=run,
         )
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
         # overwritten.
