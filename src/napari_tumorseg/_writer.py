@@ -16,29 +16,31 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     replaced atomically, never left half-written.
     """
     name = attributes.get("name", "labels")
-    like = _with_open_scan_header(volume_from_layer(data, attributes, name))
     if not path.lower().endswith((".nii", ".nii.gz")):
         path = f"{path}.nii.gz"
-    # Values the reader would refuse (napari's "new label" button picks 5, 6, ...) are refused
-    # here, before a file that cannot be opened again is written; the layer stays as it is.
+    return [str(save_labels(path, volume_from_layer(data, attributes, name), name))]
+
+
+def save_labels(path, like: Volume, name: str, viewer=None):
+    """Write a labels layer's Volume as NIfTI; every path that saves a mask goes through here.
+
+    A layer made in napari (e.g. "New labels layer", which copies a scan's transform but not
+    its metadata) has no source file: it takes the header of an open scan on the same grid, so
+    the mask is written voxel for voxel like that scan (contract 2.1), not in our LPS order.
+    Values the reader would refuse (napari's "new label" button picks 5, 6, ...) are refused
+    before a file that could not be opened again is written; the layer stays as it is.
+    """
+    if like.source is None:
+        if viewer is None:
+            import napari
+
+            viewer = napari.current_viewer()
+        for layer in [] if viewer is None else viewer.layers:
+            if layer.metadata.get(META_KEY, {}).get("source_header") is None:
+                continue
+            scan = layer_volume(layer)
+            if scan.same_grid(like):
+                like.source = scan.source
+                break
     labels = to_brats_labels(np.asarray(like.array), f"layer {name!r}")
-    return [str(write_labels(path, labels, like))]
-
-
-def _with_open_scan_header(like: Volume) -> Volume:
-    """A layer made in napari (e.g. "New labels layer", which copies a scan's transform but not
-    its metadata) has no source file: take the header of an open scan on the same grid, so the
-    mask is written voxel for voxel like that scan (contract 2.1), not in our LPS order."""
-    if like.source is not None:
-        return like
-    import napari
-
-    viewer = napari.current_viewer()
-    for layer in [] if viewer is None else viewer.layers:
-        if layer.metadata.get(META_KEY, {}).get("source_header") is None:
-            continue
-        scan = layer_volume(layer)
-        if scan.same_grid(like):
-            like.source = scan.source
-            return like
-    return like
+    return write_labels(path, labels, like)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,15 @@ import numpy as np
 from ._sample_data import sample_exam_dir
 from .core.errors import TumorSegError
 from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
-from .core.io import SEQUENCES, Exam, is_nifti_path, read_exam, write_labels, write_volume
+from .core.io import (
+    SEQUENCES,
+    Exam,
+    creation_mode,
+    is_nifti_path,
+    read_exam,
+    write_labels,
+    write_volume,
+)
 from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from .core.models import load_model
@@ -41,6 +50,7 @@ def label_map_report(labels, voxel_volume_ml: float, metrics: dict | None = None
 def _atomic_write_text(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    os.chmod(tmp, creation_mode(path))  # a replaced report keeps its permissions
     tmp.replace(path)
     return path
 

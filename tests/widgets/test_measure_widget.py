@@ -68,6 +68,13 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
     assert widget.scores is None and widget.scores_table.item(0, 0).text() == "-"
     edited = widget.save(tmp_path / "edited.nii.gz")
     assert "metrics" not in json.loads(edited[1].read_text())
+    # A name typed with dots and no suffix keeps its dots in every file.
+    dotted = widget.save(tmp_path / "sub-01.ses-1")
+    assert [p.name for p in dotted] == [
+        "sub-01.ses-1.nii.gz",
+        "sub-01.ses-1_report.json",
+        "sub-01.ses-1_report.csv",
+    ]
 
     # A second save is refused unless the user agrees; the files stay as they were.
     before = {p: p.read_bytes() for p in written}

@@ -22,8 +22,9 @@ from qtpy.QtWidgets import (
 )
 
 from .._layers import META_KEY, layer_volume
+from .._writer import save_labels
 from ..core.errors import TumorSegError
-from ..core.io import REGIONS, write_labels
+from ..core.io import REGIONS
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from ..pipeline import label_map_report, report_paths, write_report
 
@@ -207,9 +208,10 @@ class MeasureWidget(QWidget):
         if self._layer is None:
             return []
         name = path.name
-        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
         if not name.endswith((".nii", ".nii.gz")):
-            path = path.with_name(f"{name}.nii.gz")
+            name = f"{name}.nii.gz"  # the name as typed, dots and all ("sub-01.ses-1")
+            path = path.with_name(name)
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
         report_base = path.with_name(f"{stem}_report")
         targets = [path, *report_paths(report_base)]
         existing = [p for p in targets if p.exists()]
@@ -219,7 +221,7 @@ class MeasureWidget(QWidget):
         volume = layer_volume(self._layer)
         meta = self._layer.metadata.get(META_KEY, {})
         try:
-            written = [write_labels(path, np.asarray(volume.array), volume)]
+            written = [save_labels(path, volume, self._layer.name, self.viewer)]
             report = label_map_report(
                 np.asarray(volume.array),
                 volume.voxel_volume_ml,
