@@ -47,6 +47,15 @@ def corrected_slices(expert: np.ndarray) -> np.ndarray:
     return slices[[len(slices) // 4, len(slices) // 2, 3 * len(slices) // 4]]
 
 
+def simulate_user(expert: np.ndarray, prediction: np.ndarray):
+    """The simulated user's corrections: the expert labels on `corrected_slices`, the model's
+    map elsewhere. Returns (corrected map, voxels changed, the slices corrected)."""
+    chosen = corrected_slices(expert)
+    corrected = prediction.copy()
+    corrected[chosen] = expert[chosen]
+    return corrected, corrected != prediction, chosen
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="3d")
@@ -96,10 +105,7 @@ def main(argv=None) -> None:
     keep_versions = {}
     for name, exam in exams.items():
         expert = exam.labels.array
-        chosen = corrected_slices(expert)
-        corrected = base_pred[name].copy()
-        corrected[chosen] = expert[chosen]
-        edited = corrected != base_pred[name]
+        corrected, edited, chosen = simulate_user(expert, base_pred[name])
         keep = np.ones(expert.shape[0], bool)
         keep[chosen] = False
         before = dice(base_pred[name], exam, keep)
@@ -149,17 +155,13 @@ def main(argv=None) -> None:
         model = base
         for name in sequence:
             exam = exams[name]
-            expert = exam.labels.array
-            prediction = predict(model, exam)
-            corrected = prediction.copy()
-            chosen = corrected_slices(expert)
-            corrected[chosen] = expert[chosen]
+            corrected, edited, _ = simulate_user(exam.labels.array, predict(model, exam))
             result = run_to_end(
                 finetune(
                     model,
                     exam,
                     corrected,
-                    corrected != prediction,
+                    edited,
                     mode="keep",
                     seconds=args.seconds,
                     seed=0,

@@ -64,6 +64,13 @@ def layer_volume(layer) -> Volume:
     return volume_from_layer(layer.data, attributes, layer.name)
 
 
+def edit_depth(layer, redo: bool = False) -> int:
+    """How many edits a labels layer's undo (or redo) history holds: napari's undo and redo
+    only refresh the layer, so this is how they are told apart from a slice change. napari
+    keeps at most 100; 0 for layers without a history."""
+    return len(getattr(layer, "_redo_history" if redo else "_undo_history", ()))
+
+
 def layer_sequence(layer) -> str | None:
     """The MRI sequence a layer shows: from our metadata, else from its name."""
     from .core.io import SEQUENCES, classify_path

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, layer_volume
+from .._layers import META_KEY, edit_depth, layer_volume
 from .._writer import save_labels
 from ..core.errors import TumorSegError
 from ..core.io import REGIONS
@@ -127,11 +127,7 @@ class MeasureWidget(QWidget):
 
     def _history_state(self) -> tuple:
         layer = self._layer
-        return (
-            id(layer),
-            len(getattr(layer, "_undo_history", ())),
-            len(getattr(layer, "_redo_history", ())),
-        )
+        return (id(layer), edit_depth(layer), edit_depth(layer, redo=True))
 
     def _refreshed(self, event=None) -> None:
         # Undo and redo only refresh the layer (``set_data``), as every slice change does: the

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, layer_volume
+from .._layers import META_KEY, edit_depth, layer_volume
 from ..core.inference import card_labels
 from ..core.io import REGIONS
 from ..core.postprocess import (
@@ -57,7 +57,7 @@ def model_output(layer) -> np.ndarray:
     undone since (`ReviewWidget.apply_thresholds` records the edit-history depth it left; Ctrl+Z
     below that depth took it back, and the map before it is the baseline again)."""
     meta = layer.metadata.get(META_KEY, {})
-    depth = len(getattr(layer, "_undo_history", ()))
+    depth = edit_depth(layer)
     baseline = meta["model_labels"]
     for derived, applied_at in meta.get("threshold_labels", ()):
         if depth >= applied_at:
@@ -167,8 +167,8 @@ class ReviewWidget(QWidget):
 
         Returns the number of voxels changed (0 when nothing was done).
         """
-        layer, prob = self.labels_layer, self.probabilities()
-        if layer is None or prob is None:
+        layer = self.labels_layer
+        if layer is None or probability_layer_name("WT") not in self.viewer.layers:
             show_warning("Apply thresholds: needs a segmentation and its probability layers")
             return 0
         if not _is_segmentation(layer):
@@ -188,6 +188,10 @@ class ReviewWidget(QWidget):
                 f"{layer.name}; segment this exam again first"
             )
             return 0
+        prob = self.probabilities()  # the three maps stacked: only once the map qualifies
+        if prob is None:
+            show_warning("Apply thresholds: needs a segmentation and its probability layers")
+            return 0
         edits = edited_voxels(layer)
         if edits is not None and edits.any():
             question = (
@@ -203,7 +207,7 @@ class ReviewWidget(QWidget):
         voxel_ml = layer_volume(layer).voxel_volume_ml
         new = card_labels(prob, rules, voxel_ml, self.thresholds())
         changed = apply_labels(layer, new)
-        depth = len(getattr(layer, "_undo_history", ()))
+        depth = edit_depth(layer)
         layer.metadata.setdefault(META_KEY, {}).setdefault("threshold_labels", []).append(
             (new.copy(), depth)
         )
