@@ -296,6 +296,25 @@ def test_out_of_device_memory_falls_back_to_cpu():
     np.testing.assert_allclose(result, image[:3], atol=1e-5)
 
 
+class _NoRoomForWeights(LogitIdentity):
+    """Moving the weights to the GPU already fails (a GPU other programs fill)."""
+
+    def to(self, device, *args, **kwargs):
+        if torch.device(device).type != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return super().to(device, *args, **kwargs)
+
+
+def test_out_of_device_memory_while_loading_the_weights_falls_back_to_cpu():
+    image = _random_image((4, 10, 12, 12)) * 0.9 + 0.05
+    with pytest.warns(RuntimeWarning, match="continuing on the CPU"):
+        events, result = _drain(
+            sliding_window(_NoRoomForWeights(), image, 8, device=torch.device("meta"))
+        )
+    assert all(event.device == "cpu" for event in events)
+    np.testing.assert_allclose(result, image[:3], atol=1e-5)
+
+
 def test_select_device():
     expected = (
         "cuda"
@@ -410,6 +429,30 @@ def test_segment_end_to_end(spatial_dims, model_spacing, channels):
     assert painted.max() == 1
     if not resampled:  # the final boxes tile the brain box
         assert painted[~outside].all()
+
+
+def test_segment_computes_the_final_boxes_only_for_a_consumer_that_reads_them(monkeypatch):
+    """A script or the CLI (which never read ``event.probabilities``) does not pay for mapping
+    each step's final boxes onto the input grid; the whole map comes with the result."""
+    from napari_tumorseg.core import inference
+
+    calls = []
+    original = inference._ModelToInput.__call__
+    monkeypatch.setattr(
+        inference._ModelToInput,
+        "__call__",
+        lambda self, *a: calls.append(1) or original(self, *a),
+    )
+    volume = _synthetic_channels()
+    model = _tiny_model(3, spacing=(1.5, 1.25, 1.0))
+    events, result = _drain(segment(volume, model, device="cpu"))
+    assert any(event.box is not None for event in events) and calls == []
+    event = next(event for event in events if event.box is not None)
+    values = event.probabilities
+    assert len(calls) == 1 and event.probabilities is values  # computed once, on first read
+    np.testing.assert_allclose(
+        values, result.probabilities.array[(slice(None), *event.box)], atol=1e-5
+    )
 
 
 def test_card_labels_applies_the_rules():

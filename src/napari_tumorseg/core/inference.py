@@ -25,7 +25,9 @@ A voxel's blended value is final once no remaining window touches it. Windows ru
 touch -- and the owned boxes tile the volume. After each batch the engine yields the newly final
 boxes with their values (``event.box`` and ``event.partial``), so a viewer can paint the map as it
 fills in, window by window, and never repaint a voxel. ``event.window`` and ``event.current(box)``
-offer a preview of the region computed in that step, whose values may still change.
+offer a preview of the region computed in that step, whose values may still change. The values of
+a final box are computed when first read (they never change), so a consumer that only wants the
+result -- a script, the CLI -- does not pay for them.
 """
 
 from __future__ import annotations
@@ -317,7 +319,8 @@ def gaussian_importance(
 class WindowBlender:
     """Weighted mean of overlapping window predictions (the aggregator).
 
-    Holds two float32 accumulators on the CPU, the size of the image: the weighted sum
+    Holds two float32 accumulators the size of the image on ``device`` (the CPU by default;
+    the GPU the network runs on, so windows are not copied back one by one): the weighted sum
     ``(K, *shape)`` and the sum of weights ``shape``.
 
     Parameters
@@ -328,15 +331,23 @@ class WindowBlender:
         Spatial shape of the image (voxels).
     activation : {"sigmoid", None}
         Applied to blended values when they are read (MONAI blends logits too).
+    device : str or torch.device
+        Where the accumulators live; values are read back as CPU numpy arrays.
     """
 
-    def __init__(self, channels: int, shape: Sequence[int], activation: str | None = "sigmoid"):
+    def __init__(
+        self,
+        channels: int,
+        shape: Sequence[int],
+        activation: str | None = "sigmoid",
+        device: str | torch.device = "cpu",
+    ):
         if activation not in ("sigmoid", None):
             raise ValueError(f"activation must be 'sigmoid' or None, got {activation!r}")
         self.shape = tuple(int(s) for s in shape)
         self.activation = activation
-        self.total = torch.zeros((channels, *self.shape), dtype=torch.float32)
-        self.weight = torch.zeros(self.shape, dtype=torch.float32)
+        self.total = torch.zeros((channels, *self.shape), dtype=torch.float32, device=device)
+        self.weight = torch.zeros(self.shape, dtype=torch.float32, device=device)
 
     def add(self, start: Sequence[int], prediction: torch.Tensor, importance: torch.Tensor) -> None:
         """Add one window's prediction ``(K, *patch)`` with its importance map ``patch``.
@@ -346,9 +357,13 @@ class WindowBlender:
         patch = prediction.shape[1:]
         image_box = _window_box(start, patch, self.shape)
         window_box = tuple(slice(b.start - s, b.stop - s) for b, s in zip(image_box, start))
+        if prediction.device.type == "cpu" and self.total.device.type != "cpu":
+            # The network fell back to the CPU (the GPU ran out of memory): the sums follow.
+            self.total, self.weight = self.total.cpu(), self.weight.cpu()
         weighted = (prediction * importance)[(slice(None), *window_box)]
-        self.total[(slice(None), *image_box)] += weighted.to("cpu", torch.float32)
-        self.weight[image_box] += importance[window_box].to("cpu", torch.float32)
+        device = self.total.device
+        self.total[(slice(None), *image_box)] += weighted.to(device, torch.float32)
+        self.weight[image_box] += importance[window_box].to(device, torch.float32)
 
     def current(self, box: Box | None = None) -> np.ndarray:
         """Blended values so far in ``box`` (all by default): float32 (K, *box).
@@ -356,7 +371,7 @@ class WindowBlender:
         Voxels no window has touched yet are 0 (after the activation too).
         """
         box = tuple(slice(0, n) for n in self.shape) if box is None else tuple(box)
-        return self._normalise(self.total[(slice(None), *box)], self.weight[box]).numpy()
+        return self._normalise(self.total[(slice(None), *box)], self.weight[box]).cpu().numpy()
 
     def _normalise(self, total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         covered = weight > 0
@@ -386,7 +401,8 @@ class InferenceProgress:
         later window touches it. Boxes of successive events never overlap, and together they
         tile the whole output by the last event. None when nothing became final in this step.
     partial : numpy.ndarray or None
-        float32 (K, *box): the final values in ``box`` (after the activation).
+        float32 (K, *box): the final values in ``box`` (after the activation), read from the
+        engine when first accessed (``current(box)``).
     window : tuple of slice or None
         Bounding box of the windows computed in this step (values there may still change);
         given on the first event of each step only.
@@ -400,10 +416,15 @@ class InferenceProgress:
     done: int
     total: int
     box: Box | None
-    partial: np.ndarray | None = None
     window: Box | None = None
     current: Callable[[Box], np.ndarray] | None = field(default=None, repr=False)
     device: str = "cpu"
+
+    @functools.cached_property
+    def partial(self) -> np.ndarray | None:
+        if self.box is None or self.current is None:
+            return None
+        return self.current(self.box)
 
 
 # --------------------------------------------------------------------------- network runner
@@ -419,7 +440,12 @@ class _Predictor:
         self.precision = precision
         self.dtype = autocast_dtype(self.device, precision)
         if hasattr(network, "to"):
-            network.to(self.device)
+            try:  # the weights alone can exhaust a GPU that other programs fill
+                network.to(self.device)
+            except Exception as exc:
+                if self.device.type == "cpu" or not _is_out_of_memory(exc):
+                    raise
+                self._fall_back_to_cpu(exc)
         flips = (
             [()]
             if not tta
@@ -592,7 +618,7 @@ def sliding_window(
         with torch.inference_mode():
             logits = predictor(windows)
             if blender is None:
-                blender = WindowBlender(logits.shape[1], shape, activation)
+                blender = WindowBlender(logits.shape[1], shape, activation, logits.device)
             if on_device.device != logits.device:
                 on_device = importance.to(logits.device)
             for (_, start), prediction in zip(batch, logits):
@@ -606,23 +632,17 @@ def sliding_window(
     if blender is None:  # nothing to compute: the mask is empty
         blender = WindowBlender(_output_channels(network, data, predictor), shape, activation)
         full = tuple(slice(0, n) for n in shape)
-        yield InferenceProgress(0, 0, full, blender.current(full), device=predictor.device.type)
+        yield InferenceProgress(0, 0, full, current=blender.current, device=predictor.device.type)
     return blender.result()
 
 
 def _step_events(done, total, boxes, blender, window, device):
     if not boxes:
-        yield InferenceProgress(done, total, None, None, window, blender.current, device)
+        yield InferenceProgress(done, total, None, window, blender.current, device)
         return
     for i, box in enumerate(boxes):
         yield InferenceProgress(
-            done,
-            total,
-            box,
-            blender.current(box),
-            window if i == 0 else None,
-            blender.current,
-            device,
+            done, total, box, window if i == 0 else None, blender.current, device
         )
 
 
@@ -720,11 +740,11 @@ def slice_inference(
         upto = kept[done] if done < total else depth
         box = (slice(finished, upto), slice(0, height), slice(0, width))
         finished = upto
-        yield InferenceProgress(done, total, box, current(box), box, current, predictor.device.type)
+        yield InferenceProgress(done, total, box, box, current, predictor.device.type)
     if out is None:
         out = torch.zeros((_output_channels(network, data, predictor), depth, height, width))
         full = (slice(0, depth), slice(0, height), slice(0, width))
-        yield InferenceProgress(0, 0, full, current(full), device=predictor.device.type)
+        yield InferenceProgress(0, 0, full, current=current, device=predictor.device.type)
     return out.numpy()
 
 
@@ -848,7 +868,8 @@ class SegmentationProgress:
         None when nothing became final in this step. With resampling (model spacing differs
         from the exam's), voxels on the seams between final regions arrive with the result.
     probabilities : numpy.ndarray or None
-        float32 (3, *box): WT, TC, ET probabilities in ``box``, as in the final result.
+        float32 (3, *box): WT, TC, ET probabilities in ``box``, as in the final result;
+        computed when first read (``final()``), in the thread that reads it.
     window : tuple of slice or None
         Input-grid box of the windows computed in this step (a live preview region).
     preview : callable or None
@@ -859,11 +880,15 @@ class SegmentationProgress:
     done: int
     total: int
     box: Box | None
-    probabilities: np.ndarray | None = None
     window: Box | None = None
     preview: Callable[[], tuple[Box | None, np.ndarray | None]] | None = field(
         default=None, repr=False
     )
+    final: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def probabilities(self) -> np.ndarray | None:
+        return None if self.final is None else self.final()
 
 
 @dataclass
@@ -1080,12 +1105,15 @@ def segment(
                 maps = stop.value
                 break
             last_device = event.device
-            box, values = to_input(event.box, event.partial)
-            window = preview = None
+            box = final = window = preview = None
+            if event.box is not None:
+                box = to_input.map_box(event.box)
+                if box is not None:
+                    final = functools.partial(_final, to_input, event)
             if event.window is not None and event.current is not None:
                 window = to_input.map_box(event.window)
                 preview = functools.partial(_preview, to_input, event.window, event.current)
-            yield SegmentationProgress(event.done, event.total, box, values, window, preview)
+            yield SegmentationProgress(event.done, event.total, box, window, preview, final)
     finally:
         engine.close()
     if mask is not None:
@@ -1116,3 +1144,7 @@ def precision_label(device: str | torch.device, precision: str = "auto") -> str:
 
 def _preview(to_input: _ModelToInput, window: Box, current: Callable[[Box], np.ndarray]):
     return to_input(window, current(window))
+
+
+def _final(to_input: _ModelToInput, event: InferenceProgress) -> np.ndarray | None:
+    return to_input(event.box, event.partial)[1]

@@ -141,7 +141,10 @@ class Prepared:
         shape = (maps.shape[0], *self.input_shape)
         # np.zeros takes its pages from the OS already zeroed: no 100 MB fill for a 1 mm exam.
         out = np.zeros(shape, np.float32) if fill == 0 else np.full(shape, fill, np.float32)
-        out[(slice(None), *self.box)] = maps
+        # torch's strided copy, on torch's threads: numpy's assignment into the box of a
+        # (3, 155, 240, 240) map took 0.16-0.23 s on 2 cores, this 0.02 s.
+        box = tuple(slice(int(s.start), int(s.stop)) for s in self.box)
+        torch.from_numpy(out)[(slice(None), *box)].copy_(torch.as_tensor(maps))
         return out
 
 

@@ -45,13 +45,17 @@ def probability_layer_name(region: str) -> str:
 
 def with_previews(generator, interval: float = REDRAW_INTERVAL):
     """Pair each progress event of `segment` with a preview of the windows just computed,
-    at most every ``interval`` seconds, computed here -- in the worker thread -- so the main
-    thread only copies arrays. Yields ``(event, (box, values) or None)``."""
+    at most every ``interval`` seconds. Previews and the final boxes' probabilities are
+    computed here -- in the worker thread -- so the main thread only copies arrays. Yields
+    ``(event, (box, values) or None)``."""
     last = [0.0]
 
     def pair(event):
+        if event.done == event.total:
+            return event, None  # the whole map comes with the result (`_on_progress`)
+        event.probabilities  # noqa: B018 -- computed on first read: read it in this thread
         now = time.perf_counter()
-        if event.preview is None or event.done == event.total or now - last[0] < interval:
+        if event.preview is None or now - last[0] < interval:
             return event, None
         last[0] = now
         return event, event.preview()
