@@ -162,3 +162,18 @@ def test_teacher_gives_the_targets_where_the_labels_are_not_corrections():
     torch.testing.assert_close(target[:, :, 5:9], labels[:, :, 5:9])
     torch.testing.assert_close(target[:, :, :5], soft[:, :, :5])
     torch.testing.assert_close(target[:, :, 9:], soft[:, :, 9:])
+
+
+def test_training_uses_bfloat16_where_the_device_has_it(monkeypatch):
+    from napari_tumorseg.core import training
+
+    monkeypatch.setattr(training, "cpu_bf16_is_fast", lambda: True)
+    assert training.uses_bf16("cpu")
+    monkeypatch.setattr(training, "cpu_bf16_is_fast", lambda: False)
+    assert not training.uses_bf16("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training.uses_bf16("cuda") and training.uses_bf16("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
+    assert not training.uses_bf16("cuda")
+    assert not training.uses_bf16("mps")

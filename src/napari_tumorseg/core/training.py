@@ -239,8 +239,14 @@ def cosine_lr(
 
 def uses_bf16(device: torch.device | str) -> bool:
     """Whether `train_steps` runs the forward pass under bfloat16 autocast by default on
-    ``device``: on CPUs with native bfloat16 only."""
-    return torch.device(device).type == "cpu" and cpu_bf16_is_fast()
+    ``device``: on CPUs with native bfloat16 and on CUDA GPUs with bfloat16 (Ampere and
+    later). bfloat16 has float32's range, so no loss scaling is needed."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_bf16_is_fast()
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return False
 
 
 def train_steps(
