@@ -263,3 +263,42 @@ def test_a_job_slows_the_windows_spinner_and_restores_it(qtbot):
         pass
     assert speeds == [SPINNER_SPEED]
     assert movie.speed() == 100
+
+
+def test_a_job_exempts_live_objects_from_collection_until_a_layer_is_removed(
+    make_napari_viewer, qtbot
+):
+    """Objects alive when a job starts are frozen (no full collection walks napari's heap
+    during the job); removing a layer unfreezes them, and the removed layer is collected."""
+    import gc
+    import weakref
+
+    from qtpy.QtWidgets import QWidget
+
+    from napari_tumorseg.widgets._runner import Runner
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="old")
+    owner = QWidget()
+    owner.viewer = viewer
+    qtbot.addWidget(owner)
+    runner = Runner("job", lambda running: None, owner=owner)
+
+    def job():
+        yield 1
+        return 2
+
+    gc.unfreeze()
+    try:
+        worker = runner.start(job(), on_yield=lambda e: None, on_return=lambda r: None)
+        assert gc.get_freeze_count() > 0  # the layer and napari's objects
+        with qtbot.waitSignal(worker.finished, timeout=10_000):
+            pass
+        gone = weakref.ref(layer)
+        viewer.layers.remove(layer)
+        del layer
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
