@@ -172,8 +172,17 @@ def test_training_uses_bfloat16_where_the_device_has_it(monkeypatch):
     monkeypatch.setattr(training, "cpu_bf16_is_fast", lambda: False)
     assert not training.uses_bf16("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    asked = []
+
+    def capability(device=None, major=8):
+        asked.append(torch.device(device))
+        return (major, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert training.uses_bf16("cuda:1") and asked == [torch.device("cuda:1")]  # Ampere
+    # Turing (7.5) and older: torch would emulate bfloat16 (is_bf16_supported says yes).
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert training.uses_bf16("cuda") and training.uses_bf16("cuda:0")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
     assert not training.uses_bf16("cuda")
     assert not training.uses_bf16("mps")

@@ -266,15 +266,17 @@ def test_a_job_slows_the_windows_spinner_and_restores_it(qtbot):
 
 
 def test_a_job_exempts_live_objects_from_collection_until_a_layer_is_removed(
-    make_napari_viewer, qtbot
+    make_napari_viewer, qtbot, monkeypatch
 ):
     """Objects alive when a job starts are frozen (no full collection walks napari's heap
-    during the job); removing a layer unfreezes them, and the removed layer is collected."""
+    during the job); removing a layer unfreezes them, no job freezes again before a full
+    collection has run, and the removed layer is then collected."""
     import gc
     import weakref
 
     from qtpy.QtWidgets import QWidget
 
+    from napari_tumorseg.widgets import _runner
     from napari_tumorseg.widgets._runner import Runner
 
     viewer = make_napari_viewer()
@@ -284,21 +286,102 @@ def test_a_job_exempts_live_objects_from_collection_until_a_layer_is_removed(
     qtbot.addWidget(owner)
     runner = Runner("job", lambda running: None, owner=owner)
 
-    def job():
-        yield 1
-        return 2
+    def run_job():
+        def job():
+            yield 1
+            return 2
 
-    gc.unfreeze()
-    try:
         worker = runner.start(job(), on_yield=lambda e: None, on_return=lambda r: None)
-        assert gc.get_freeze_count() > 0  # the layer and napari's objects
         with qtbot.waitSignal(worker.finished, timeout=10_000):
             pass
+
+    gc.unfreeze()
+    gc.disable()  # no automatic collection in between: only the test's own
+    monkeypatch.setattr(_runner, "_awaiting_collection", False)
+    try:
+        run_job()
+        assert gc.get_freeze_count() > 0  # the layer and napari's objects
         gone = weakref.ref(layer)
         viewer.layers.remove(layer)
         del layer
         assert gc.get_freeze_count() == 0
+        run_job()  # the removed layer may be garbage not yet collected: no freezing now
+        assert gc.get_freeze_count() == 0
         gc.collect()
         assert gone() is None
+        run_job()  # a full collection has run since: jobs freeze again
+        assert gc.get_freeze_count() > 0
+
+        # Kept frozen, a removed layer would not be collected (what the unfreeze is for).
+        stuck = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="stuck")
+        gc.freeze()
+        stays = weakref.ref(stuck)
+        viewer.layers.remove(stuck)
+        del stuck
+        gc.freeze()  # as if frozen again before any collection
+        gc.collect()
+        assert stays() is not None
+        gc.unfreeze()
+        gc.collect()
+        assert stays() is None
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_a_job_without_a_viewer_freezes_nothing(qtbot, monkeypatch):
+    """Nothing would ever unfreeze it."""
+    import gc
+
+    from qtpy.QtWidgets import QWidget
+
+    from napari_tumorseg.widgets import _runner
+    from napari_tumorseg.widgets._runner import Runner
+
+    gc.unfreeze()
+    monkeypatch.setattr(_runner, "_awaiting_collection", False)
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    runner = Runner("job", lambda running: None, owner=owner)
+
+    def job():
+        yield 1
+        return 2
+
+    worker = runner.start(job(), on_yield=lambda e: None, on_return=lambda r: None)
+    assert gc.get_freeze_count() == 0
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        pass
+
+
+def test_the_end_of_a_dock_unfreezes(make_napari_viewer, qtbot, monkeypatch):
+    """A napari window closed by its button keeps its layers (no ``removed`` event); its docks
+    are destroyed, and that unfreezes what their jobs froze."""
+    import gc
+
+    from qtpy.QtCore import QEvent
+    from qtpy.QtWidgets import QApplication, QWidget
+
+    from napari_tumorseg.widgets import _runner
+    from napari_tumorseg.widgets._runner import Runner
+
+    gc.unfreeze()
+    monkeypatch.setattr(_runner, "_awaiting_collection", False)
+    owner = QWidget()
+    owner.viewer = make_napari_viewer()
+    runner = Runner("job", lambda running: None, owner=owner)
+
+    def job():
+        yield 1
+        return 2
+
+    try:
+        worker = runner.start(job(), on_yield=lambda e: None, on_return=lambda r: None)
+        with qtbot.waitSignal(worker.finished, timeout=10_000):
+            pass
+        assert gc.get_freeze_count() > 0
+        owner.deleteLater()
+        QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()

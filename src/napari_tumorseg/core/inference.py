@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 import torch
@@ -346,8 +346,12 @@ class WindowBlender:
             raise ValueError(f"activation must be 'sigmoid' or None, got {activation!r}")
         self.shape = tuple(int(s) for s in shape)
         self.activation = activation
-        self.total = torch.zeros((channels, *self.shape), dtype=torch.float32, device=device)
-        self.weight = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        # One tuple, replaced as a whole: a reader in another thread never pairs sums of two
+        # devices.
+        self._sums = (
+            torch.zeros((channels, *self.shape), dtype=torch.float32, device=device),
+            torch.zeros(self.shape, dtype=torch.float32, device=device),
+        )
 
     def add(self, start: Sequence[int], prediction: torch.Tensor, importance: torch.Tensor) -> None:
         """Add one window's prediction ``(K, *patch)`` with its importance map ``patch``.
@@ -357,13 +361,13 @@ class WindowBlender:
         patch = prediction.shape[1:]
         image_box = _window_box(start, patch, self.shape)
         window_box = tuple(slice(b.start - s, b.stop - s) for b, s in zip(image_box, start))
-        if prediction.device.type == "cpu" and self.total.device.type != "cpu":
+        total, weight = self._sums
+        if prediction.device.type == "cpu" and total.device.type != "cpu":
             # The network fell back to the CPU (the GPU ran out of memory): the sums follow.
-            self.total, self.weight = self.total.cpu(), self.weight.cpu()
+            total, weight = self._sums = (total.cpu(), weight.cpu())
         weighted = (prediction * importance)[(slice(None), *window_box)]
-        device = self.total.device
-        self.total[(slice(None), *image_box)] += weighted.to(device, torch.float32)
-        self.weight[image_box] += importance[window_box].to(device, torch.float32)
+        total[(slice(None), *image_box)] += weighted.to(total.device, torch.float32)
+        weight[image_box] += importance[window_box].to(total.device, torch.float32)
 
     def current(self, box: Box | None = None) -> np.ndarray:
         """Blended values so far in ``box`` (all by default): float32 (K, *box).
@@ -371,7 +375,8 @@ class WindowBlender:
         Voxels no window has touched yet are 0 (after the activation too).
         """
         box = tuple(slice(0, n) for n in self.shape) if box is None else tuple(box)
-        return self._normalise(self.total[(slice(None), *box)], self.weight[box]).cpu().numpy()
+        total, weight = self._sums
+        return self._normalise(total[(slice(None), *box)], weight[box]).cpu().numpy()
 
     def _normalise(self, total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         covered = weight > 0
@@ -416,6 +421,7 @@ class InferenceProgress:
     done: int
     total: int
     box: Box | None
+    _: KW_ONLY
     window: Box | None = None
     current: Callable[[Box], np.ndarray] | None = field(default=None, repr=False)
     device: str = "cpu"
@@ -638,11 +644,18 @@ def sliding_window(
 
 def _step_events(done, total, boxes, blender, window, device):
     if not boxes:
-        yield InferenceProgress(done, total, None, window, blender.current, device)
+        yield InferenceProgress(
+            done, total, None, window=window, current=blender.current, device=device
+        )
         return
     for i, box in enumerate(boxes):
         yield InferenceProgress(
-            done, total, box, window if i == 0 else None, blender.current, device
+            done,
+            total,
+            box,
+            window=window if i == 0 else None,
+            current=blender.current,
+            device=device,
         )
 
 
@@ -740,7 +753,9 @@ def slice_inference(
         upto = kept[done] if done < total else depth
         box = (slice(finished, upto), slice(0, height), slice(0, width))
         finished = upto
-        yield InferenceProgress(done, total, box, box, current, predictor.device.type)
+        yield InferenceProgress(
+            done, total, box, window=box, current=current, device=predictor.device.type
+        )
     if out is None:
         out = torch.zeros((_output_channels(network, data, predictor), depth, height, width))
         full = (slice(0, depth), slice(0, height), slice(0, width))
@@ -880,6 +895,7 @@ class SegmentationProgress:
     done: int
     total: int
     box: Box | None
+    _: KW_ONLY
     window: Box | None = None
     preview: Callable[[], tuple[Box | None, np.ndarray | None]] | None = field(
         default=None, repr=False
@@ -1113,7 +1129,9 @@ def segment(
             if event.window is not None and event.current is not None:
                 window = to_input.map_box(event.window)
                 preview = functools.partial(_preview, to_input, event.window, event.current)
-            yield SegmentationProgress(event.done, event.total, box, window, preview, final)
+            yield SegmentationProgress(
+                event.done, event.total, box, window=window, preview=preview, final=final
+            )
     finally:
         engine.close()
     if mask is not None:

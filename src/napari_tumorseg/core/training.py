@@ -239,13 +239,16 @@ def cosine_lr(
 
 def uses_bf16(device: torch.device | str) -> bool:
     """Whether `train_steps` runs the forward pass under bfloat16 autocast by default on
-    ``device``: on CPUs with native bfloat16 and on CUDA GPUs with bfloat16 (Ampere and
-    later). bfloat16 has float32's range, so no loss scaling is needed."""
+    ``device``: on CPUs with native bfloat16 and on NVIDIA GPUs of compute capability 8.0 or
+    more (Ampere and later; older ones would emulate it, slowly). bfloat16 has float32's range,
+    so no loss scaling is needed."""
     device = torch.device(device)
     if device.type == "cpu":
         return cpu_bf16_is_fast()
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda" and torch.cuda.is_available():
+        if torch.version.hip is not None:  # AMD: torch knows which GPUs have it
+            return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return False
 
 
@@ -269,8 +272,8 @@ def train_steps(
     ``batches`` yields (image, target) or (image, target, weight); ``augment(image, mask)``
     transforms them jointly (the weight travels with the mask). ``lr_at(step, elapsed)`` gives
     the learning rate; ``regulariser()`` is added to the loss (e.g. L2-SP towards the parent
-    weights). On a CPU with native bfloat16 the forward pass runs under bfloat16 autocast by
-    default (2.4x faster there; loss and weights stay float32; see `cpu_bf16_is_fast`). Stops
+    weights). Where the device has native bfloat16 (`uses_bf16`) the forward pass runs under
+    bfloat16 autocast by default (2.4x faster on such CPUs; loss and weights stay float32). Stops
     between steps when the consumer stops iterating. Returns the number of the last step done.
 
     With a ``teacher`` network (frozen; e.g. the parent of a fine-tune), voxels whose weight is

@@ -91,25 +91,51 @@ def slow_spinners(widget) -> list:
 
 
 def exempt_live_objects(viewer) -> None:
-    """Exempt every object alive now from Python's cyclic garbage collector until a layer is
-    removed from ``viewer`` (`gc.freeze`; `gc.unfreeze` on the layer list's ``removed``).
+    """Exempt the objects alive now from Python's cyclic garbage collector (`gc.freeze`) until
+    a layer is removed from ``viewer`` (then `gc.unfreeze`).
 
     A full collection walks every tracked object with the GIL held: in napari that is about
     400,000 objects and 136-161 ms measured on 2 cores, and the layers a job adds make one
-    likely (benchmarks/bench_viewer.py: the one stall over 100 ms of a run). Objects frozen
-    at a job's start -- napari's own, the open layers -- live on anyway; the collections
-    during the job only walk what was made since. Objects freed by reference counting are freed
-    as ever; only garbage held in reference cycles waits. The large such garbage is a removed
-    layer (its events and callbacks hold cycles), so removing a layer unfreezes everything and
-    the next full collection frees it; closing the viewer removes every layer.
+    likely (benchmarks/bench_viewer.py: the one stall over 100 ms of a run). The objects alive
+    at a job's start -- napari's own, the open layers -- live on anyway; frozen, collections
+    walk only what was made since, during the job and after it.
+
+    Freezing keeps nothing alive that reference counting frees; only garbage held in reference
+    cycles waits while frozen. The large such garbage is a removed layer (its events and
+    callbacks hold cycles): removing a layer unfreezes everything (so does the end of one of our
+    docks: a napari window closed by its button keeps its layers), and no job freezes again
+    until a full collection has run since (`_collected`), so a removed layer is never frozen
+    again before it could be freed. Young garbage is collected before freezing (`gc.collect(1)`,
+    a few milliseconds). Without a viewer nothing would ever unfreeze: nothing is frozen.
     """
+    global _watching
+    if viewer is None:
+        return
+    viewer.layers.events.removed.connect(_unfreeze)  # napari ignores a second connect
+    if not _watching:
+        gc.callbacks.append(_collected)
+        _watching = True
+    if _awaiting_collection:
+        return
+    gc.collect(1)
     gc.freeze()
-    if viewer is not None:
-        viewer.layers.events.removed.connect(_unfreeze)  # napari ignores a second connect
+
+
+_watching = False
+_awaiting_collection = False
 
 
 def _unfreeze(event=None) -> None:
-    gc.unfreeze()
+    global _awaiting_collection
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        _awaiting_collection = True
+
+
+def _collected(phase: str, info: dict) -> None:
+    global _awaiting_collection
+    if phase == "stop" and info.get("generation") == 2:
+        _awaiting_collection = False
 
 
 class JobError(Exception):
@@ -132,6 +158,9 @@ class Runner:
         self.description = description
         self.on_start_stop = on_start_stop
         self.owner = owner  # the dock widget: its window's spinner is slowed while a job runs
+        if owner is not None:
+            # A window closed by its button keeps its layers: its docks' end unfreezes too.
+            owner.destroyed.connect(_unfreeze)
         self._slowed: list = []
         self.worker = None
         self._progress = None
