@@ -45,6 +45,9 @@ def test_exam_folder_opens_sequences_and_labels(make_napari_viewer):
     viewer.open(str(BRATS), plugin=PLUGIN)
     names = [layer.name for layer in viewer.layers]
     assert names == ["t1", "t1ce", "t2", "flair", "Brats18_TCIA01_378_1 labels"]
+    # Only the top scan is visible (it hides the others): napari slices and draws no other.
+    visible = [layer.name for layer in viewer.layers if layer.visible]
+    assert visible == ["flair", "Brats18_TCIA01_378_1 labels"]
     labels = viewer.layers[-1]
     assert labels._type_string == "labels"
     assert tuple(labels.colormap.map(4)[:3]) == pytest.approx((1.0, 0.85, 0.0))
@@ -62,6 +65,9 @@ def test_samples_load(make_napari_viewer, key, n_layers):
         # Unregistered: each sequence sits at its own world position.
         corners = {tuple(np.round(layer.translate, 1)) for layer in viewer.layers}
         assert len(corners) >= 3
+        # Post-contrast T1 and FLAIR blended so that the misalignment shows.
+        visible = [layer.name for layer in viewer.layers if layer.visible]
+        assert visible == ["t1ce (raw)", "flair (raw)"]
 
 
 def test_raw_sequences_overlay_in_world_space(make_napari_viewer):

@@ -78,6 +78,12 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
         if candidates:
             check_grid_match(volume, candidates, p)
         layers[index] = labels_layer_data(volume, name=file_stem(p))
+    # Opaque scans stacked on one another: only the top one can be seen, so only it starts
+    # visible. The picture is the same, and napari neither slices nor draws hidden layers:
+    # moving through the slices, and every repaint, costs one scan instead of four.
+    images = [kwargs for _, kwargs, kind in layers if kind == "image"]
+    for kwargs in images[:-1]:
+        kwargs.setdefault("visible", False)
     return layers, warnings
 
 

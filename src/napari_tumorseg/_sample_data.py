@@ -33,8 +33,8 @@ def raw_clinical_exam() -> list[tuple]:
     between sequences shows as colour fringes; T1 and T2 start hidden.
     """
     looks = {
-        "t1ce": {"colormap": "magenta", "blending": "additive"},
-        "flair": {"colormap": "green", "blending": "additive"},
+        "t1ce": {"colormap": "magenta", "blending": "additive", "visible": True},
+        "flair": {"colormap": "green", "blending": "additive", "visible": True},
         "t1": {"visible": False},
         "t2": {"visible": False},
     }

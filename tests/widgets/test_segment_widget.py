@@ -292,25 +292,26 @@ def test_a_job_exempts_live_objects_from_collection_until_a_layer_is_removed(
             return 2
 
         worker = runner.start(job(), on_yield=lambda e: None, on_return=lambda r: None)
+        frozen = gc.get_freeze_count()  # before anything else can unfreeze (see below)
         with qtbot.waitSignal(worker.finished, timeout=10_000):
             pass
+        return frozen
 
     gc.unfreeze()
     gc.disable()  # no automatic collection in between: only the test's own
     monkeypatch.setattr(_runner, "_awaiting_collection", False)
     try:
-        run_job()
-        assert gc.get_freeze_count() > 0  # the layer and napari's objects
+        assert run_job() > 0  # the layer and napari's objects
+        # (The end of any dock unfreezes too: earlier tests' docks may go while this one runs.)
         gone = weakref.ref(layer)
         viewer.layers.remove(layer)
         del layer
         assert gc.get_freeze_count() == 0
-        run_job()  # the removed layer may be garbage not yet collected: no freezing now
-        assert gc.get_freeze_count() == 0
+        # The removed layer may be garbage not yet collected: no freezing now.
+        assert run_job() == 0
         gc.collect()
         assert gone() is None
-        run_job()  # a full collection has run since: jobs freeze again
-        assert gc.get_freeze_count() > 0
+        assert run_job() > 0  # a full collection has run since: jobs freeze again
 
         # Kept frozen, a removed layer would not be collected (what the unfreeze is for).
         stuck = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="stuck")
@@ -354,7 +355,7 @@ def test_a_job_without_a_viewer_freezes_nothing(qtbot, monkeypatch):
         pass
 
 
-def test_the_end_of_a_dock_unfreezes(make_napari_viewer, qtbot, monkeypatch):
+def test_the_end_of_a_dock_unfreezes(qtbot):
     """A napari window closed by its button keeps its layers (no ``removed`` event); its docks
     are destroyed, and that unfreezes what their jobs froze."""
     import gc
@@ -362,23 +363,14 @@ def test_the_end_of_a_dock_unfreezes(make_napari_viewer, qtbot, monkeypatch):
     from qtpy.QtCore import QEvent
     from qtpy.QtWidgets import QApplication, QWidget
 
-    from napari_tumorseg.widgets import _runner
     from napari_tumorseg.widgets._runner import Runner
 
-    gc.unfreeze()
-    monkeypatch.setattr(_runner, "_awaiting_collection", False)
     owner = QWidget()
-    owner.viewer = make_napari_viewer()
-    runner = Runner("job", lambda running: None, owner=owner)
-
-    def job():
-        yield 1
-        return 2
-
+    Runner("job", lambda running: None, owner=owner)
+    # Widgets of earlier tests waiting to be deleted would unfreeze too: let them go first.
+    QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
     try:
-        worker = runner.start(job(), on_yield=lambda e: None, on_return=lambda r: None)
-        with qtbot.waitSignal(worker.finished, timeout=10_000):
-            pass
+        gc.freeze()  # as a job of this dock does
         assert gc.get_freeze_count() > 0
         owner.deleteLater()
         QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)

@@ -150,7 +150,8 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
     """
     folder = model_folder(name)
     card = _read_card(folder)
-    network = build_network(card["architecture"])
+    with torch.device("meta"):  # no random initialisation: the weights replace it
+        network = build_network(card["architecture"])
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -159,7 +160,7 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
         ) from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
-        network.load_state_dict(state)
+        network.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise TumorSegError(
             f"weights do not fit the card's architecture ({exc})", folder / WEIGHTS_FILE
