@@ -70,6 +70,18 @@ def test_samples_load(make_napari_viewer, key, n_layers):
         assert visible == ["t1ce (raw)", "flair (raw)"]
 
 
+def test_scans_hidden_at_opening_only_where_the_top_scan_covers_them():
+    """An unregistered exam's scans lie on other grids: none is hidden behind the top one."""
+    from napari_tumorseg._reader import read_layers
+
+    layers, _ = read_layers([TCGA_RAW])
+    assert [kwargs.get("visible", True) for _, kwargs, _ in layers] == [True] * 4
+    layers, _ = read_layers(sorted(BRATS.glob("*_t*.nii.gz")))  # dropped together
+    assert [kwargs["name"] for _, kwargs, _ in layers if kwargs.get("visible", True)] == [
+        layers[-1][1]["name"]
+    ]
+
+
 def test_raw_sequences_overlay_in_world_space(make_napari_viewer):
     """A scanner-space point maps to the same anatomy whatever layer it is read from."""
     viewer = make_napari_viewer()

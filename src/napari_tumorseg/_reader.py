@@ -78,12 +78,15 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
         if candidates:
             check_grid_match(volume, candidates, p)
         layers[index] = labels_layer_data(volume, name=file_stem(p))
-    # Opaque scans stacked on one another: only the top one can be seen, so only it starts
-    # visible. The picture is the same, and napari neither slices nor draws hidden layers:
-    # moving through the slices, and every repaint, costs one scan instead of four.
+    # Opaque scans on one grid, read together (an exam folder, files dropped at once): only
+    # the top one can be seen, so only it starts visible. The picture is the same, and napari
+    # neither slices nor draws hidden layers: moving through the slices, and every repaint,
+    # cost one scan instead of four. Scans on other grids (an unregistered exam) stay visible:
+    # they reach where the top one does not.
     images = [kwargs for _, kwargs, kind in layers if kind == "image"]
-    for kwargs in images[:-1]:
-        kwargs.setdefault("visible", False)
+    for volume, kwargs in zip(scans[:-1], images[:-1]):
+        if volume.same_grid(scans[-1]):
+            kwargs.setdefault("visible", False)
     return layers, warnings
 
 

@@ -522,3 +522,22 @@ def test_segment_sample_exam():
     assert result.used_sequences == SEQUENCES and not result.missing_sequences
     assert events[-1].done == events[-1].total > 100
     assert inference.REGION_NAMES == ("WT", "TC", "ET")
+
+
+def test_load_model_refuses_weights_that_do_not_fit_the_card(tiny_model):
+    """The network is built without weights (meta device) and takes the file's tensors: a card
+    whose architecture differs from the weights is named, not a half-built network."""
+    import json
+
+    from napari_tumorseg.core.models import load_model, model_folder
+
+    model = load_model(tiny_model)
+    params = list(model.network.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    assert all(p.requires_grad for p in params)
+    card_path = model_folder(tiny_model) / "card.json"
+    card = json.loads(card_path.read_text())
+    card["architecture"]["features"] = [4, 8, 32]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(TumorSegError, match="do not fit the card's architecture"):
+        load_model(tiny_model)
