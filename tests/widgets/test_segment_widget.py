@@ -377,3 +377,35 @@ def test_the_end_of_a_dock_unfreezes(qtbot):
         assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
+
+
+def test_edits_after_undone_thresholds_count_against_the_models_map():
+    """Thresholds applied, undone, then new strokes: the thresholds are not in force, so only
+    the strokes are corrections (counting edits by history depth took the undone thresholds
+    back as the baseline once the strokes refilled that depth)."""
+    from napari.layers import Labels
+
+    from napari_tumorseg.widgets.review import apply_labels, record_thresholds
+
+    model = np.zeros((4, 10, 10), np.uint8)
+    model[1:3, 2:6, 2:6] = 2
+    layer = Labels(model.copy(), metadata={META_KEY: {"model_labels": model.copy()}})
+    thresholds = model.copy()
+    thresholds[1:3, 6:9, 2:6] = 2  # the thresholds add oedema
+    assert apply_labels(layer, thresholds) > 0
+    record_thresholds(layer, thresholds)
+    assert not edited_voxels(layer).any()
+    layer.undo()
+    assert not edited_voxels(layer).any()  # the model's own map again
+    layer.data_setitem((np.array([0]), np.array([0]), np.array([0])), 1)  # a stroke
+    edited = edited_voxels(layer)
+    assert edited.sum() == 1 and edited[0, 0, 0]
+    layer.undo()
+    layer.redo()
+    assert edited_voxels(layer).sum() == 1
+    # Applied again and redone after an undo: in force.
+    assert apply_labels(layer, thresholds) > 0
+    record_thresholds(layer, thresholds)
+    layer.undo()
+    layer.redo()
+    assert not edited_voxels(layer).any()

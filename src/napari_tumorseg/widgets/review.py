@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, edit_depth, layer_volume
+from .._layers import META_KEY, layer_volume
 from ..core.inference import card_labels
 from ..core.io import REGIONS
 from ..core.postprocess import (
@@ -53,16 +53,37 @@ def edited_voxels(layer) -> np.ndarray | None:
 
 
 def model_output(layer) -> np.ndarray:
-    """The map the user is editing from: the model's, or the thresholds applied last and not
-    undone since (`ReviewWidget.apply_thresholds` records the edit-history depth it left; Ctrl+Z
-    below that depth took it back, and the map before it is the baseline again)."""
+    """The map the user is editing from: the model's, or the thresholds applied last and still
+    in force (`record_thresholds`; undone with Ctrl+Z, the map before them is the baseline
+    again)."""
     meta = layer.metadata.get(META_KEY, {})
-    depth = edit_depth(layer)
     baseline = meta["model_labels"]
-    for derived, applied_at in meta.get("threshold_labels", ()):
-        if depth >= applied_at:
+    for derived, edit in meta.get("threshold_labels", ()):
+        if _in_force(layer, edit):
             baseline = derived
     return baseline
+
+
+def record_thresholds(layer, new: np.ndarray) -> None:
+    """Remember ``new``, just applied to ``layer`` as its newest edit (`apply_labels`), as the
+    map later edits are counted against. Maps no longer in force are dropped: a new edit
+    clears napari's redo history, so they cannot come back."""
+    meta = layer.metadata.setdefault(META_KEY, {})
+    kept = [(m, e) for m, e in meta.get("threshold_labels", ()) if _in_force(layer, e)]
+    meta["threshold_labels"] = [*kept, (new.copy(), layer._undo_history[-1][0])]
+
+
+def _in_force(layer, edit) -> bool:
+    """Whether an edit (the first atom of its napari history item) is still applied: in the
+    undo history (redo puts the same atoms back), not in the redo history (undone). Gone from
+    both, it was undone and replaced by a new edit -- or pushed out of napari's bounded history
+    (100 edits) by later ones, which is taken to be the case when that history is full."""
+    undo = getattr(layer, "_undo_history", ())
+    if any(atom is edit for item in undo for atom in item):
+        return True
+    if any(atom is edit for item in getattr(layer, "_redo_history", ()) for atom in item):
+        return False
+    return undo.maxlen is not None and len(undo) == undo.maxlen
 
 
 class ReviewWidget(QWidget):
@@ -207,10 +228,8 @@ class ReviewWidget(QWidget):
         voxel_ml = layer_volume(layer).voxel_volume_ml
         new = card_labels(prob, rules, voxel_ml, self.thresholds())
         changed = apply_labels(layer, new)
-        depth = edit_depth(layer)
-        layer.metadata.setdefault(META_KEY, {}).setdefault("threshold_labels", []).append(
-            (new.copy(), depth)
-        )
+        if changed:
+            record_thresholds(layer, new)
         self.status.setText(f"thresholds {self.thresholds()}: {changed} voxels changed")
         return changed
 
