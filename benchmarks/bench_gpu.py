@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _report import DOC, write_section  # noqa: E402
 from bench_finetune import simulate_user  # noqa: E402
+from bench_inference import region_dice  # noqa: E402
 
 EXAM = ROOT / "sample_data" / "brats2018"
 REGIONS = ("WT", "TC", "ET")
@@ -72,20 +73,6 @@ def timed(torch, fn, repeats: int) -> tuple[float, float, object]:
         _sync(torch)
         times.append(time.perf_counter() - start)
     return statistics.median(times), _peak_gb(torch), result
-
-
-def dice3(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """Dice of the BraTS regions (numpy: SimpleITK, which `core.metrics` uses, may be absent on
-    a GPU machine)."""
-    from napari_tumorseg.core.metrics import region_masks
-
-    p, r = region_masks(pred), region_masks(ref)
-    out = {}
-    for region in REGIONS:
-        total = int(p[region].sum()) + int(r[region].sum())
-        both = int(np.logical_and(p[region], r[region]).sum())
-        out[region] = 2 * both / total if total else 1.0
-    return out
 
 
 def fmt(d: dict[str, float], digits: int = 4) -> str:
@@ -201,7 +188,7 @@ def inference_rows(torch, args) -> tuple[list[str], list[str]]:
         if name.startswith("ours") and "2D" not in name and "TTA" not in name:
             same = same32 if precision == "float32" else same16
             speed_same = f"{same[2] / seconds:.2f}x"
-            dice = fmt(dice3(labels, same32[4]))
+            dice = fmt(region_dice(labels, same32[4]))
         rows.append(
             f"| {name} | {precision} | {windows} | {seconds:.3f} | {base / seconds:.2f}x | "
             f"{speed_same} | {peak:.2f} | {dice} |"
@@ -239,7 +226,7 @@ def inference_rows(torch, args) -> tuple[list[str], list[str]]:
         f"precision='float32')`: {len(messages)} warning(s)"
         + (f' ("{messages[0][:140]}")' if messages else "")
         + f", finished on the CPU in {fallback_seconds:.1f} s, Dice WT / TC / ET against the "
-        f"float32 GPU run {fmt(dice3(fallback.labels.array, reference))}.",
+        f"float32 GPU run {fmt(region_dice(fallback.labels.array, reference))}.",
     ]
     print(oom[0], flush=True)
     return rows, oom
@@ -347,7 +334,7 @@ def finetune_rows(torch, args) -> list[str]:
     keep[chosen] = False
 
     def dice(pred):
-        return dice3(pred[keep], expert[keep])
+        return region_dice(pred[keep], expert[keep])
 
     before = dice(before_labels)
     rows = [
