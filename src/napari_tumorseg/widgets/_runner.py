@@ -108,20 +108,15 @@ def exempt_live_objects(viewer) -> None:
     again before it could be freed. Young garbage is collected before freezing (`gc.collect(1)`,
     a few milliseconds). Without a viewer nothing would ever unfreeze: nothing is frozen.
     """
-    global _watching
     if viewer is None:
         return
     viewer.layers.events.removed.connect(_unfreeze)  # napari ignores a second connect
-    if not _watching:
-        gc.callbacks.append(_collected)
-        _watching = True
     if _awaiting_collection:
         return
     gc.collect(1)
     gc.freeze()
 
 
-_watching = False
 _awaiting_collection = False
 
 
@@ -136,6 +131,9 @@ def _collected(phase: str, info: dict) -> None:
     global _awaiting_collection
     if phase == "stop" and info.get("generation") == 2:
         _awaiting_collection = False
+
+
+gc.callbacks.append(_collected)
 
 
 class JobError(Exception):
