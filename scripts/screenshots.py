@@ -5,7 +5,8 @@
 Writes demo.png (the labelled sample segmented, with the docks), segment_running.png (the
 probability maps filling in, 2D model), register_before.png / register_after.png (the raw exam) and
 finetune_done.png (3 slices corrected with the expert labels, "Fine-tune on my corrections"
-pressed, the exam segmented again; the fine-tuned version goes to a temporary user folder).
+pressed, the exam segmented again; the fine-tuned version goes to a temporary user folder) and
+finetune_adapt.png (the same slices corrected on that map, then "adapt to this exam").
 """
 
 from __future__ import annotations
@@ -98,19 +99,28 @@ def main() -> None:
 
     # Fine-tune on 3 corrected slices (the expert labels painted in), then re-segmentation.
     os.environ["TUMORSEG_USER_DIR"] = tempfile.mkdtemp(prefix="tumorseg_screenshots_")
-    labels = segment.labels_layer
     slices = np.flatnonzero((expert.data > 0).any(axis=(1, 2)))
-    for z in slices[[len(slices) // 4, len(slices) // 2, 3 * len(slices) // 4]]:
-        index = np.nonzero(np.ones(expert.data[z].shape, bool))
-        labels.data_setitem((np.full(index[0].shape, z), *index), expert.data[z][index])
+    chosen = slices[[len(slices) // 4, len(slices) // 2, 3 * len(slices) // 4]]
+
+    def correct_and_finetune(mode: int, picture: str) -> None:
+        labels = segment.labels_layer
+        for z in chosen:
+            index = np.nonzero(np.ones(expert.data[z].shape, bool))
+            labels.data_setitem((np.full(index[0].shape, z), *index), expert.data[z][index])
+        segment.ft_mode.setCurrentIndex(mode)
+        _wait(segment.finetune().finished, app)
+        _wait(segment.segmented, app)
+        measure.layer_box.setCurrentText(segment.labels_layer.name)
+        measure.evaluate()
+        labels.visible = False
+        viewer.screenshot(path=str(args.out / picture), canvas_only=False)
+        print(segment.status.text())
+        print(segment.changes.text())
+
     segment.ft_name.setText("my-model")
-    _wait(segment.finetune().finished, app)
-    _wait(segment.segmented, app)
-    measure.layer_box.setCurrentText(segment.labels_layer.name)
-    measure.evaluate()
-    labels.visible = False
-    viewer.screenshot(path=str(args.out / "finetune_done.png"), canvas_only=False)
-    print(segment.changes.text())
+    correct_and_finetune(0, "finetune_done.png")  # keep for next exams
+    # The same slices corrected again on the new map, then "adapt to this exam".
+    correct_and_finetune(1, "finetune_adapt.png")
     viewer.close()
 
 

@@ -64,8 +64,8 @@ def test_bundled_2d_model_on_the_sample_exam(exam):
 
 
 def test_finetuning_a_weakened_model_helps_the_uncorrected_slices(exam):
-    """The 3D model, weakened by noise on its weights (enhancing tumour all but lost), fine-tuned
-    on 3 expert slices, recovers on the other slices."""
+    """The 3D model, weakened by noise on its weights (enhancing tumour all but lost), adapted
+    to the exam on 3 expert slices (its exam head), recovers on the other slices."""
     import torch
 
     model = load_model("3d")
@@ -86,8 +86,9 @@ def test_finetuning_a_weakened_model_helps_the_uncorrected_slices(exam):
     result = run_to_end(
         finetune(model, exam, corrected, corrected != before, mode="adapt", steps=30, seconds=None)
     )
-    model.network = result.network
-    after = run_to_end(segment(exam, model, device="cpu")).labels.array
+    after = run_to_end(segment(exam, result.model(model), device="cpu"))
+    assert any("exam head" in note for note in after.notes)
+    after = after.labels.array
     keep = np.ones(expert.shape[0], bool)
     keep[chosen] = False
     dice = {
@@ -96,6 +97,7 @@ def test_finetuning_a_weakened_model_helps_the_uncorrected_slices(exam):
     }
     print("uncorrected slices, before:", dice["before"], "after:", dice["after"])
     gain = {r: dice["after"][r]["dice"] - dice["before"][r]["dice"] for r in ("WT", "TC", "ET")}
-    # Measured: WT +0.008, TC +0.07, ET +0.43 (float32, 30 steps).
+    # Measured: WT 0.605 -> 0.895, TC 0.688 -> 0.945, ET 0.005 -> 0.930 (the exam head; a
+    # network fine-tuned for 30 steps: +0.008, +0.07, +0.43).
     assert np.mean(list(gain.values())) >= 0.05
     assert min(gain.values()) >= -0.02

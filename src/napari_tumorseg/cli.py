@@ -32,9 +32,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 f"{k} {v:.3f}" for k, v in mean.items() if isinstance(v, (int, float))
             )
         parent = f"  parent {card['parent']}" if card.get("parent") else ""
+        head = card.get("exam_head")
+        adapted = f"  adapted to {head.get('exam')}" if isinstance(head, dict) else ""
         print(
             f"{card['label']:<20} {card['spatial_dims']}D  patch {card['patch_size']}  "
-            f"spacing {card['spacing_mm']} mm{parent}{dice}"
+            f"spacing {card['spacing_mm']} mm{parent}{adapted}{dice}"
         )
         if args.verbose:
             print(json.dumps({k: v for k, v in card.items() if k != "label"}, indent=2))
@@ -149,7 +151,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     last = [0.0]
 
     def report(progress) -> None:
-        if progress.elapsed - last[0] >= 10 or progress.step == 1:
+        if progress.loss is None:
+            return
+        if progress.elapsed - last[0] >= 10 or progress.step <= 1:
             last[0] = progress.elapsed
             print(
                 f"  step {progress.step} loss {progress.loss:.4f} {progress.elapsed:.0f} s",
@@ -166,6 +170,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             mode=args.mode,
             seconds=60.0 if args.seconds is None and args.steps is None else args.seconds,
             steps=args.steps,
+            device="auto",  # as `tumorseg segment` runs by default
         ),
         report,
     )

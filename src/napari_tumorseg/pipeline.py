@@ -188,6 +188,8 @@ def segment_exam(
     if prob_out is not None:
         written.append(write_volume(prob_out, result.probabilities.array, like))
     log(f"done in {result.seconds:.1f} s on {result.device} ({result.precision})")
+    for note in result.notes:
+        log(note)
     return result, written
 
 

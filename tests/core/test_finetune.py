@@ -88,16 +88,24 @@ def test_change_summary_counts_and_scores_uncorrected_slices():
     assert summary["dice_after"]["WT"] == 1.0 and summary["dice_before"]["WT"] < 1.0
 
 
-def test_cancelled_finetune_leaves_model_files_byte_identical(exam):
+# "adapt" cancelled while its parent segments the exam, and while its head is fitted.
+@pytest.mark.parametrize("mode, training", [("keep", True), ("adapt", False), ("adapt", True)])
+def test_cancelled_finetune_leaves_model_files_byte_identical(exam, mode, training):
     label = make_tiny_model("mine")
     model = load_model(label)
     root = user_models_dir()
     digest = _folder_digest(root)
     prediction = np.zeros(exam.reference.spatial_shape, np.uint8)
     corrected, edited, _ = _three_corrected_slices(exam, prediction)
-    run = finetune_and_save(model, exam, corrected, edited, name="mine", steps=50, seconds=None)
-    for _ in range(3):
-        next(run)
+    run = finetune_and_save(
+        model, exam, corrected, edited, name="mine", mode=mode, steps=50, seconds=None
+    )
+    progress = next(run)
+    while training and progress.loss is None:
+        progress = next(run)
+    if training:
+        progress = next(run)
+    assert (progress.loss is not None) == training
     run.close()
     assert _folder_digest(root) == digest
     assert [p.name for p in (root / "mine").iterdir()] == ["v1"]

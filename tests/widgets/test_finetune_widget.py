@@ -64,6 +64,29 @@ def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
     assert widget.model.currentText() == parent
 
 
+def test_adapt_to_this_exam_fits_the_exam_head_and_resegments(corrected_dock, qtbot):
+    viewer, widget, labels = corrected_dock
+    widget.ft_mode.setCurrentIndex(1)  # adapt to this exam
+    assert not widget.ft_seconds.isEnabled()  # the head takes seconds whatever the budget
+    expert = viewer.layers["Brats18_TCIA01_378_1 labels"].data
+    before = labels.metadata["tumorseg"]["model_labels"]
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
+        assert widget.finetune() is not None
+    assert widget.model.currentText() == "mine@v1"
+    assert "exam head fitted on the corrections" in widget.status.text()
+    assert len(widget.loss_curve.losses) >= 2
+    assert widget.loss_curve.losses[-1] < widget.loss_curve.losses[0]
+    # The tiny network finds next to nothing; the head learns the tumour from 3 slices.
+    other = np.ones(expert.shape[0], bool)
+    other[[70, 85, 100]] = False
+
+    def wt_dice(found):
+        a, b = found[other] > 0, expert[other] > 0
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert wt_dice(widget.labels_layer.data) > wt_dice(before) + 0.2
+
+
 def test_cancelled_finetune_changes_nothing(corrected_dock, qtbot):
     viewer, widget, labels = corrected_dock
     widget.ft_seconds.setValue(60)

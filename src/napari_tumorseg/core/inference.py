@@ -927,6 +927,8 @@ class SegmentationResult:
         Device the network ran on at the end.
     precision : str
         The network's arithmetic there: "float32", "bfloat16 autocast" or "float16 autocast".
+    notes : tuple of str
+        What else the user should know (e.g. whether a model's exam head was applied).
     """
 
     probabilities: Volume
@@ -936,6 +938,7 @@ class SegmentationResult:
     seconds: float
     device: str = "cpu"
     precision: str = "float32"
+    notes: tuple[str, ...] = ()
 
 
 class _ModelToInput:
@@ -1019,7 +1022,8 @@ def segment(
     per-channel z-score, zeros for missing sequences (`preprocess.prepare`); then overlapping
     windows of ``card["patch_size"]`` (`sliding_window`, windows without brain skipped) for 3D
     models or axial slices (`slice_inference`) for 2D models; then the map goes back onto the
-    input grid and `probabilities_to_labels`.
+    input grid, the model's exam head where it was fitted on this exam (`refine`), and
+    `probabilities_to_labels`.
 
     Parameters
     ----------
@@ -1046,7 +1050,7 @@ def segment(
         Mixed precision where the device has it natively (see `autocast_dtype`), or float32.
     postprocess : bool
         Apply the model card's ``postprocess`` rules to the label map (`card_labels`); the
-        probabilities are returned as the network gave them either way.
+        probabilities are returned as the network (and an exam head) gave them either way.
 
     Raises
     ------
@@ -1137,6 +1141,12 @@ def segment(
     if mask is not None:
         maps *= mask
     probabilities = prepared.to_input_grid(maps)
+    notes: tuple[str, ...] = ()
+    if getattr(model, "head", None) is not None:
+        present = [SEQUENCES.index(s) for s in used]
+        probabilities, notes = _apply_exam_head(
+            model, channels, present, probabilities, overlap, tta
+        )
     rules = card.get("postprocess") if postprocess else None
     voxel_ml = float(np.prod(channels.spacing)) / 1000
     labels = card_labels(probabilities, rules, voxel_ml, threshold)
@@ -1150,7 +1160,36 @@ def segment(
         seconds=time.perf_counter() - started,
         device=last_device,
         precision=precision_label(last_device, precision),
+        notes=notes,
     )
+
+
+def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, tta):
+    """The probabilities with ``model``'s exam head applied -- only on the exam it was fitted
+    on (`refine`); and a note saying which happened."""
+    from .refine import apply_head, exam_fingerprint
+
+    entry = model.card["exam_head"]
+    exam = entry["exam"]
+    if exam_fingerprint(channels.array, present, channels.spacing) != entry["fingerprint"]:
+        if channels.name == exam:
+            why = f"the scans of {exam} differ from those it was fitted on (edited, re-registered?)"
+        else:
+            why = "it was fitted on another exam"
+        return probabilities, (
+            f"{model.label} was adapted to {exam}, but its exam head is not applied: {why}; "
+            "the network alone segmented this exam",
+        )
+    notes = [f"with the exam head fitted on the corrections of {exam}"]
+    fitted = entry.get("segmentation", {})
+    if fitted and (fitted.get("overlap"), fitted.get("tta")) != (overlap, tta):
+        notes.append(
+            f"the head was fitted on a segmentation with overlap {fitted.get('overlap')} and "
+            f"TTA {'on' if fitted.get('tta') else 'off'}; this one used overlap {overlap} and "
+            f"TTA {'on' if tta else 'off'}, which it has not seen"
+        )
+    refined = apply_head(model.head, channels.array, present, probabilities, channels.spacing)
+    return refined, tuple(notes)
 
 
 def precision_label(device: str | torch.device, precision: str = "auto") -> str:

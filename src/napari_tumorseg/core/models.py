@@ -5,6 +5,9 @@ Layout (contract 2.4)::
     <package>/weights/<name>/model.safetensors, card.json          bundled ("3d", "2d")
     <user data dir>/models/<name>/v<k>/model.safetensors, card.json  user versions
 
+An "adapt to this exam" version also holds ``exam_head.safetensors``: the head fitted on that
+exam's corrections (`refine`), described by the card's ``exam_head`` entry.
+
 Nothing is unpickled: weights are safetensors, the card is JSON.
 """
 
@@ -26,6 +29,7 @@ from .unet import build_network
 
 BUNDLED = ("3d", "2d")
 WEIGHTS_FILE = "model.safetensors"
+HEAD_FILE = "exam_head.safetensors"
 CARD_FILE = "card.json"
 REQUIRED_CARD_KEYS = (
     "name",
@@ -54,11 +58,15 @@ class TumorModel:
         The model card (patch size, spacing, normalisation, metrics, parent, ...).
     path : Path
         The folder the model was loaded from.
+    head : refine.ExamHead or None
+        The exam head of an "adapt to this exam" version (card ``exam_head``), applied by
+        `inference.segment` to that exam only.
     """
 
     network: torch.nn.Module
     card: dict
     path: Path
+    head: torch.nn.Module | None = None
 
     @property
     def name(self) -> str:
@@ -166,13 +174,37 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
             f"weights do not fit the card's architecture ({exc})", folder / WEIGHTS_FILE
         ) from None
     network.to(device).eval()
-    return TumorModel(network=network, card=card, path=folder)
+    head = _load_head(folder, card["exam_head"]) if card.get("exam_head") else None
+    return TumorModel(network=network, card=card, path=folder, head=head)
+
+
+def _load_head(folder: Path, entry) -> torch.nn.Module:
+    from .refine import ExamHead
+
+    try:
+        head = ExamHead(int(entry["features"]), int(entry["hidden"]))
+        if not all(isinstance(entry[key], str) for key in ("exam", "fingerprint")):
+            raise TypeError("exam and fingerprint must be strings")  # `inference.segment`
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TumorSegError(
+            f"the card's exam_head entry is incomplete or malformed ({exc!r})", folder / CARD_FILE
+        ) from None
+    try:
+        head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    except Exception as exc:  # missing or corrupt file, or one that does not fit the card
+        raise TumorSegError(f"the exam head cannot be read ({exc})", folder / HEAD_FILE) from None
+    return head.eval().requires_grad_(False)
 
 
 def save_model(
-    network: torch.nn.Module, card: dict, folder: str | Path, half: bool = False
+    network: torch.nn.Module,
+    card: dict,
+    folder: str | Path,
+    half: bool = False,
+    head: torch.nn.Module | None = None,
 ) -> Path:
-    """Write weights and card into ``folder`` atomically (a temporary folder renamed into place).
+    """Write weights, card (and an exam head) into ``folder`` atomically (a temporary folder
+    renamed into place).
 
     An existing folder is replaced only once the new one is complete.
     """
@@ -189,6 +221,9 @@ def save_model(
             for k, v in network.state_dict().items()
         }
         save_file(state, str(tmp / WEIGHTS_FILE))
+        if head is not None:
+            head_state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+            save_file(head_state, str(tmp / HEAD_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
         os.chmod(tmp, creation_mode(folder, directory=True))  # mkdtemp: owner only
         if folder.exists():
@@ -214,13 +249,15 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def save_user_model(network: torch.nn.Module, card: dict, name: str) -> Path:
+def save_user_model(
+    network: torch.nn.Module, card: dict, name: str, head: torch.nn.Module | None = None
+) -> Path:
     """Save a new version of user model ``name``; returns its folder (``.../name/v<k>``)."""
     check_model_name(name)
     versions = _user_versions(name)
     version = int(versions[-1].name[1:]) + 1 if versions else 1
     card = {**card, "name": name, "version": version}
-    return save_model(network, card, user_models_dir() / name / f"v{version}")
+    return save_model(network, card, user_models_dir() / name / f"v{version}", head=head)
 
 
 def list_models(problems: list[str] | None = None) -> list[dict]:

@@ -118,6 +118,10 @@ class SegmentWidget(QWidget):
         self.changes.setMinimumHeight(4 * self.changes.fontMetrics().lineSpacing())
         form.addRow("Fine-tune", self.ft_mode)
         form.addRow("Budget", self.ft_seconds)
+        # "adapt" fits the exam head in seconds whatever the budget (`core.refine`).
+        self.ft_mode.currentIndexChanged.connect(
+            lambda index: self.ft_seconds.setEnabled(index == 0)
+        )
         form.addRow("Save as", self.ft_name)
         row = QHBoxLayout()
         row.addWidget(self.finetune_button)
@@ -339,6 +343,7 @@ class SegmentWidget(QWidget):
         )
         if missing:
             text += f"; missing {', '.join(missing)} (filled as the model card says)"
+        text += "".join(f"; {note}" for note in result.notes)
         self.status.setText(text)
         show_info(f"Segmentation ready: {self.labels_layer.name}")
         if self._after_finetune is not None:
@@ -388,6 +393,10 @@ class SegmentWidget(QWidget):
             name=self.ft_name.text().strip(),
             mode=mode,
             seconds=float(self.ft_seconds.value()),
+            # As the re-segmentation after it will run ("adapt" fits its head on this output).
+            device=self.device.currentText(),
+            overlap=self.overlap.value(),
+            tta=self.tta.isChecked(),
         )
         return self.tuner.start(
             generator,
@@ -400,10 +409,15 @@ class SegmentWidget(QWidget):
         )
 
     def _on_finetune_step(self, progress) -> None:
+        if progress.loss is None:  # "adapt": the parent still segments the exam
+            self.tuner.set_progress(0, 100, text="segmenting with the parent model")
+            return
         self.loss_curve.add(progress.loss)
         if progress.seconds:
-            done = int(100 * min(progress.elapsed / progress.seconds, 1.0))
-            self.tuner.set_progress(done, 100, text=f"step {progress.step}")
+            done = progress.elapsed / progress.seconds
+        else:
+            done = progress.step / progress.steps if progress.steps else 0.0
+        self.tuner.set_progress(int(100 * min(done, 1.0)), 100, text=f"step {progress.step}")
 
     def _on_finetuned(self, outcome) -> None:
         folder, result = outcome

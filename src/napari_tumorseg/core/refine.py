@@ -1,0 +1,210 @@
+"""The exam head: what "adapt to this exam" learns from the user's corrections in seconds.
+
+A network trained on 11 exams misses what is unusual about the next one -- faint oedema, an odd
+contrast -- and the corrected slices show exactly that. The head is a small per-voxel network
+fitted on the corrected slices alone, on top of the segmentation network's output:
+
+    logit_r(v) = network logit_r(v) + MLP_r(features(v)),   r in WT, TC, ET
+
+with ``features`` the network's three logits, the exam's own z-scored intensities (each present
+sequence, raw and Gaussian-smoothed at 1, 2 and 4 mm) and the distances (mm) to the network's
+tumour and core. Each region's MLP ends in a zero layer, so the head starts as the network and
+its L2 penalty pulls towards it; fitted by L-BFGS on every brain voxel of the corrected slices.
+A per-image classifier on deep features and intensities, as interactive tools do (ilastik's
+pixel classifier; DeepIGeoS, Wang et al., TPAMI 2019, refines a CNN with the user's
+scribbles): it learns this exam's intensities of its tumour, which a minute of network
+fine-tuning on three slices only partly does (benchmarks/bench_finetune.py).
+
+It belongs to one exam: the model saved with it applies it only to the exam it was fitted on
+(`exam_fingerprint`), any other exam gets the network alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Generator
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .io import REGIONS
+from .preprocess import bounding_box, brain_mask, zscore
+
+#: Gaussian scales (mm) of the smoothed intensities.
+SMOOTHING_MM = (1.0, 2.0, 4.0)
+#: Hidden units per region; L2 penalty of the weights (chosen with benchmarks/bench_finetune.py).
+HIDDEN = 16
+WEIGHT_DECAY = 1e-4
+ITERATIONS = 100
+#: At most this many voxels are fitted on (a random share of them beyond: full-batch L-BFGS
+#: keeps them all in memory; three corrected slices hold about 30,000).
+MAX_VOXELS = 200_000
+#: L-BFGS iterations between two progress reports.
+CHUNK = 5
+N_FEATURES = 3 + 4 * (1 + len(SMOOTHING_MM)) + 2
+
+
+def exam_fingerprint(channels: np.ndarray, present, spacing) -> str:
+    """A digest of an exam's present scans (their voxels, order and spacing): which exam a head
+    was fitted on."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(spacing, np.float64).round(6).tobytes())
+    for c in sorted(present):
+        array = np.ascontiguousarray(channels[c], dtype=np.float32)
+        digest.update(f"{c}:{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def head_features(
+    channels: np.ndarray, present, probabilities: np.ndarray, spacing, rows=None
+) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
+    """Per-voxel features of an exam's brain voxels (see the module docstring).
+
+    Parameters
+    ----------
+    channels : numpy.ndarray
+        (4, Z, Y, X) scans t1, t1ce, t2, flair (missing ones zero).
+    present : sequence of int
+        Indices of the present channels.
+    probabilities : numpy.ndarray
+        (3, Z, Y, X) the network's WT, TC, ET probabilities on the same grid.
+    spacing : sequence of float
+        Voxel size (mm, Z Y X).
+    rows : numpy.ndarray, optional
+        bool (Z,): only the brain voxels of these axial slices (the smoothing and distances
+        still see the whole brain).
+
+    Returns
+    -------
+    (features, box, mask)
+        float32 (N, `N_FEATURES`) for the N voxels of ``mask``: the brain (within ``rows``)
+        inside the brain's box ``box``.
+    """
+    mask = brain_mask(channels, present)
+    box = bounding_box(mask)
+    crop = (slice(None), *box)
+    z = zscore(channels[crop], mask[box], present)
+    mask = mask[box]
+    if rows is not None:
+        mask = mask & np.asarray(rows, bool)[box[0], None, None]
+    p = np.clip(probabilities[crop], 1e-4, 1 - 1e-4)
+    spacing = np.asarray(spacing, float)
+    features = np.zeros((int(mask.sum()), N_FEATURES), np.float32)
+    column = iter(range(N_FEATURES))
+    for r in range(3):
+        features[:, next(column)] = np.log(p[r][mask] / (1 - p[r][mask]))
+    for c in range(4):
+        features[:, next(column)] = z[c][mask]
+    for mm in SMOOTHING_MM:
+        for c in range(4):
+            index = next(column)
+            if c in present:  # a missing sequence stays zero
+                features[:, index] = ndimage.gaussian_filter(z[c], mm / spacing)[mask]
+    for region in (1, 0):  # distance to the core, then to the whole tumour
+        inside = p[region] > 0.5
+        index = next(column)
+        if inside.any():
+            distance = ndimage.distance_transform_edt(~inside, sampling=spacing)
+            features[:, index] = np.log1p(distance[mask])
+        else:
+            features[:, index] = np.log1p(100.0)
+    return features, box, mask
+
+
+class ExamHead(torch.nn.Module):
+    """Residual per-region MLPs on `head_features`: (N, F) features -> (N, 3) logits."""
+
+    def __init__(self, n_features: int = N_FEATURES, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(n_features, hidden) for _ in range(3))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(hidden, 1) for _ in range(3))
+        for layer in self.out:  # starts as the network
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features - self.mean) / self.std
+        corrections = [out(torch.relu(h(x))) for h, out in zip(self.hidden, self.out)]
+        return features[:, :3] + torch.cat(corrections, dim=1)
+
+    def penalty(self) -> torch.Tensor:
+        return sum((m.weight**2).sum() for m in [*self.hidden, *self.out])
+
+
+def fit_head(
+    features: np.ndarray,
+    targets: np.ndarray,
+    iterations: int = ITERATIONS,
+    weight_decay: float = WEIGHT_DECAY,
+    hidden: int = HIDDEN,
+    seed: int = 0,
+) -> Generator[tuple[int, float], None, ExamHead]:
+    """Fit an `ExamHead` on labelled voxels by L-BFGS (full batch).
+
+    Yields ``(iteration, loss)`` every `CHUNK` iterations (and once before the first) and stops
+    there when closed; returns the fitted head.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        float32 (N, F) `head_features` of the labelled voxels.
+    targets : numpy.ndarray
+        (N, 3) WT, TC, ET membership (0 / 1) of those voxels.
+    """
+    torch.manual_seed(seed)
+    head = ExamHead(features.shape[1], hidden)
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(targets, np.float32))
+    head.mean.copy_(x.mean(0))
+    head.std.copy_(x.std(0).clamp_min(1e-3))
+    # L-BFGS keeps its curvature pairs between calls: chunks of a few iterations end where one
+    # long call does (one-iteration calls stalled).
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=CHUNK, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), y)
+        loss = loss + weight_decay * head.penalty()
+        loss.backward()
+        return loss
+
+    def fit_loss() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(head(x), y))
+
+    yield 0, fit_loss()
+    for done in range(CHUNK, iterations + 1, CHUNK):
+        optimizer.step(closure)
+        yield done, fit_loss()
+    return head.eval().requires_grad_(False)
+
+
+def corrected_rows(edited: np.ndarray | None, n_slices: int) -> np.ndarray:
+    """bool (Z,): the axial slices a head learns from -- those holding corrections (the user
+    looked at them), every slice without ``edited``."""
+    if edited is None:
+        return np.ones(n_slices, bool)
+    return edited.reshape(edited.shape[0], -1).any(axis=1)
+
+
+def region_targets(labels: np.ndarray) -> np.ndarray:
+    """(N, 3) WT, TC, ET membership of the BraTS labels of N voxels."""
+    return np.stack([np.isin(labels, values) for values in REGIONS.values()], axis=1)
+
+
+def apply_head(
+    head: ExamHead, channels: np.ndarray, present, probabilities: np.ndarray, spacing
+) -> np.ndarray:
+    """The exam's (3, Z, Y, X) probabilities with the head applied on its brain voxels."""
+    features, box, mask = head_features(channels, present, probabilities, spacing)
+    with torch.inference_mode():
+        refined = torch.sigmoid(head(torch.from_numpy(features))).numpy()
+    out = probabilities.copy()
+    crop = out[(slice(None), *box)]
+    for r in range(3):
+        crop[r][mask] = refined[:, r]
+    return out
