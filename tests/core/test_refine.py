@@ -32,8 +32,17 @@ def _phantom(shape=(12, 24, 24)):
     ball = (zz - 6) ** 2 / 16 + (yy - 12) ** 2 / 36 + (xx - 12) ** 2 / 36 < 1
     channels[3][ball] += 40
     labels = np.where(ball, 2, 0).astype(np.uint8)
-    probabilities = np.full((3, *shape), 0.2, np.float32)  # WT missed everywhere
+    _skull_strip(channels)
+    probabilities = np.full((3, *shape), 0.2, np.float32)  # WT missed but for the ball's centre
+    probabilities[0, 5:8, 11:14, 11:14] = 0.9
     return channels, labels, probabilities
+
+
+def _skull_strip(channels):
+    """Zero outside a central block, as in BraTS exams (the brain mask is the non-zero part)."""
+    inside = np.zeros(channels.shape[1:], bool)
+    inside[:, 3:-3, 3:-3] = True
+    channels[:, ~inside] = 0
 
 
 def _fit(features, targets, **kwargs):
@@ -77,6 +86,35 @@ def test_the_head_learns_the_corrected_slices_and_carries_to_the_others():
     found, truth = out[0][other] > 0.5, labels[other] > 0
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     assert dice > 0.9  # the network alone: 0
+
+
+def test_the_head_adds_no_tumour_away_from_the_networks_and_the_users():
+    """Two bright balls; the network found part of the first only; the user painted both on
+    one slice. Without the user's anchors the head's second ball is dropped; with them kept."""
+    shape = (12, 24, 48)
+    rng = np.random.default_rng(0)
+    channels = rng.normal(100, 5, size=(4, *shape)).astype(np.float32)
+    zz, yy, xx = np.indices(shape)
+    balls = [(zz - 6) ** 2 / 16 + (yy - 12) ** 2 / 36 + (xx - x) ** 2 / 36 < 1 for x in (12, 36)]
+    labels = np.zeros(shape, np.uint8)
+    for ball in balls:
+        channels[3][ball] += 40
+        labels[ball] = 2
+    _skull_strip(channels)
+    probabilities = np.full((3, *shape), 0.2, np.float32)
+    probabilities[0, 5:8, 11:14, 11:14] = 0.9
+    rows = np.zeros(shape[0], bool)
+    rows[6] = True
+    features, box, mask = refine.head_features(
+        channels, range(4), probabilities, (1, 1, 1), rows=rows
+    )
+    head, _ = _fit(features, refine.region_targets(labels[box][mask]))
+    anchors = refine.tumour_anchors(labels, rows)
+    assert len(anchors) == 2 and all(labels[tuple(a)] == 2 for a in anchors)
+    for given, second_found in (((), False), (anchors, True)):
+        out = refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1), given)
+        assert (out[0][balls[0]] > 0.5).mean() > 0.9
+        assert ((out[0][balls[1]] > 0.5).mean() > 0.9) == second_found
 
 
 def test_the_fingerprint_tells_exams_apart():

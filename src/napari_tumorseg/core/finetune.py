@@ -418,6 +418,7 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
         "features": refine.N_FEATURES,
         "hidden": settings["hidden"],
         "training_voxels": len(features),
+        "anchors": refine.tumour_anchors(labels, rows),
         "loss": round(losses[-1], 5),
         "segmentation": {k: segmentation[k] for k in ("overlap", "tta")},
     }

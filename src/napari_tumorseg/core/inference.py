@@ -1188,7 +1188,14 @@ def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, t
             f"TTA {'on' if fitted.get('tta') else 'off'}; this one used overlap {overlap} and "
             f"TTA {'on' if tta else 'off'}, which it has not seen"
         )
-    refined = apply_head(model.head, channels.array, present, probabilities, channels.spacing)
+    refined = apply_head(
+        model.head,
+        channels.array,
+        present,
+        probabilities,
+        channels.spacing,
+        anchors=entry.get("anchors", ()),
+    )
     return refined, tuple(notes)
 
 

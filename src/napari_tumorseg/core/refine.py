@@ -196,10 +196,35 @@ def region_targets(labels: np.ndarray) -> np.ndarray:
     return np.stack([np.isin(labels, values) for values in REGIONS.values()], axis=1)
 
 
+def tumour_anchors(labels: np.ndarray, rows: np.ndarray, limit: int = 256) -> list[list[int]]:
+    """One voxel (z, y, x) of each piece of tumour in the corrected slices ``rows`` of a
+    corrected label map: the tumour the user confirmed, which `apply_head` keeps."""
+    tumour = (labels > 0) & np.asarray(rows, bool)[:, None, None]
+    pieces, _ = ndimage.label(tumour)
+    ids, first = np.unique(pieces.ravel(), return_index=True)
+    first = first[ids > 0][:limit]
+    return [[int(i) for i in index] for index in zip(*np.unravel_index(first, labels.shape))]
+
+
 def apply_head(
-    head: ExamHead, channels: np.ndarray, present, probabilities: np.ndarray, spacing
+    head: ExamHead,
+    channels: np.ndarray,
+    present,
+    probabilities: np.ndarray,
+    spacing,
+    anchors=(),
 ) -> np.ndarray:
-    """The exam's (3, Z, Y, X) probabilities with the head applied on its brain voxels."""
+    """The exam's (3, Z, Y, X) probabilities with the head applied on its brain voxels.
+
+    The head reshapes the tumour the network found and the user confirmed -- grows it into
+    missed oedema, trims it -- but adds no tumour elsewhere: its pieces of whole tumour that
+    touch neither the network's largest piece nor one of the ``anchors`` (`tumour_anchors`,
+    exam-grid voxels), and its core and enhancing pieces outside the tumour so kept, take the
+    network's probabilities back. Measured on the sample: the head grew two of the
+    network's small stray pieces (0.2-0.4 mL, bright spots away from the tumour) to 2 mL and
+    made core islands, raising HD95 from 14 to 57 mm (WT) and from 2 to 69 mm (TC); with this
+    rule 3.0 and 1.7 mm (the network: 13.9 and 2.2), and WT Dice 0.907 -> 0.928.
+    """
     features, box, mask = head_features(channels, present, probabilities, spacing)
     with torch.inference_mode():
         refined = torch.sigmoid(head(torch.from_numpy(features))).numpy()
@@ -207,4 +232,33 @@ def apply_head(
     crop = out[(slice(None), *box)]
     for r in range(3):
         crop[r][mask] = refined[:, r]
+    network = probabilities[(slice(None), *box)]
+    anchor = _largest_piece(network[0] > 0.5)
+    for z, y, x in anchors:
+        inside = [p - b.start for p, b in zip((z, y, x), box)]
+        if all(0 <= i < n for i, n in zip(inside, anchor.shape)):
+            anchor[tuple(inside)] = True
+    zone = _touching(crop[0] > 0.5, anchor)
+    crop[:, (crop[0] > 0.5) & ~zone] = network[:, (crop[0] > 0.5) & ~zone]
+    for r in (1, 2):  # core and enhancing pieces away from that tumour: the network's too
+        away = (crop[r] > 0.5) & ~_touching(crop[r] > 0.5, zone)
+        crop[r][away] = network[r][away]
     return out
+
+
+def _largest_piece(mask: np.ndarray) -> np.ndarray:
+    pieces, n = ndimage.label(mask)
+    if not n:
+        return mask.copy()
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return pieces == sizes.argmax()
+
+
+def _touching(mask: np.ndarray, anchor: np.ndarray) -> np.ndarray:
+    """The connected pieces of ``mask`` that overlap ``anchor``."""
+    pieces, n = ndimage.label(mask)
+    kept = np.zeros(n + 1, bool)
+    kept[np.unique(pieces[anchor & mask])] = True
+    kept[0] = False
+    return kept[pieces]
