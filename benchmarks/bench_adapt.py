@@ -5,7 +5,7 @@
 The labelled sample; the simulated user of bench_finetune.py corrects 3 axial slices with the
 expert labels. Prints, per model: the segmentation time, the time of ``finetune(mode="adapt")``
 (the parent's segmentation, the head's features and fit), the time of the re-segmentation with
-the head, and WT / TC / ET Dice on the uncorrected slices before and after. Quoted in the
+the head, and WT / TC / ET Dice and HD95 on the uncorrected slices before and after. Quoted in the
 "Fine-tuning" section of docs/BENCHMARKS.md.
 """
 
@@ -53,16 +53,16 @@ def main(argv=None) -> None:
         adapted, t_adapt = timed(finetune(model, exam, corrected, edited, mode="adapt"))
         after, t_again = timed(segment(exam, adapted.model(model), device="cpu"))
 
-        def dice(labels, keep=keep):
-            scores = evaluate_labels(
-                labels[keep], exam.labels.array[keep], exam.reference.spacing, hd95=False
-            )
-            return " / ".join(f"{s['dice']:.3f}" for s in scores.values())
+        def scores(labels, keep=keep):
+            found = evaluate_labels(labels[keep], exam.labels.array[keep], exam.reference.spacing)
+            dice = " / ".join(f"{s['dice']:.3f}" for s in found.values())
+            hd95 = " / ".join(f"{s['hd95_mm']:.1f}" for s in found.values())
+            return f"Dice {dice}, HD95 {hd95} mm"
 
         print(
             f"{name}: segment {t_segment:.1f} s; adapt {t_adapt:.1f} s; re-segment with the "
-            f"head {t_again:.1f} s; uncorrected slices WT / TC / ET {dice(before.labels.array)} "
-            f"-> {dice(after.labels.array)}"
+            f"head {t_again:.1f} s; uncorrected slices, WT / TC / ET: before "
+            f"{scores(before.labels.array)}; after {scores(after.labels.array)}"
         )
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from napari_tumorseg.core.models import user_models_dir
+from napari_tumorseg.core.refine import ITERATIONS
 from napari_tumorseg.widgets.segment import SegmentWidget
 
 from ..conftest import BRATS
@@ -76,6 +77,7 @@ def test_adapt_to_this_exam_fits_the_exam_head_and_resegments(corrected_dock, qt
     assert "exam head fitted on the corrections" in widget.status.text()
     assert len(widget.loss_curve.losses) >= 2
     assert widget.loss_curve.losses[-1] < widget.loss_curve.losses[0]
+    assert widget.loss_curve.step == ITERATIONS  # the curve counts the head's iterations
     # The tiny network finds next to nothing; the head learns the tumour from 3 slices.
     other = np.ones(expert.shape[0], bool)
     other[[70, 85, 100]] = False

@@ -55,25 +55,25 @@ from .training import CachedExam, cache_exam, cosine_lr, crop_padded, train_step
 UNCORRECTED_WEIGHT = 0.125
 
 MODES = {
-    # lr, L2-SP strength, the share of the fine-tuned weights kept when interpolating back
-    # towards the parent's, whether the voxels the user left alone are distilled from the
-    # parent (its probabilities as soft targets) rather than learnt as the hard labels of the
-    # map, and the weight of the voxels the user left alone on the slices they corrected
-    # (`correction_weights`: below 0.5 they are distilled too, and patches centre on the
-    # corrected voxels alone)
     # The exam head (`refine`): fitted on the corrected slices on top of the parent network,
     # which it leaves as it is. Measured with benchmarks/bench_finetune.py on the three unseen
     # exams, against a minute of network fine-tuning (lr 1e-3, no L2-SP, no interpolation,
     # hard labels everywhere: the recipe before): WT on the uncorrected slices of the sample
-    # +0.184 (mean of seeds 0-2) against +0.130, and the other two exams up too (+0.031,
-    # +0.030) where the network fine-tuning lowered them (-0.004, -0.029); the head on top of
-    # that fine-tuning gained no more (+0.164 / +0.181 for seeds 0 / 1).
+    # +0.206 (mean of seeds 0-2) against +0.130, and the other two exams up too (+0.034,
+    # +0.033) where the network fine-tuning lowered them (-0.004, -0.029); fitted on top of
+    # that fine-tuning instead of on the parent it gained no more.
     "adapt": {
         "exam_head": True,
         "hidden": refine.HIDDEN,
         "iterations": refine.ITERATIONS,
         "weight_decay": refine.WEIGHT_DECAY,
     },
+    # Network fine-tuning: lr, L2-SP strength, the share of the fine-tuned weights kept when
+    # interpolating back towards the parent's, whether the voxels the user left alone are
+    # distilled from the parent (its probabilities as soft targets) rather than learnt as the
+    # hard labels of the map, and the weight of the voxels the user left alone on the slices
+    # they corrected (`correction_weights`: below 0.5 they are distilled too, and patches
+    # centre on the corrected voxels alone)
     "keep": {
         "lr": 1e-4,
         "l2sp": 1e-2,

@@ -8,19 +8,23 @@ from qtpy.QtWidgets import QWidget
 
 
 class LossCurve(QWidget):
-    """Loss against step; ``add(loss)`` appends a point and repaints."""
+    """Loss against step; ``add(loss, step)`` appends a point and repaints."""
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.losses: list[float] = []
+        self.step = 0
         self.setMinimumHeight(80)
 
     def clear(self) -> None:
         self.losses = []
+        self.step = 0
         self.update()
 
-    def add(self, loss: float) -> None:
+    def add(self, loss: float, step: int | None = None) -> None:
+        """A point; ``step`` is its step (or iteration) number, by default the point count."""
         self.losses.append(float(loss))
+        self.step = len(self.losses) if step is None else int(step)
         self.update()
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
@@ -40,6 +44,6 @@ class LossCurve(QWidget):
             painter.setPen(QPen(QColor(255, 190, 60), 1.5))
             painter.drawPolyline(points)
         painter.setPen(QColor(200, 200, 200))
-        text = f"loss {self.losses[-1]:.3f}  ({len(self.losses)} steps)" if self.losses else "loss"
+        text = f"loss {self.losses[-1]:.3f}  (step {self.step})" if self.losses else "loss"
         painter.drawText(self.rect().adjusted(4, 0, -4, -2), Qt.AlignBottom | Qt.AlignLeft, text)
         painter.end()

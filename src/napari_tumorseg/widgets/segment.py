@@ -91,6 +91,8 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # Room for the run's summary and its notes (e.g. an exam head applied or not).
+        self.status.setMinimumHeight(3 * self.status.fontMetrics().lineSpacing())
         form.addRow("Model", self.model)
         form.addRow("Device", self.device)
         form.addRow("Window overlap", self.overlap)
@@ -412,7 +414,7 @@ class SegmentWidget(QWidget):
         if progress.loss is None:  # "adapt": the parent still segments the exam
             self.tuner.set_progress(0, 100, text="segmenting with the parent model")
             return
-        self.loss_curve.add(progress.loss)
+        self.loss_curve.add(progress.loss, progress.step)
         if progress.seconds:
             done = progress.elapsed / progress.seconds
         else:
