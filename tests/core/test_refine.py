@@ -38,10 +38,10 @@ def _phantom(shape=(12, 24, 24)):
     return channels, labels, probabilities
 
 
-def _skull_strip(channels):
-    """Zero outside a central block, as in BraTS exams (the brain mask is the non-zero part)."""
+def _skull_strip(channels, z=(0, None), y=(3, -3), x=(3, -3)):
+    """Zero outside a block, as in BraTS exams (the brain mask is the non-zero part)."""
     inside = np.zeros(channels.shape[1:], bool)
-    inside[:, 3:-3, 3:-3] = True
+    inside[slice(*z), slice(*y), slice(*x)] = True
     channels[:, ~inside] = 0
 
 
@@ -91,30 +91,34 @@ def test_the_head_learns_the_corrected_slices_and_carries_to_the_others():
 def test_the_head_adds_no_tumour_away_from_the_networks_and_the_users():
     """Two bright balls; the network found part of the first only; the user painted both on
     one slice. Without the user's anchors the head's second ball is dropped; with them kept."""
-    shape = (12, 24, 48)
+    shape = (16, 40, 64)
     rng = np.random.default_rng(0)
     channels = rng.normal(100, 5, size=(4, *shape)).astype(np.float32)
     zz, yy, xx = np.indices(shape)
-    balls = [(zz - 6) ** 2 / 16 + (yy - 12) ** 2 / 36 + (xx - x) ** 2 / 36 < 1 for x in (12, 36)]
+    balls = [(zz - 9) ** 2 / 16 + (yy - 24) ** 2 / 36 + (xx - x) ** 2 / 36 < 1 for x in (24, 48)]
     labels = np.zeros(shape, np.uint8)
     for ball in balls:
         channels[3][ball] += 40
         labels[ball] = 2
-    _skull_strip(channels)
+    # A brain box that starts well inside the grid on every axis (anchors are exam-grid voxels).
+    _skull_strip(channels, z=(3, None), y=(12, None), x=(14, -2))
     probabilities = np.full((3, *shape), 0.2, np.float32)
-    probabilities[0, 5:8, 11:14, 11:14] = 0.9
+    probabilities[0, 8:11, 23:26, 23:26] = 0.9
+    given = probabilities.copy()
     rows = np.zeros(shape[0], bool)
-    rows[6] = True
+    rows[9] = True
     features, box, mask = refine.head_features(
         channels, range(4), probabilities, (1, 1, 1), rows=rows
     )
     head, _ = _fit(features, refine.region_targets(labels[box][mask]))
     anchors = refine.tumour_anchors(labels, rows)
-    assert len(anchors) == 2 and all(labels[tuple(a)] == 2 for a in anchors)
-    for given, second_found in (((), False), (anchors, True)):
-        out = refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1), given)
+    # The innermost voxel of each painted piece: the balls' centres on slice 9.
+    assert sorted(anchors) == [[9, 24, 24], [9, 24, 48]]
+    for chosen, second_found in (((), False), (anchors, True)):
+        out = refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1), chosen)
         assert (out[0][balls[0]] > 0.5).mean() > 0.9
         assert ((out[0][balls[1]] > 0.5).mean() > 0.9) == second_found
+    np.testing.assert_array_equal(probabilities, given)  # the caller's map is left alone
 
 
 def test_the_fingerprint_tells_exams_apart():
@@ -198,7 +202,7 @@ def test_keep_after_adapt_drops_the_parent_head(exam):
     assert kept.card["version"] == 3 and kept.head is None and "exam_head" not in kept.card
 
 
-@pytest.mark.parametrize("damage", ["file", "card"])
+@pytest.mark.parametrize("damage", ["file", "card", "anchors"])
 def test_a_damaged_head_is_a_clear_error_naming_the_file(exam, damage):
     model = load_model(make_tiny_model("mine"))
     labels = np.zeros(exam.reference.spatial_shape, np.uint8)
@@ -211,7 +215,10 @@ def test_a_damaged_head_is_a_clear_error_naming_the_file(exam, damage):
         expected = re.escape(f"{HEAD_FILE}: the exam head cannot be read")
     else:
         card = json.loads((folder / "card.json").read_text())
-        del card["exam_head"]["fingerprint"]
+        if damage == "card":
+            del card["exam_head"]["fingerprint"]
+        else:
+            card["exam_head"]["anchors"] = [[75, 120]]
         (folder / "card.json").write_text(json.dumps(card))
         expected = re.escape("card.json: the card's exam_head entry is incomplete")
     with pytest.raises(TumorSegError, match=expected):

@@ -185,6 +185,11 @@ def _load_head(folder: Path, entry) -> torch.nn.Module:
         head = ExamHead(int(entry["features"]), int(entry["hidden"]))
         if not all(isinstance(entry[key], str) for key in ("exam", "fingerprint")):
             raise TypeError("exam and fingerprint must be strings")  # `inference.segment`
+        anchors = entry.get("anchors", [])
+        if not isinstance(anchors, list) or not all(
+            isinstance(a, list) and len(a) == 3 and all(type(i) is int for i in a) for a in anchors
+        ):
+            raise TypeError("anchors must be a list of [z, y, x] voxel indices")
     except (KeyError, TypeError, ValueError) as exc:
         raise TumorSegError(
             f"the card's exam_head entry is incomplete or malformed ({exc!r})", folder / CARD_FILE

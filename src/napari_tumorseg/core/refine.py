@@ -197,13 +197,21 @@ def region_targets(labels: np.ndarray) -> np.ndarray:
 
 
 def tumour_anchors(labels: np.ndarray, rows: np.ndarray, limit: int = 256) -> list[list[int]]:
-    """One voxel (z, y, x) of each piece of tumour in the corrected slices ``rows`` of a
-    corrected label map: the tumour the user confirmed, which `apply_head` keeps."""
-    tumour = (labels > 0) & np.asarray(rows, bool)[:, None, None]
-    pieces, _ = ndimage.label(tumour)
-    ids, first = np.unique(pieces.ravel(), return_index=True)
-    first = first[ids > 0][:limit]
-    return [[int(i) for i in index] for index in zip(*np.unravel_index(first, labels.shape))]
+    """The tumour the user confirmed, which `apply_head` keeps: the innermost voxel (z, y, x) of
+    each piece of tumour on each corrected slice ``rows`` of a corrected label map, the largest
+    pieces first (at most ``limit``)."""
+    found = []
+    for z in np.flatnonzero(rows):
+        pieces, n = ndimage.label(labels[z] > 0)
+        if not n:
+            continue
+        sizes = np.bincount(pieces.ravel())
+        depth = ndimage.distance_transform_edt(pieces > 0)
+        for piece in range(1, n + 1):
+            y, x = ndimage.maximum_position(depth, pieces, piece)
+            found.append((int(sizes[piece]), [int(z), int(y), int(x)]))
+    found.sort(key=lambda item: -item[0])
+    return [anchor for _, anchor in found[:limit]]
 
 
 def apply_head(
