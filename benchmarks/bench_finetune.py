@@ -114,7 +114,8 @@ def main(argv=None) -> None:
             row[f"{mode}_steps"] = result.steps
             row[f"{mode}_seconds"] = result.seconds
             if mode == "adapt" and before["WT"] < 0.85:
-                # One 60 s run varies by about +-0.03 WT with the steps it manages: repeat.
+                # Seeds (the head's initial weights; the network fine-tuning it replaced
+                # varied by +-0.03 WT with the steps it managed): repeat.
                 row["adapt_wt_seeds"] = [row["adapt"]["WT"]]
                 for seed in range(1, args.adapt_seeds):
                     again = run_to_end(

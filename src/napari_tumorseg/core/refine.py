@@ -247,7 +247,8 @@ def apply_head(
         if all(0 <= i < n for i, n in zip(inside, anchor.shape)):
             anchor[tuple(inside)] = True
     zone = _touching(crop[0] > 0.5, anchor)
-    crop[:, (crop[0] > 0.5) & ~zone] = network[:, (crop[0] > 0.5) & ~zone]
+    stray = (crop[0] > 0.5) & ~zone
+    crop[:, stray] = network[:, stray]
     for r in (1, 2):  # core and enhancing pieces away from that tumour: the network's too
         away = (crop[r] > 0.5) & ~_touching(crop[r] > 0.5, zone)
         crop[r][away] = network[r][away]
