@@ -12,7 +12,7 @@ import pytest
 
 from napari_tumorseg.cli import main
 
-from .conftest import BRATS, TCGA_RAW
+from .conftest import BRATS, BRATS2023, TCGA_RAW
 
 
 def _run(*args, timeout=600):
@@ -244,6 +244,19 @@ def test_finetune_stores_a_user_model_that_segment_can_use(tmp_path, tiny_model)
     assert "mine@v1" in listed.stdout and f"parent {tiny_model}" in listed.stdout
     out = tmp_path / "seg2.nii.gz"
     assert _run("segment", BRATS, "--out", out, "--model", "mine").returncode == 0
+    # "adapt": an exam head, used on this exam only.
+    adapt = _run(
+        *("finetune", BRATS, "--labels", labels_path, "--edited", edited_path),
+        *("--model", tiny_model, "--name", "here", "--mode", "adapt"),
+    )
+    assert adapt.returncode == 0, adapt.stderr
+    assert "an exam head" in adapt.stdout and "saved here@v1" in adapt.stdout
+    assert "adapted to Brats18_TCIA01_378_1" in _run("models").stdout
+    same = _run("segment", BRATS, "--out", out, "--model", "here")
+    assert "with the exam head fitted on the corrections" in same.stdout + same.stderr
+    other = _run("segment", BRATS2023, "--out", tmp_path / "seg3.nii.gz", "--model", "here")
+    assert other.returncode == 0
+    assert "its exam head is not applied" in other.stdout + other.stderr
     blank = tmp_path / "nothing_edited.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros_like(edited), image.affine, image.header), str(blank))
     _assert_exit_2(

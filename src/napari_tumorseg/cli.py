@@ -177,7 +177,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     entry = result.card["finetune"]
     print(
         f"fine-tuned {model.label} on {entry['corrected_voxels']} corrected voxels of "
-        f"{exam.name}: {result.steps} steps in {result.seconds:.0f} s ({args.mode})"
+        f"{exam.name}: "
+        + (
+            f"an exam head, {result.steps} iterations in {result.seconds:.0f} s, loss "
+            f"{result.losses[-1]:.4f} (adapt: applied to this exam only)"
+            if result.head is not None
+            else f"{result.steps} steps in {result.seconds:.0f} s ({args.mode})"
+        )
     )
     print(f"saved {folder.parent.name}@{folder.name} in {folder}; use it with --model {args.name}")
     return 0
