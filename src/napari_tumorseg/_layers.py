@@ -7,6 +7,7 @@ the scan they belong to.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,26 @@ def layer_volume(layer) -> Volume:
     return volume_from_layer(layer.data, attributes, layer.name)
 
 
+def edit_history(layer, redo: bool = False):
+    """A labels layer's undo (or redo) history -- napari's private deques of edits, each a list
+    of atoms -- or None where there is none (other layers; a napari without it).
+
+    napari 0.9 has no public undo API and warns (FutureWarning) on private access from plugins;
+    the warning is silenced here, where its absence is handled: every caller copes with None.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Private attribute access", FutureWarning)
+        try:
+            return getattr(layer, "_redo_history" if redo else "_undo_history", None)
+        except Exception:  # a napari that refuses private access outright
+            return None
+
+
 def edit_depth(layer, redo: bool = False) -> int:
     """How many edits a labels layer's undo (or redo) history holds: napari's undo and redo
     only refresh the layer, so this is how they are told apart from a slice change. napari
     keeps at most 100; 0 for layers without a history."""
-    return len(getattr(layer, "_redo_history" if redo else "_undo_history", ()))
+    return len(edit_history(layer, redo) or ())
 
 
 def layer_sequence(layer) -> str | None:

@@ -379,6 +379,28 @@ def test_the_end_of_a_dock_unfreezes(qtbot):
         gc.unfreeze()
 
 
+def test_thresholds_stay_the_baseline_without_an_edit_history(monkeypatch):
+    """A napari without the private undo history we read (it may go in napari 0.10): applied
+    thresholds count as the baseline, and later strokes as the corrections."""
+    from napari.layers import Labels
+
+    from napari_tumorseg.widgets import review
+    from napari_tumorseg.widgets.review import apply_labels, record_thresholds
+
+    monkeypatch.setattr(review, "edit_history", lambda layer, redo=False: None)
+    model = np.zeros((4, 10, 10), np.uint8)
+    model[1:3, 2:6, 2:6] = 2
+    thresholds = model.copy()
+    thresholds[1:3, 6:9, 2:6] = 2
+    layer = Labels(model.copy(), metadata={META_KEY: {"model_labels": model.copy()}})
+    assert apply_labels(layer, thresholds) > 0
+    record_thresholds(layer, thresholds)
+    assert not edited_voxels(layer).any()
+    layer.data_setitem((np.array([0]), np.array([0]), np.array([0])), 1)  # a stroke
+    edited = edited_voxels(layer)
+    assert edited.sum() == 1 and edited[0, 0, 0]
+
+
 def test_edits_after_undone_thresholds_count_against_the_models_map():
     """Thresholds applied, undone, then new strokes: the thresholds are not in force, so only
     the strokes are corrections (counting edits by history depth took the undone thresholds

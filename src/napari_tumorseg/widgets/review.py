@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, layer_volume
+from .._layers import META_KEY, edit_history, layer_volume
 from ..core.inference import card_labels
 from ..core.io import REGIONS
 from ..core.postprocess import (
@@ -70,20 +70,25 @@ def record_thresholds(layer, new: np.ndarray) -> None:
     clears napari's redo history, so they cannot come back."""
     meta = layer.metadata.setdefault(META_KEY, {})
     kept = [(m, e) for m, e in meta.get("threshold_labels", ()) if _in_force(layer, e)]
-    meta["threshold_labels"] = [*kept, (new.copy(), layer._undo_history[-1][0])]
+    undo = edit_history(layer)
+    meta["threshold_labels"] = [*kept, (new.copy(), undo[-1][0] if undo else None)]
 
 
 def _in_force(layer, edit) -> bool:
     """Whether an edit (the first atom of its napari history item) is still applied: in the
     undo history (redo puts the same atoms back), not in the redo history (undone). Gone from
     both, it was undone and replaced by a new edit -- or pushed out of napari's bounded history
-    (100 edits) by later ones, which is taken to be the case when that history is full."""
-    undo = getattr(layer, "_undo_history", ())
+    (100 edits) by later ones, which is taken to be the case when that history is full. Without
+    a history to consult (``edit`` None), thresholds applied stay the baseline."""
+    undo = edit_history(layer)
+    if edit is None or undo is None:
+        return True
     if any(atom is edit for item in undo for atom in item):
         return True
-    if any(atom is edit for item in getattr(layer, "_redo_history", ()) for atom in item):
+    if any(atom is edit for item in edit_history(layer, redo=True) or () for atom in item):
         return False
-    return undo.maxlen is not None and len(undo) == undo.maxlen
+    maxlen = getattr(undo, "maxlen", None)
+    return maxlen is not None and len(undo) == maxlen
 
 
 class ReviewWidget(QWidget):
