@@ -355,7 +355,7 @@ def finetune_rows(torch, args) -> list[str]:
                 seed=0,
             )
         )
-        tuned = type(base)(network=result.network, card=result.card, path=base.path)
+        tuned = result.model(base)
         after = dice(predict(tuned))
         rows.append(
             f"| {mode} | {result.steps} | {fmt(before, 3)} | {fmt(after, 3)} | "

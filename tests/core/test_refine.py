@@ -15,6 +15,7 @@ from napari_tumorseg.core.inference import segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.models import HEAD_FILE, load_model
+from napari_tumorseg.core.training import region_targets
 
 from ..conftest import BRATS, make_tiny_model
 
@@ -77,7 +78,7 @@ def test_the_head_learns_the_corrected_slices_and_carries_to_the_others():
     assert mask.sum() == brain[6 - box[0].start].sum() and len(features) == mask.sum()
     np.testing.assert_array_equal(features, everywhere[mask[brain]])
     assert features.shape[1] == refine.N_FEATURES
-    head, steps = _fit(features, refine.region_targets(labels[box][mask]))
+    head, steps = _fit(features, region_targets(labels[box][mask]).T)
     assert [i for i, _ in steps] == list(range(0, refine.ITERATIONS + 1, refine.CHUNK))
     assert steps[-1][1] < steps[0][1] / 3
     out = refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1))
@@ -110,7 +111,7 @@ def test_the_head_adds_no_tumour_away_from_the_networks_and_the_users():
     features, box, mask = refine.head_features(
         channels, range(4), probabilities, (1, 1, 1), rows=rows
     )
-    head, _ = _fit(features, refine.region_targets(labels[box][mask]))
+    head, _ = _fit(features, region_targets(labels[box][mask]).T)
     anchors = refine.tumour_anchors(labels, rows)
     # The innermost voxel of each painted piece: the balls' centres on slice 9.
     assert sorted(anchors) == [[9, 24, 24], [9, 24, 48]]

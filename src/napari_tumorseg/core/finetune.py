@@ -46,7 +46,14 @@ from .io import SEQUENCES, Exam
 from .jobs import map_events
 from .losses import dice_bce_loss
 from .models import TumorModel, check_model_name, save_user_model
-from .training import CachedExam, cache_exam, cosine_lr, crop_padded, train_steps
+from .training import (
+    CachedExam,
+    cache_exam,
+    cosine_lr,
+    crop_padded,
+    region_targets,
+    train_steps,
+)
 
 #: Loss weight of the voxels the user left alone, relative to corrected slices (see
 #: `correction_weights`); chosen with benchmarks/bench_finetune.py (0.1 when resampling
@@ -384,7 +391,7 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
     features, box, mask = refine.head_features(
         channels.array, present, result.probabilities.array, channels.spacing, rows=rows
     )
-    targets = refine.region_targets(labels[box][mask])
+    targets = region_targets(labels[box][mask]).T
     if len(features) == 0:
         raise TumorSegError("the corrected slices hold no brain voxel: nothing to learn from")
     if len(features) > refine.MAX_VOXELS:  # e.g. every voxel counts (no edited mask)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .io import REGIONS
+from .postprocess import keep_largest_component
 from .preprocess import bounding_box, brain_mask, zscore
 
 #: Gaussian scales (mm) of the smoothed intensities.
@@ -153,12 +153,13 @@ def fit_head(
     features : numpy.ndarray
         float32 (N, F) `head_features` of the labelled voxels.
     targets : numpy.ndarray
-        (N, 3) WT, TC, ET membership (0 / 1) of those voxels.
+        (N, 3) WT, TC, ET membership (0 / 1) of those voxels (`training.region_targets`,
+        transposed).
     """
     torch.manual_seed(seed)
     head = ExamHead(features.shape[1], hidden)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(targets, np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
     head.mean.copy_(x.mean(0))
     head.std.copy_(x.std(0).clamp_min(1e-3))
     # L-BFGS keeps its curvature pairs between calls: chunks of a few iterations end where one
@@ -189,11 +190,6 @@ def corrected_rows(edited: np.ndarray | None, n_slices: int) -> np.ndarray:
     if edited is None:
         return np.ones(n_slices, bool)
     return edited.reshape(edited.shape[0], -1).any(axis=1)
-
-
-def region_targets(labels: np.ndarray) -> np.ndarray:
-    """(N, 3) WT, TC, ET membership of the BraTS labels of N voxels."""
-    return np.stack([np.isin(labels, values) for values in REGIONS.values()], axis=1)
 
 
 def tumour_anchors(labels: np.ndarray, rows: np.ndarray, limit: int = 256) -> list[list[int]]:
@@ -241,7 +237,7 @@ def apply_head(
     for r in range(3):
         crop[r][mask] = refined[:, r]
     network = probabilities[(slice(None), *box)]
-    anchor = _largest_piece(network[0] > 0.5)
+    anchor = keep_largest_component(network[0] > 0.5)  # bool in, bool out
     for z, y, x in anchors:
         inside = [p - b.start for p, b in zip((z, y, x), box)]
         if all(0 <= i < n for i, n in zip(inside, anchor.shape)):
@@ -253,15 +249,6 @@ def apply_head(
         away = (crop[r] > 0.5) & ~_touching(crop[r] > 0.5, zone)
         crop[r][away] = network[r][away]
     return out
-
-
-def _largest_piece(mask: np.ndarray) -> np.ndarray:
-    pieces, n = ndimage.label(mask)
-    if not n:
-        return mask.copy()
-    sizes = np.bincount(pieces.ravel())
-    sizes[0] = 0
-    return pieces == sizes.argmax()
 
 
 def _touching(mask: np.ndarray, anchor: np.ndarray) -> np.ndarray:
