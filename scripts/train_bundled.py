@@ -84,6 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--p-drop-other", type=float, default=0.1, help="t1/t2 dropout chance")
     p.add_argument(
+        "--p-lesion-contrast",
+        type=float,
+        default=0.0,
+        help="chance that a batch's oedema is faded towards the brain (random_lesion_contrast)",
+    )
+    p.add_argument(
         "--window",
         type=int,
         default=None,
@@ -137,7 +143,13 @@ def main(argv=None) -> int:
         log(f"warm start from {args.init} ({init_training['steps']} steps)")
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-5)
     intensity = {k: float(v) for k, v in (kv.split("=") for kv in args.intensity.split(",") if kv)}
-    augment = JointAugment(p_affine=0.25, p_elastic=0.0, intensity=intensity, seed=args.seed)
+    augment = JointAugment(
+        p_affine=0.25,
+        p_elastic=0.0,
+        p_lesion_contrast=args.p_lesion_contrast,
+        intensity=intensity,
+        seed=args.seed,
+    )
 
     state_path = run_dir / "state.json"
     state = {"step": 0, "elapsed": 0.0, "losses": []}

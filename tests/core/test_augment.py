@@ -9,6 +9,7 @@ from napari_tumorseg.core.augment import (
     random_elastic,
     random_flip,
     random_intensity,
+    random_lesion_contrast,
     random_rot90,
 )
 
@@ -75,3 +76,51 @@ def test_joint_augment_pipeline(spatial_dims):
     sure = (encoded < 0.05) | (encoded > 0.95)
     assert torch.equal((encoded[sure] > 0.5).float(), out_mask[sure])
     assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def _brain_with_tumour(spatial_dims: int):
+    """Brain at 0 +- noise, oedema (WT, not TC) at +3 around a core at +5, background 0."""
+    g = torch.Generator().manual_seed(4)
+    size = 24
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij"))
+    radius = ((grid - size / 2) ** 2).sum(0).sqrt()
+    wt, tc = (radius < 7).float(), (radius < 3).float()
+    image = torch.randn(2, 4, *([size] * spatial_dims), generator=g) * 0.1
+    image = image + 3 * (wt - tc) + 5 * tc
+    image[:, :, :2] = 0  # background slab
+    image[:, 1] = 0  # a missing sequence
+    mask = torch.stack([wt, tc, tc]).expand(2, 3, *wt.shape).clone()
+    return image, mask
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_lesion_contrast_fades_the_oedema_only(spatial_dims):
+    image, mask = _brain_with_tumour(spatial_dims)
+    out = random_lesion_contrast(image, mask, torch.Generator().manual_seed(0), p_channel=1.0)
+    wt, tc = mask[0, 0] > 0.5, mask[0, 1] > 0.5
+    inner_oedema = (mask[0, 0] - mask[0, 1]).bool()
+    # The oedema's contrast to the brain falls by a factor in [0.25, 1] (not 1, drawn per
+    # channel), through the smoothing: compare deep inside it.
+    for channel in (0, 2, 3):
+        before, after = image[:, channel][:, inner_oedema], out[:, channel][:, inner_oedema]
+        ratio = after.mean() / before.mean()
+        assert 0.2 < ratio < 0.999
+    # The core, the far brain, the background and the missing sequence are untouched.
+    assert torch.equal(out[:, :, tc], image[:, :, tc])
+    far = ~wt
+    far[:2] = True
+    near = torch.nn.functional.max_pool2d if spatial_dims == 2 else torch.nn.functional.max_pool3d
+    far &= near(wt[None].float(), 3, stride=1, padding=1)[0] == 0
+    assert torch.equal(out[:, :, far], image[:, :, far])
+    assert torch.count_nonzero(out[:, 1]) == 0
+    assert torch.all(out[:, :, :2] == 0)
+
+
+def test_lesion_contrast_in_the_pipeline_leaves_the_mask_alone():
+    image, mask = _brain_with_tumour(3)
+    augment = JointAugment(p_flip=0, p_affine=0, p_intensity=0, p_lesion_contrast=1.0, seed=5)
+    out_image, out_mask = augment(image, mask)
+    assert torch.equal(out_mask, mask)
+    assert not torch.equal(out_image, image)
+    off = JointAugment(p_flip=0, p_affine=0, p_intensity=0, seed=5)(image, mask)[0]
+    assert torch.equal(off, image)  # off by default: fine-tuning and old configs unchanged

@@ -106,6 +106,36 @@ def random_elastic(image, mask, generator=None, magnitude: float = 0.03, control
     return _resample(image, mask, grid)
 
 
+def random_lesion_contrast(image, mask, generator=None, low: float = 0.25, p_channel: float = 0.5):
+    """Fade the oedema towards the surrounding brain in some sequences (the mask is not touched).
+
+    Oedema (WT but not TC, channels 0 and 1 of ``mask``) is as bright as the scanner and
+    sequence parameters make it: on some exams it is barely brighter than normal brain on T2
+    or FLAIR. Each present channel of each sample, with chance ``p_channel``, has the contrast
+    between its oedema and the brain around it (the mean of the patch's brain voxels outside
+    the tumour) multiplied by a factor drawn from [``low``, 1]; the tumour core and the brain
+    more than a voxel away from the oedema keep their values. The oedema weight is smoothed
+    over one voxel into the brain, so the faded region gets no new edge of its own. Background
+    and missing channels stay zero.
+    """
+    batch, channels, spatial = image.shape[0], image.shape[1], image.ndim - 2
+    view = (batch, channels, *([1] * spatial))
+    pool = F.avg_pool3d if spatial == 3 else F.avg_pool2d
+    core = mask[:, 1:2].to(image).clamp(0, 1)
+    oedema = (mask[:, :1].to(image) - core).clamp(0, 1)
+    oedema = pool(oedema, 3, stride=1, padding=1, count_include_pad=False) * (1 - core)
+    brain = (image != 0).any(dim=1, keepdim=True)
+    present = (image != 0).flatten(2).any(dim=2).view(view)
+    normal = (brain & (mask[:, :1] < 0.5)).to(image)
+    count = normal.flatten(2).sum(dim=2).view(batch, 1, *([1] * spatial))
+    reference = (image * normal).flatten(2).sum(dim=2).view(view) / count.clamp_min(1)
+    chosen = torch.rand(view, generator=generator) < p_channel
+    factor = low + (1 - low) * torch.rand(view, generator=generator)
+    fade = torch.where(chosen, 1 - factor, torch.zeros_like(factor)).to(image)
+    out = image - fade * oedema * (image - reference)
+    return torch.where(brain & present, out, image)
+
+
 def random_intensity(
     image,
     generator=None,
@@ -157,6 +187,7 @@ class JointAugment:
     p_affine: float = 0.3
     p_elastic: float = 0.0
     p_intensity: float = 0.8
+    p_lesion_contrast: float = 0.0
     intensity: dict = field(default_factory=dict)
     seed: int | None = None
 
@@ -178,6 +209,8 @@ class JointAugment:
             image, mask = random_rot90(image, mask, g)
         if self.p_flip > 0:
             image, mask = random_flip(image, mask, g, self.p_flip)
+        if self._chance(self.p_lesion_contrast):
+            image = random_lesion_contrast(image, mask, g)
         if self._chance(self.p_intensity):
             image = random_intensity(image, g, **self.intensity)
         return image, mask
