@@ -139,7 +139,9 @@ def main(argv=None) -> int:
     if args.init is not None:
         parent = load_model(args.init)
         network.load_state_dict(parent.network.state_dict())
-        init_training = {k: parent.card["training"].get(k) for k in ("steps", "minutes", "config")}
+        init_training = {
+            k: parent.card["training"].get(k) for k in ("steps", "minutes", "config", "warm_start")
+        }
         log(f"warm start from {args.init} ({init_training['steps']} steps)")
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-5)
     intensity = {k: float(v) for k, v in (kv.split("=") for kv in args.intensity.split(",") if kv)}
