@@ -9,9 +9,9 @@ Every combination of the options below is scored (Dice WT / TC / ET against the 
 the table is ranked by the mean Dice over the validation exams only, and the test exam's
 figures are printed beside it, never used to choose. ``worst`` is the largest loss of one
 validation exam in one region against the same source's plain setting (no TTA, thresholds 0.5,
-no post-processing): a trick is kept only where it raises the validation mean and no
-validation exam pays more than 0.01 for it. With ``--drop t1ce`` the same is done
-without post-contrast T1.
+no post-processing); docs/MODELS.md keeps a trick where it raises the validation mean and no
+validation exam pays more than 0.01 for it, with and without t1ce. With ``--drop t1ce`` the
+same is done without post-contrast T1.
 """
 
 from __future__ import annotations
