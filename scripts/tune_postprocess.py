@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             for r in REGIONS
         )
     baseline = plain[models[0]]
-    header = "source tta   thresholds  et_min_ml island_ml | validation WT/TC/ET  worst | "
+    header = "source tta   thresholds   et_min_ml island_ml | validation WT/TC/ET  worst | "
     header += " | ".join(f.name for f in args.test)
     print(header)
     width = max(len(source) for source in options["source"])
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         mark = f"  <- plain {models[0]}" if row is baseline else ""
         thresholds = "/".join(f"{row[f'{r.lower()}_threshold']:g}" for r in REGIONS)
         print(
-            f"{row['source']:{width}} {row['tta']!s:5} {thresholds:<11} "
+            f"{row['source']:{width}} {row['tta']!s:5} {thresholds:<12} "
             f"{row['et_min_ml']:<9} {row['island_ml']:<9} | {val} {row['worst']:+.3f} | "
             f"{tests}{mark}"
         )

@@ -79,48 +79,107 @@ def test_joint_augment_pipeline(spatial_dims):
 
 
 def _brain_with_tumour(spatial_dims: int):
-    """Brain at 0 +- noise, oedema (WT, not TC) at +3 around a core at +5, background 0."""
+    """Brain at a level of its own per sequence (+1, -, +2, -0.5) with little noise, oedema 3
+    above it around a core at +6, a background slab, and t1ce missing. Returns the batch, its
+    (WT, TC, ET) mask and the brain level per channel."""
     g = torch.Generator().manual_seed(4)
     size = 24
     grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * spatial_dims, indexing="ij"))
     radius = ((grid - size / 2) ** 2).sum(0).sqrt()
-    wt, tc = (radius < 7).float(), (radius < 3).float()
-    image = torch.randn(2, 4, *([size] * spatial_dims), generator=g) * 0.1
-    image = image + 3 * (wt - tc) + 5 * tc
+    wt, tc = (radius < 8).float(), (radius < 3).float()
+    level = torch.tensor([1.0, 0.0, 2.0, -0.5]).view(1, 4, *([1] * spatial_dims))
+    image = level + torch.randn(2, 4, *([size] * spatial_dims), generator=g) * 0.01
+    image = image + 3 * (wt - tc) + 6 * tc
     image[:, :, :2] = 0  # background slab
     image[:, 1] = 0  # a missing sequence
     mask = torch.stack([wt, tc, tc]).expand(2, 3, *wt.shape).clone()
-    return image, mask
+    return image, mask, level
+
+
+def _brain_mean(image, mask, sample, channel):
+    brain = (image[sample] != 0).any(dim=0) & (mask[sample, 0] < 0.5)
+    return image[sample, channel][brain].mean()
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_lesion_contrast_fades_the_oedema_only(spatial_dims):
-    image, mask = _brain_with_tumour(spatial_dims)
+    image, mask, _ = _brain_with_tumour(spatial_dims)
     out = random_lesion_contrast(image, mask, torch.Generator().manual_seed(0), p_channel=1.0)
     wt, tc = mask[0, 0] > 0.5, mask[0, 1] > 0.5
-    inner_oedema = (mask[0, 0] - mask[0, 1]).bool()
-    # The oedema's contrast to the brain falls by a factor in [0.25, 1] (not 1, drawn per
-    # channel), through the smoothing: compare deep inside it.
-    for channel in (0, 2, 3):
-        before, after = image[:, channel][:, inner_oedema], out[:, channel][:, inner_oedema]
-        ratio = after.mean() / before.mean()
-        assert 0.2 < ratio < 0.999
-    # The core, the far brain, the background and the missing sequence are untouched.
+    oedema = wt & ~tc
+    factors = []
+    for sample in range(2):
+        for channel in (0, 2, 3):
+            # Every oedema voxel (full weight, up to its edges) keeps the same share of its
+            # contrast to the mean of the brain around the tumour, drawn in [0.25, 1].
+            reference = _brain_mean(image, mask, sample, channel)
+            before = image[sample, channel][oedema] - reference
+            after = out[sample, channel][oedema] - reference
+            ratio = after / before
+            assert torch.allclose(ratio, ratio.mean(), atol=1e-4)
+            assert 0.25 - 1e-4 <= ratio.mean() <= 1
+            factors.append(float(ratio.mean()))
+    assert len({round(f, 3) for f in factors}) == len(factors)  # drawn per sample and channel
+    assert min(factors) < 0.99
+    # The core, the brain beyond one voxel from the oedema, the background and the missing
+    # sequence are untouched; the voxel rim just outside the oedema is faded less.
     assert torch.equal(out[:, :, tc], image[:, :, tc])
-    far = ~wt
-    far[:2] = True
     near = torch.nn.functional.max_pool2d if spatial_dims == 2 else torch.nn.functional.max_pool3d
-    far &= near(wt[None].float(), 3, stride=1, padding=1)[0] == 0
+    rim = near(wt[None].float(), 3, stride=1, padding=1)[0].bool() & ~wt
+    far = ~wt & ~rim
     assert torch.equal(out[:, :, far], image[:, :, far])
     assert torch.count_nonzero(out[:, 1]) == 0
     assert torch.all(out[:, :, :2] == 0)
+    for channel in (0, 2, 3):
+        reference = _brain_mean(image, mask, 0, channel)
+        share_rim = (out[0, channel][rim] - reference) / (image[0, channel][rim] - reference)
+        assert factors[(0, 2, 3).index(channel)] - 1e-4 < float(share_rim.mean()) < 1
+
+
+def test_lesion_contrast_off_cases():
+    image, mask, _ = _brain_with_tumour(3)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(random_lesion_contrast(image, mask, g, p_channel=0.0), image)
+    no_tumour = torch.zeros_like(mask)
+    assert torch.equal(random_lesion_contrast(image, no_tumour, g, p_channel=1.0), image)
+    # A patch that is all tumour has no brain to fade towards: left alone.
+    all_oedema = mask.clone()
+    all_oedema[:, 0] = 1
+    assert torch.equal(random_lesion_contrast(image, all_oedema, g, p_channel=1.0), image)
+
+
+def test_lesion_contrast_in_low_precision_and_with_a_weight_channel():
+    image, mask, _ = _brain_with_tumour(3)
+    weighted = torch.cat([mask.to(torch.uint8), torch.rand(2, 1, *mask.shape[2:])], dim=1)
+    ref = random_lesion_contrast(image, mask, torch.Generator().manual_seed(1), p_channel=1.0)
+    out = random_lesion_contrast(image, weighted, torch.Generator().manual_seed(1), p_channel=1)
+    assert torch.equal(out, ref)  # uint8 mask, extra weight channel ignored
+    half = random_lesion_contrast(
+        image.bfloat16(), mask, torch.Generator().manual_seed(1), p_channel=1.0
+    )
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
+    assert torch.allclose(half.float(), ref, atol=0.1)
 
 
 def test_lesion_contrast_in_the_pipeline_leaves_the_mask_alone():
-    image, mask = _brain_with_tumour(3)
+    image, mask, _ = _brain_with_tumour(3)
+    weighted = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     augment = JointAugment(p_flip=0, p_affine=0, p_intensity=0, p_lesion_contrast=1.0, seed=5)
-    out_image, out_mask = augment(image, mask)
-    assert torch.equal(out_mask, mask)
+    out_image, out_mask = augment(image, weighted)
+    assert torch.equal(out_mask, weighted)
     assert not torch.equal(out_image, image)
-    off = JointAugment(p_flip=0, p_affine=0, p_intensity=0, seed=5)(image, mask)[0]
+    off = JointAugment(p_flip=0, p_affine=0, p_intensity=0, seed=5)(image, weighted)[0]
     assert torch.equal(off, image)  # off by default: fine-tuning and old configs unchanged
+
+
+def test_lesion_contrast_factors_span_low_to_one():
+    """Over many samples the kept share of the contrast spreads over [0.25, 1] (mean 0.625)."""
+    image, mask, _ = _brain_with_tumour(2)
+    image, mask = image[:1].expand(200, -1, -1, -1), mask[:1].expand(200, -1, -1, -1)
+    out = random_lesion_contrast(image, mask, torch.Generator().manual_seed(2), p_channel=1.0)
+    oedema = (mask[0, 0] > 0.5) & (mask[0, 1] < 0.5)
+    reference = _brain_mean(image, mask, 0, 0)
+    shares = (out[:, 0][:, oedema] - reference).mean(1) / (image[0, 0][oedema] - reference).mean()
+    assert shares.min() >= 0.25 - 1e-4 and shares.max() <= 1
+    assert abs(float(shares.mean()) - 0.625) < 0.05
+    assert float(shares.min()) < 0.35 and float(shares.max()) > 0.9

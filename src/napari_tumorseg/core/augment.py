@@ -109,31 +109,36 @@ def random_elastic(image, mask, generator=None, magnitude: float = 0.03, control
 def random_lesion_contrast(image, mask, generator=None, low: float = 0.25, p_channel: float = 0.5):
     """Fade the oedema towards the surrounding brain in some sequences (the mask is not touched).
 
-    Oedema (WT but not TC, channels 0 and 1 of ``mask``) is as bright as the scanner and
-    sequence parameters make it: on some exams it is barely brighter than normal brain on T2
-    or FLAIR. Each present channel of each sample, with chance ``p_channel``, has the contrast
-    between its oedema and the brain around it (the mean of the patch's brain voxels outside
-    the tumour) multiplied by a factor drawn from [``low``, 1]; the tumour core and the brain
-    more than a voxel away from the oedema keep their values. The oedema weight is smoothed
-    over one voxel into the brain, so the faded region gets no new edge of its own. Background
-    and missing channels stay zero.
+    Oedema (WT but not TC, channels 0 and 1 of ``mask``; further channels are ignored) is as
+    bright as the scanner and sequence parameters make it: on some exams it is barely brighter
+    than normal brain on T2 or FLAIR. Each present channel of each sample, with chance
+    ``p_channel``, has the contrast between its oedema and the brain around it (the mean of the
+    patch's brain voxels outside the tumour) multiplied by a factor drawn from [``low``, 1]. The
+    fade reaches one voxel past the oedema into the brain at a falling weight, so the faded
+    region gets no new edge of its own; the tumour core keeps its values, and so does a sample
+    with too little normal brain in the patch (under 1 %) to say what "brain" looks like.
+    Background and missing channels stay zero. Computed in float32, returned in the image's
+    dtype.
     """
     batch, channels, spatial = image.shape[0], image.shape[1], image.ndim - 2
     view = (batch, channels, *([1] * spatial))
+    x = image.float()
     pool = F.avg_pool3d if spatial == 3 else F.avg_pool2d
-    core = mask[:, 1:2].to(image).clamp(0, 1)
-    oedema = (mask[:, :1].to(image) - core).clamp(0, 1)
-    oedema = pool(oedema, 3, stride=1, padding=1, count_include_pad=False) * (1 - core)
-    brain = (image != 0).any(dim=1, keepdim=True)
-    present = (image != 0).flatten(2).any(dim=2).view(view)
-    normal = (brain & (mask[:, :1] < 0.5)).to(image)
+    core = mask[:, 1:2].float().clamp(0, 1)
+    oedema = (mask[:, :1].float() - core).clamp(0, 1)
+    spread = pool(oedema, 3, stride=1, padding=1, count_include_pad=False)
+    oedema = torch.maximum(oedema, spread) * (1 - core)
+    brain = (x != 0).any(dim=1, keepdim=True)
+    present = (x != 0).flatten(2).any(dim=2).view(view)
+    normal = (brain & (mask[:, :1] < 0.5)).float()
     count = normal.flatten(2).sum(dim=2).view(batch, 1, *([1] * spatial))
-    reference = (image * normal).flatten(2).sum(dim=2).view(view) / count.clamp_min(1)
-    chosen = torch.rand(view, generator=generator) < p_channel
+    reference = (x * normal).flatten(2).sum(dim=2).view(view) / count.clamp_min(1)
+    enough = count >= max(1.0, 0.01 * normal[0].numel())
+    chosen = (torch.rand(view, generator=generator) < p_channel) & enough
     factor = low + (1 - low) * torch.rand(view, generator=generator)
-    fade = torch.where(chosen, 1 - factor, torch.zeros_like(factor)).to(image)
-    out = image - fade * oedema * (image - reference)
-    return torch.where(brain & present, out, image)
+    fade = torch.where(chosen, 1 - factor, torch.zeros_like(factor))
+    out = x - fade * oedema * (x - reference)
+    return torch.where(brain & present, out, x).to(image.dtype)
 
 
 def random_intensity(
@@ -179,7 +184,8 @@ class JointAugment:
     """The training augmentation: each transform applied to a whole batch with a probability.
 
     Call it with ``(image, mask)`` of shapes (B, C, *S) and (B, K, *S); returns both augmented.
-    ``intensity`` overrides `random_intensity`'s strengths (e.g. ``{"gamma": 0.5}``).
+    ``intensity`` overrides `random_intensity`'s strengths (e.g. ``{"gamma": 0.5}``);
+    ``p_lesion_contrast`` is the chance of `random_lesion_contrast` (off by default).
     """
 
     p_flip: float = 0.5
