@@ -138,6 +138,9 @@ def inference_rows(torch, args) -> tuple[list[str], list[str]]:
         return run
 
     def ours(model, **kwargs):
+        # Labels cut at 0.5 as MONAI's (not at the card's thresholds), to compare them.
+        kwargs.setdefault("postprocess", model.card["spatial_dims"] == 2)
+
         def run():
             return run_to_end(
                 segment(
@@ -214,7 +217,14 @@ def inference_rows(torch, args) -> tuple[list[str], list[str]]:
             warnings.simplefilter("always")
             start = time.perf_counter()
             fallback = run_to_end(
-                segment(channels, model3d, device="cuda", overlap=args.overlap, precision="float32")
+                segment(
+                    channels,
+                    model3d,
+                    device="cuda",
+                    overlap=args.overlap,
+                    precision="float32",
+                    postprocess=False,
+                )
             )
             fallback_seconds = time.perf_counter() - start
     finally:

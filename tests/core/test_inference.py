@@ -480,9 +480,13 @@ def test_segment_uses_the_cards_postprocess_rules():
     probabilities = result.probabilities.array
     voxel_ml = float(np.prod(volume.spacing)) / 1000
     np.testing.assert_array_equal(result.labels.array, card_labels(probabilities, rules, voxel_ml))
+    assert result.postprocess == rules  # what made the map, for the Review dock to redo
     _, raw = _drain(segment(volume, model, device="cpu", postprocess=False))
     np.testing.assert_array_equal(raw.labels.array, probabilities_to_labels(probabilities))
     assert not np.array_equal(raw.labels.array, result.labels.array)
+    assert raw.postprocess == {"thresholds": [0.5, 0.5, 0.5]}
+    _, forced = _drain(segment(volume, model, device="cpu", threshold=0.4))
+    assert forced.postprocess == {**rules, "thresholds": [0.4, 0.4, 0.4]}
 
 
 def test_segment_rejects_bad_input():

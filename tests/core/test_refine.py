@@ -11,7 +11,7 @@ import torch
 from napari_tumorseg.core import refine
 from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.finetune import finetune_and_save
-from napari_tumorseg.core.inference import segment
+from napari_tumorseg.core.inference import probabilities_to_labels, segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.models import HEAD_FILE, load_model
@@ -155,8 +155,16 @@ def test_adapt_saves_a_head_that_applies_to_its_exam_only(exam):
     # The network is the parent's: only the head differs.
     for a, b in zip(model.network.state_dict().values(), adapted.network.state_dict().values()):
         assert torch.equal(a, b)
+    # A card's thresholds are chosen for the network's calibration; the head's probabilities
+    # are fitted to the user's labels, so its map is cut at 0.5.
+    for m in (model, adapted):
+        m.card["postprocess"] = {"thresholds": [0.5, 0.9, 0.95]}
     again = run_to_end(segment(exam, adapted, device="cpu"))
     assert any("exam head fitted on the corrections" in n for n in again.notes)
+    assert again.postprocess["thresholds"] == [0.5, 0.5, 0.5]
+    np.testing.assert_array_equal(
+        again.labels.array, probabilities_to_labels(again.probabilities.array)
+    )
     keep = np.ones(expert.shape[0], bool)
     keep[chosen] = False
 
@@ -170,6 +178,7 @@ def test_adapt_saves_a_head_that_applies_to_its_exam_only(exam):
     alone = run_to_end(segment(other, model, device="cpu"))
     elsewhere = run_to_end(segment(other, adapted, device="cpu"))
     assert any("not applied" in n for n in elsewhere.notes)
+    assert elsewhere.postprocess["thresholds"] == [0.5, 0.9, 0.95]
     np.testing.assert_array_equal(elsewhere.labels.array, alone.labels.array)
 
 

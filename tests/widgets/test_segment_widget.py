@@ -431,3 +431,29 @@ def test_edits_after_undone_thresholds_count_against_the_models_map():
     layer.undo()
     layer.redo()
     assert not edited_voxels(layer).any()
+
+
+def test_review_sliders_start_from_the_thresholds_that_made_the_map(make_napari_viewer):
+    """A model card may cut a region above 0.5 (the bundled models' tumour core): the Review
+    dock shows the thresholds that made the map it is on, so "Apply thresholds" starts there."""
+    viewer = make_napari_viewer()
+    review = ReviewWidget(viewer)
+    data = np.zeros((4, 8, 8), np.uint8)
+    other = viewer.add_labels(data.copy(), name="expert labels")
+    assert review.labels_layer is other
+    review.sliders["WT"].setValue(30)
+    metadata = {META_KEY: {"model_labels": data, "postprocess": {"thresholds": [0.5, 0.7, 0.6]}}}
+    made = viewer.add_labels(data.copy(), name="segmentation", metadata=metadata)
+    assert review.labels_layer is made
+    assert review.thresholds() == (0.5, 0.7, 0.6)
+    # Choosing a map no model made leaves the sliders alone; choosing the segmentation again
+    # shows its thresholds.
+    review.sliders["TC"].setValue(40)
+    review.layer_box.setCurrentText(other.name)
+    assert review.thresholds() == (0.5, 0.4, 0.6)
+    review.layer_box.setCurrentText(made.name)
+    assert review.thresholds() == (0.5, 0.7, 0.6)
+    # A map made with one threshold for every region (older layers: none recorded) shows 0.5.
+    old = {META_KEY: {"model_labels": data}}
+    viewer.add_labels(data.copy(), name="older segmentation", metadata=old)
+    assert review.thresholds() == (0.5, 0.5, 0.5)

@@ -929,6 +929,9 @@ class SegmentationResult:
         The network's arithmetic there: "float32", "bfloat16 autocast" or "float16 autocast".
     notes : tuple of str
         What else the user should know (e.g. whether a model's exam head was applied).
+    postprocess : dict
+        The rules that made ``labels`` from ``probabilities`` (`card_labels`), with the
+        per-region ``thresholds`` actually used: to redo the labels at other thresholds alike.
     """
 
     probabilities: Volume
@@ -939,6 +942,7 @@ class SegmentationResult:
     device: str = "cpu"
     precision: str = "float32"
     notes: tuple[str, ...] = ()
+    postprocess: dict = field(default_factory=dict)
 
 
 class _ModelToInput:
@@ -1043,7 +1047,8 @@ def segment(
         Windows (default 2) or slices (default 16) per forward pass.
     threshold : float, optional
         Probability above which a voxel belongs to a region (default: the model card's
-        ``postprocess`` thresholds, else 0.5).
+        ``postprocess`` thresholds, else 0.5; 0.5 where an exam head is applied: its
+        probabilities are fitted to the user's labels).
     restrict_to_brain : bool
         Set probabilities outside the brain mask to 0 (tumour lies inside the brain).
     precision : {"auto", "float32"}
@@ -1142,14 +1147,23 @@ def segment(
         maps *= mask
     probabilities = prepared.to_input_grid(maps)
     notes: tuple[str, ...] = ()
+    rules = card.get("postprocess") if postprocess else None
     if getattr(model, "head", None) is not None:
         present = [SEQUENCES.index(s) for s in used]
-        probabilities, notes = _apply_exam_head(
+        probabilities, notes, applied = _apply_exam_head(
             model, channels, present, probabilities, overlap, tta
         )
-    rules = card.get("postprocess") if postprocess else None
+        if rules and applied:
+            # The head's probabilities are fitted to the user's labels (cut at 0.5): the
+            # card's thresholds, chosen for the network's calibration, do not apply to them.
+            rules = {k: v for k, v in rules.items() if k != "thresholds"}
+    rules = {k: v for k, v in (rules or {}).items() if k != "why"}
+    if threshold is not None:
+        rules["thresholds"] = threshold
+    thresholds = np.broadcast_to(np.asarray(rules.get("thresholds", 0.5), dtype=float), (3,))
+    rules["thresholds"] = [float(t) for t in thresholds]
     voxel_ml = float(np.prod(channels.spacing)) / 1000
-    labels = card_labels(probabilities, rules, voxel_ml, threshold)
+    labels = card_labels(probabilities, rules, voxel_ml)
     return SegmentationResult(
         probabilities=channels.with_array(
             probabilities, name="probabilities", channels=REGION_NAMES
@@ -1161,12 +1175,13 @@ def segment(
         device=last_device,
         precision=precision_label(last_device, precision),
         notes=notes,
+        postprocess=rules,
     )
 
 
 def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, tta):
     """The probabilities with ``model``'s exam head applied -- only on the exam it was fitted
-    on (`refine`); and a note saying which happened."""
+    on (`refine`) --, notes saying which happened, and whether it was applied."""
     from .refine import apply_head, exam_fingerprint
 
     entry = model.card["exam_head"]
@@ -1176,9 +1191,13 @@ def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, t
             why = f"the scans of {exam} differ from those it was fitted on (edited, re-registered?)"
         else:
             why = "it was fitted on another exam"
-        return probabilities, (
-            f"{model.label} was adapted to {exam}, but its exam head is not applied: {why}; "
-            "the network alone segmented this exam",
+        return (
+            probabilities,
+            (
+                f"{model.label} was adapted to {exam}, but its exam head is not applied: "
+                f"{why}; the network alone segmented this exam",
+            ),
+            False,
         )
     notes = [f"with the exam head fitted on the corrections of {exam}"]
     fitted = entry.get("segmentation", {})
@@ -1196,7 +1215,7 @@ def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, t
         channels.spacing,
         anchors=entry.get("anchors", ()),
     )
-    return refined, tuple(notes)
+    return refined, tuple(notes), True
 
 
 def precision_label(device: str | torch.device, precision: str = "auto") -> str:

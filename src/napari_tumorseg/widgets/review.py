@@ -148,6 +148,7 @@ class ReviewWidget(QWidget):
         self.islands_button.clicked.connect(self._remove_islands)
         self.uncertainty_button.clicked.connect(self.show_uncertainty)
         self.next_button.clicked.connect(self.next_uncertain_slice)
+        self.layer_box.currentTextChanged.connect(self._on_layer_chosen)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
         self._refresh_choices()
@@ -171,6 +172,21 @@ class ReviewWidget(QWidget):
         elif names:
             self.layer_box.setCurrentText(names[-1])
         self.layer_box.blockSignals(False)
+        if inserted is not None and current == inserted.name:
+            self._show_thresholds_of(inserted)
+
+    def _show_thresholds_of(self, layer) -> None:
+        """Set the sliders to the thresholds that made a segmentation's map (the model card's,
+        e.g. a tumour-core cut above 0.5), so that "Apply thresholds" starts from them."""
+        rules = layer.metadata.get(META_KEY, {}).get("postprocess") or {}
+        thresholds = np.broadcast_to(np.asarray(rules.get("thresholds", 0.5), dtype=float), (3,))
+        for region, value in zip(REGIONS, thresholds):
+            self.sliders[region].setValue(round(float(value) * 100))
+
+    def _on_layer_chosen(self, name: str) -> None:
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if _is_segmentation(layer):
+            self._show_thresholds_of(layer)
 
     @property
     def labels_layer(self):

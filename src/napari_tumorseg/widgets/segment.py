@@ -327,8 +327,9 @@ class SegmentWidget(QWidget):
             # The scan layers it was made from: fine-tuning learns from these, whatever the
             # pickers show by then.
             scan_layers=dict(scan_names),
-            # The card's post-processing, so that new thresholds (Review dock) apply it too.
-            postprocess=model.card.get("postprocess"),
+            # The rules that made the map (the card's post-processing and the thresholds
+            # used), so that new thresholds (Review dock) start from them and apply the rest.
+            postprocess=result.postprocess,
             run=run,
         )
         # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
