@@ -40,7 +40,7 @@ def test_bundled_weights_fit_the_budget():
 @pytest.mark.xfail(
     strict=True,
     reason="goal not met yet: the bundled 3D model misses part of this exam's oedema "
-    "(measured WT 0.723, TC 0.938, ET 0.897; validation WT 0.893; docs/MODELS.md)",
+    "(measured WT 0.723, TC 0.939, ET 0.897; validation WT 0.893; docs/MODELS.md)",
 )
 def test_bundled_3d_model_on_the_sample_exam(exam):
     model = load_model("3d")
@@ -97,7 +97,8 @@ def test_finetuning_a_weakened_model_helps_the_uncorrected_slices(exam):
     }
     print("uncorrected slices, before:", dice["before"], "after:", dice["after"])
     gain = {r: dice["after"][r]["dice"] - dice["before"][r]["dice"] for r in ("WT", "TC", "ET")}
-    # Measured: WT 0.605 -> 0.918, TC 0.688 -> 0.957, ET 0.005 -> 0.943 (the exam head; a
-    # network fine-tuned for 30 steps: +0.008, +0.07, +0.43).
+    # Measured: WT 0.621 -> 0.918, TC 0.760 -> 0.957, ET 0.005 -> 0.943 (the exam head; before
+    # the card cut tumour core at 0.65: 0.605 / 0.688 / 0.005 before; a network fine-tuned for
+    # 30 steps then gained +0.008, +0.07, +0.43).
     assert np.mean(list(gain.values())) >= 0.05
     assert min(gain.values()) >= -0.02

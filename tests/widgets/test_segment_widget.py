@@ -435,25 +435,74 @@ def test_edits_after_undone_thresholds_count_against_the_models_map():
 
 def test_review_sliders_start_from_the_thresholds_that_made_the_map(make_napari_viewer):
     """A model card may cut a region above 0.5 (the bundled models' tumour core): the Review
-    dock shows the thresholds that made the map it is on, so "Apply thresholds" starts there."""
+    dock shows the thresholds of the map it is on, so "Apply thresholds" starts there."""
+    from napari_tumorseg.widgets.review import apply_labels, record_thresholds
+
     viewer = make_napari_viewer()
-    review = ReviewWidget(viewer)
     data = np.zeros((4, 8, 8), np.uint8)
-    other = viewer.add_labels(data.copy(), name="expert labels")
-    assert review.labels_layer is other
-    review.sliders["WT"].setValue(30)
     metadata = {META_KEY: {"model_labels": data, "postprocess": {"thresholds": [0.5, 0.7, 0.6]}}}
     made = viewer.add_labels(data.copy(), name="segmentation", metadata=metadata)
-    assert review.labels_layer is made
-    assert review.thresholds() == (0.5, 0.7, 0.6)
-    # Choosing a map no model made leaves the sliders alone; choosing the segmentation again
-    # shows its thresholds.
-    review.sliders["TC"].setValue(40)
+    # A dock opened after the segmentation shows its thresholds at once.
+    review = ReviewWidget(viewer)
+    assert review.labels_layer is made and review.thresholds() == (0.5, 0.7, 0.6)
+    other = viewer.add_labels(data.copy(), name="expert labels")
     review.layer_box.setCurrentText(other.name)
+    review.sliders["TC"].setValue(40)
+    # A map no model made leaves the sliders alone; a new segmentation shows its own.
     assert review.thresholds() == (0.5, 0.4, 0.6)
+    old = {META_KEY: {"model_labels": data}}  # made at 0.5 (no thresholds recorded)
+    older = viewer.add_labels(data.copy(), name="older segmentation", metadata=old)
+    assert review.labels_layer is older and review.thresholds() == (0.5, 0.5, 0.5)
+    # Removing the layer the dock is on: the sliders follow the map it turns to.
     review.layer_box.setCurrentText(made.name)
     assert review.thresholds() == (0.5, 0.7, 0.6)
-    # A map made with one threshold for every region (older layers: none recorded) shows 0.5.
-    old = {META_KEY: {"model_labels": data}}
-    viewer.add_labels(data.copy(), name="older segmentation", metadata=old)
+    viewer.layers.remove(made)
+    assert review.labels_layer is not made
+    viewer.layers.remove(other)
+    assert review.labels_layer is older and review.thresholds() == (0.5, 0.5, 0.5)
+    # Thresholds applied (and in force) are what the sliders show when the map is chosen
+    # again; undone with Ctrl+Z, the segmentation's own are.
+    new = data.copy()
+    new[1, 2, 2] = 2
+    apply_labels(older, new)
+    record_thresholds(older, new, (0.3, 0.55, 0.5))
+    viewer.add_labels(data.copy(), name="expert labels")
+    review.layer_box.setCurrentText("expert labels")
+    review.layer_box.setCurrentText(older.name)
+    assert review.thresholds() == (0.3, 0.55, 0.5)
+    older.undo()
+    review.layer_box.setCurrentText("expert labels")
+    review.layer_box.setCurrentText(older.name)
     assert review.thresholds() == (0.5, 0.5, 0.5)
+
+
+def test_review_dock_opened_after_a_card_threshold_segmentation_applies_nothing_new(
+    make_napari_viewer, qtbot
+):
+    """End to end: a model whose card cuts tumour core at 0.7; the Review dock opened after
+    the segmentation starts from 0.7, and applying its thresholds at once changes nothing."""
+    import json
+
+    from napari_tumorseg.core.models import model_folder
+
+    from ..conftest import make_tiny_model
+
+    label = make_tiny_model("cut")
+    card_path = model_folder(label) / "card.json"
+    card = json.loads(card_path.read_text())
+    card["postprocess"] = {"thresholds": [0.5, 0.7, 0.5]}
+    card_path.write_text(json.dumps(card))
+    viewer = make_napari_viewer()
+    viewer.open(str(BRATS), plugin="napari-tumorseg")
+    widget = SegmentWidget(viewer)
+    widget.refresh_models(select=label)
+    widget.run()
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
+        pass
+    labels = widget.labels_layer
+    assert labels.metadata[META_KEY]["postprocess"]["thresholds"] == [0.5, 0.7, 0.5]
+    review = ReviewWidget(viewer)
+    assert review.labels_layer is labels and review.thresholds() == (0.5, 0.7, 0.5)
+    before = labels.data.copy()
+    assert review.apply_thresholds() == 0
+    np.testing.assert_array_equal(labels.data, before)

@@ -58,20 +58,37 @@ def model_output(layer) -> np.ndarray:
     again)."""
     meta = layer.metadata.get(META_KEY, {})
     baseline = meta["model_labels"]
-    for derived, edit in meta.get("threshold_labels", ()):
+    for derived, edit, *_ in meta.get("threshold_labels", ()):
         if _in_force(layer, edit):
             baseline = derived
     return baseline
 
 
-def record_thresholds(layer, new: np.ndarray) -> None:
+def thresholds_in_force(layer) -> tuple[float, float, float]:
+    """The WT / TC / ET thresholds of the map the user is editing from (`model_output`): those
+    applied last and still in force, else those that made the segmentation (the model card's,
+    e.g. the bundled models' tumour-core cut above 0.5), else 0.5."""
+    meta = layer.metadata.get(META_KEY, {})
+    rules = meta.get("postprocess") or {}
+    values = np.broadcast_to(np.asarray(rules.get("thresholds", 0.5), dtype=float), (3,))
+    thresholds = tuple(float(v) for v in values)
+    for _, edit, *applied in meta.get("threshold_labels", ()):
+        if applied and _in_force(layer, edit):
+            thresholds = tuple(applied[0])
+    return thresholds
+
+
+def record_thresholds(layer, new: np.ndarray, thresholds=None) -> None:
     """Remember ``new``, just applied to ``layer`` as its newest edit (`apply_labels`), as the
-    map later edits are counted against. Maps no longer in force are dropped: a new edit
-    clears napari's redo history, so they cannot come back."""
+    map later edits are counted against, and the ``thresholds`` that made it. Maps no longer
+    in force are dropped: a new edit clears napari's redo history, so they cannot come back."""
     meta = layer.metadata.setdefault(META_KEY, {})
-    kept = [(m, e) for m, e in meta.get("threshold_labels", ()) if _in_force(layer, e)]
+    kept = [e for e in meta.get("threshold_labels", ()) if _in_force(layer, e[1])]
     undo = edit_history(layer)
-    meta["threshold_labels"] = [*kept, (new.copy(), undo[-1][0] if undo else None)]
+    entry = (new.copy(), undo[-1][0] if undo else None)
+    if thresholds is not None:
+        entry += (tuple(float(t) for t in thresholds),)
+    meta["threshold_labels"] = [*kept, entry]
 
 
 def _in_force(layer, edit) -> bool:
@@ -155,7 +172,7 @@ class ReviewWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _refresh_choices(self, event=None) -> None:
-        current = self.layer_box.currentText()
+        current = shown = self.layer_box.currentText()
         names = [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
         inserted = event.value if getattr(event, "type", None) == "inserted" else None
         if _is_segmentation(inserted):
@@ -172,21 +189,17 @@ class ReviewWidget(QWidget):
         elif names:
             self.layer_box.setCurrentText(names[-1])
         self.layer_box.blockSignals(False)
-        if inserted is not None and current == inserted.name:
-            self._show_thresholds_of(inserted)
-
-    def _show_thresholds_of(self, layer) -> None:
-        """Set the sliders to the thresholds that made a segmentation's map (the model card's,
-        e.g. a tumour-core cut above 0.5), so that "Apply thresholds" starts from them."""
-        rules = layer.metadata.get(META_KEY, {}).get("postprocess") or {}
-        thresholds = np.broadcast_to(np.asarray(rules.get("thresholds", 0.5), dtype=float), (3,))
-        for region, value in zip(REGIONS, thresholds):
-            self.sliders[region].setValue(round(float(value) * 100))
+        chosen = self.layer_box.currentText()
+        if event is None or chosen != shown or (inserted is not None and chosen == inserted.name):
+            self._on_layer_chosen(chosen)
 
     def _on_layer_chosen(self, name: str) -> None:
+        """Set the sliders to the thresholds of the map the dock is on (`thresholds_in_force`),
+        so that "Apply thresholds" starts from them; a map no model made leaves them alone."""
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
         if _is_segmentation(layer):
-            self._show_thresholds_of(layer)
+            for region, value in zip(REGIONS, thresholds_in_force(layer)):
+                self.sliders[region].setValue(round(value * 100))
 
     @property
     def labels_layer(self):
@@ -250,7 +263,7 @@ class ReviewWidget(QWidget):
         new = card_labels(prob, rules, voxel_ml, self.thresholds())
         changed = apply_labels(layer, new)
         if changed:
-            record_thresholds(layer, new)
+            record_thresholds(layer, new, self.thresholds())
         self.status.setText(f"thresholds {self.thresholds()}: {changed} voxels changed")
         return changed
 
