@@ -477,7 +477,7 @@ def test_review_sliders_start_from_the_thresholds_that_made_the_map(make_napari_
 
 
 def test_review_dock_opened_after_a_card_threshold_segmentation_applies_nothing_new(
-    make_napari_viewer, qtbot
+    segment_dock, tiny_model, qtbot
 ):
     """End to end: a model whose card cuts tumour core at 0.7; the Review dock opened after
     the segmentation starts from 0.7, and applying its thresholds at once changes nothing."""
@@ -485,17 +485,11 @@ def test_review_dock_opened_after_a_card_threshold_segmentation_applies_nothing_
 
     from napari_tumorseg.core.models import model_folder
 
-    from ..conftest import make_tiny_model
-
-    label = make_tiny_model("cut")
-    card_path = model_folder(label) / "card.json"
+    viewer, widget = segment_dock
+    card_path = model_folder(tiny_model) / "card.json"  # the model loads when Run is pressed
     card = json.loads(card_path.read_text())
     card["postprocess"] = {"thresholds": [0.5, 0.7, 0.5]}
     card_path.write_text(json.dumps(card))
-    viewer = make_napari_viewer()
-    viewer.open(str(BRATS), plugin="napari-tumorseg")
-    widget = SegmentWidget(viewer)
-    widget.refresh_models(select=label)
     widget.run()
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
