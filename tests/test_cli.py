@@ -42,6 +42,7 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
     assert set(report["metrics"]) == {"WT", "TC", "ET"}
     assert report["metrics"]["TC"]["dice"] > 0.8  # a real model, not a stub
     assert report["expert_volumes_ml"]["WT"] == pytest.approx(125.37, abs=0.01)
+    assert report["thresholds"] == "WT 0.5 / TC 0.65 / ET 0.5"  # the 3D card's
     seg = nib.load(str(out / "Brats18_TCIA01_378_1_seg.nii.gz"))
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
     assert seg.shape == t1.shape

@@ -47,6 +47,12 @@ def label_map_report(labels, voxel_volume_ml: float, metrics: dict | None = None
     return report
 
 
+def thresholds_text(thresholds) -> str:
+    """``"WT 0.5 / TC 0.65 / ET 0.5"``: the per-region thresholds that made a label map, for
+    reports (a string, so that the CSV row holds it too)."""
+    return " / ".join(f"{r} {float(t):g}" for r, t in zip(("WT", "TC", "ET"), thresholds))
+
+
 def _atomic_write_text(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -231,6 +237,7 @@ def run_headless_demo(
         metrics=metrics,
         exam=exam.name,
         model=model,
+        thresholds=thresholds_text(result.postprocess["thresholds"]),
         reference="expert labels",
         expert_volumes_ml=label_map_report(exam.labels.array, reference.voxel_volume_ml)[
             "volumes_ml"
@@ -255,6 +262,7 @@ def run_headless_demo(
         t1ce.voxel_volume_ml,
         exam=raw.name,
         model=model,
+        thresholds=thresholds_text(result.postprocess["thresholds"]),
         registered_to="t1ce",
     )
     written += write_report(out_dir / f"{raw.name}_report", report)

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from napari_tumorseg._layers import META_KEY
 from napari_tumorseg.widgets.measure import MeasureWidget
 
 from ..conftest import BRATS
@@ -82,3 +83,19 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
     assert widget.save(target, confirm_overwrite=lambda paths: asked.append(paths) or False) == []
     assert asked and all(p.read_bytes() == data for p, data in before.items())
     assert widget.save(target, confirm_overwrite=lambda paths: True)
+
+
+def test_a_segmentations_report_says_which_thresholds_made_it(viewer_and_dock, tmp_path):
+    viewer, widget = viewer_and_dock
+    data = viewer.layers[-1].data.copy()
+    rules = {"thresholds": [0.5, 0.65, 0.5]}
+    geometry = viewer.layers[-1].metadata[META_KEY]
+    metadata = {
+        META_KEY: {**geometry, "model_labels": data.copy(), "postprocess": rules, "model": "3d"}
+    }
+    made = viewer.add_labels(data, name="segmentation", metadata=metadata)
+    widget.layer_box.setCurrentText(made.name)
+    widget.save(tmp_path / "seg.nii.gz")
+    report = json.loads((tmp_path / "seg_report.json").read_text())
+    assert report["thresholds"] == "WT 0.5 / TC 0.65 / ET 0.5" and report["model"] == "3d"
+    assert "WT 0.5 / TC 0.65 / ET 0.5" in (tmp_path / "seg_report.csv").read_text()

@@ -26,7 +26,8 @@ from .._writer import save_labels
 from ..core.errors import TumorSegError
 from ..core.io import REGIONS
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
-from ..pipeline import label_map_report, report_paths, write_report
+from ..pipeline import label_map_report, report_paths, thresholds_text, write_report
+from .review import thresholds_in_force
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"
@@ -216,6 +217,9 @@ class MeasureWidget(QWidget):
             return []
         volume = layer_volume(self._layer)
         meta = self._layer.metadata.get(META_KEY, {})
+        # A segmentation's report says which thresholds made its map (those in force).
+        made = meta.get("model_labels") is not None
+        thresholds = thresholds_text(thresholds_in_force(self._layer)) if made else None
         try:
             written = [save_labels(path, volume, self._layer.name, self.viewer)]
             report = label_map_report(
@@ -224,6 +228,7 @@ class MeasureWidget(QWidget):
                 exam=meta.get("source_path") or self._layer.name,
                 layer=self._layer.name,
                 model=meta.get("model"),
+                thresholds=thresholds,
                 mask_file=str(path),
                 reference=self._scored_reference if self.scores else None,
                 metrics=self.scores,
