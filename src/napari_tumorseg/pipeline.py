@@ -15,6 +15,7 @@ from ._sample_data import sample_exam_dir
 from .core.errors import TumorSegError
 from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
 from .core.io import (
+    REGIONS,
     SEQUENCES,
     Exam,
     creation_mode,
@@ -50,7 +51,7 @@ def label_map_report(labels, voxel_volume_ml: float, metrics: dict | None = None
 def thresholds_text(thresholds) -> str:
     """``"WT 0.5 / TC 0.65 / ET 0.5"``: the per-region thresholds that made a label map, for
     reports (a string, so that the CSV row holds it too)."""
-    return " / ".join(f"{r} {float(t):g}" for r, t in zip(("WT", "TC", "ET"), thresholds))
+    return " / ".join(f"{r} {float(t):g}" for r, t in zip(REGIONS, thresholds))
 
 
 def _atomic_write_text(path: Path, text: str) -> Path:

@@ -764,6 +764,12 @@ def slice_inference(
 
 
 # --------------------------------------------------------------------------- labels
+def region_thresholds(threshold: float | Sequence[float] = 0.5) -> tuple[float, float, float]:
+    """The WT, TC, ET thresholds of ``threshold``: one value for all regions or one per region."""
+    values = np.broadcast_to(np.asarray(threshold, dtype=float), (3,))
+    return tuple(float(v) for v in values)
+
+
 def probabilities_to_labels(
     probabilities: np.ndarray, threshold: float | Sequence[float] = 0.5
 ) -> np.ndarray:
@@ -789,7 +795,7 @@ def probabilities_to_labels(
     """
     if probabilities.ndim < 2 or probabilities.shape[0] != 3:
         raise ValueError(f"need (3, ...) WT/TC/ET probabilities, got shape {probabilities.shape}")
-    wt, tc, et = np.broadcast_to(np.asarray(threshold, dtype=float), (3,))
+    wt, tc, et = region_thresholds(threshold)
     labels = np.where(probabilities[0] > wt, np.uint8(2), np.uint8(0))
     labels[probabilities[1] > tc] = 1
     labels[probabilities[2] > et] = 4
@@ -1160,8 +1166,7 @@ def segment(
     rules = {k: v for k, v in (rules or {}).items() if k != "why"}
     if threshold is not None:
         rules["thresholds"] = threshold
-    thresholds = np.broadcast_to(np.asarray(rules.get("thresholds", 0.5), dtype=float), (3,))
-    rules["thresholds"] = [float(t) for t in thresholds]
+    rules["thresholds"] = list(region_thresholds(rules.get("thresholds", 0.5)))
     voxel_ml = float(np.prod(channels.spacing)) / 1000
     labels = card_labels(probabilities, rules, voxel_ml)
     return SegmentationResult(

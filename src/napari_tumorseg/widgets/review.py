@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._layers import META_KEY, edit_history, layer_volume
-from ..core.inference import card_labels
+from ..core.inference import card_labels, region_thresholds
 from ..core.io import REGIONS
 from ..core.postprocess import (
     entropy_map,
@@ -56,26 +56,25 @@ def model_output(layer) -> np.ndarray:
     """The map the user is editing from: the model's, or the thresholds applied last and still
     in force (`record_thresholds`; undone with Ctrl+Z, the map before them is the baseline
     again)."""
-    meta = layer.metadata.get(META_KEY, {})
-    baseline = meta["model_labels"]
-    for derived, edit, *_ in meta.get("threshold_labels", ()):
-        if _in_force(layer, edit):
-            baseline = derived
-    return baseline
+    applied = _applied_in_force(layer)
+    return applied[0] if applied else layer.metadata[META_KEY]["model_labels"]
 
 
 def thresholds_in_force(layer) -> tuple[float, float, float]:
     """The WT / TC / ET thresholds of the map the user is editing from (`model_output`): those
     applied last and still in force, else those that made the segmentation (the model card's,
     e.g. the bundled models' tumour-core cut above 0.5), else 0.5."""
-    meta = layer.metadata.get(META_KEY, {})
-    rules = meta.get("postprocess") or {}
-    values = np.broadcast_to(np.asarray(rules.get("thresholds", 0.5), dtype=float), (3,))
-    thresholds = tuple(float(v) for v in values)
-    for _, edit, *applied in meta.get("threshold_labels", ()):
-        if applied and _in_force(layer, edit):
-            thresholds = tuple(applied[0])
-    return thresholds
+    applied = _applied_in_force(layer)
+    if applied and len(applied) > 2:
+        return applied[2]
+    rules = layer.metadata.get(META_KEY, {}).get("postprocess") or {}
+    return region_thresholds(rules.get("thresholds", 0.5))
+
+
+def _applied_in_force(layer) -> tuple | None:
+    """The last ``(map, edit[, thresholds])`` of `record_thresholds` still in force, if any."""
+    entries = layer.metadata.get(META_KEY, {}).get("threshold_labels", ())
+    return next((e for e in reversed(entries) if _in_force(layer, e[1])), None)
 
 
 def record_thresholds(layer, new: np.ndarray, thresholds=None) -> None:
@@ -87,7 +86,7 @@ def record_thresholds(layer, new: np.ndarray, thresholds=None) -> None:
     undo = edit_history(layer)
     entry = (new.copy(), undo[-1][0] if undo else None)
     if thresholds is not None:
-        entry += (tuple(float(t) for t in thresholds),)
+        entry += (region_thresholds(thresholds),)
     meta["threshold_labels"] = [*kept, entry]
 
 
