@@ -120,6 +120,14 @@ def test_segment_checks_its_outputs_before_any_work(tmp_path, tiny_model):
         _run("segment", BRATS, "--out", out, "--prob", tmp_path / "p.nrrd"), "p.nrrd", ".nii"
     )
     _assert_exit_2(_run("segment", BRATS, "--out", out, "--prob", out), "same file")
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    _assert_exit_2(_run("segment", BRATS, "--out", folder), str(folder), "is a folder")
+    _assert_exit_2(
+        _run("segment", BRATS, "--out", out, "--prob", out / "p.nii.gz"),
+        "p.nii.gz",
+        "another output",
+    )
     case = tmp_path / "case"
     shutil.copytree(BRATS, case)
     seg = next(case.glob("*_seg.nii.gz"))

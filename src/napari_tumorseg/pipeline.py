@@ -13,13 +13,20 @@ import numpy as np
 
 from ._sample_data import sample_exam_dir
 from .core.errors import TumorSegError
-from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
+from .core.inference import (
+    SegmentationResult,
+    check_overlap,
+    exam_to_channels,
+    segment,
+    select_device,
+)
 from .core.io import (
     REGIONS,
     SEQUENCES,
     Exam,
+    OutputFiles,
+    check_output_path,
     creation_mode,
-    is_nifti_path,
     read_exam,
     write_labels,
     write_volume,
@@ -88,15 +95,16 @@ def report_paths(base: Path) -> tuple[Path, Path]:
 
 
 def check_outputs(exam: Exam, *outputs: Path | None) -> None:
-    """Refuse outputs that are not NIfTI names, that name one file twice, or that would
-    overwrite one of the exam's own files."""
-    named = [Path(p) for p in outputs if p is not None]
-    for path in named:
-        if not is_nifti_path(path):
-            raise TumorSegError("output must end in .nii or .nii.gz", path)
+    """Refuse outputs that are not NIfTI names, cannot be written (a folder, no permission),
+    name one file twice, or would overwrite one of the exam's own files."""
+    named = [check_output_path(p) for p in outputs if p is not None]
     resolved = [p.resolve() for p in named]
     if len(set(resolved)) < len(resolved):
         raise TumorSegError("two outputs would be written to the same file", named[0])
+    for path, full in zip(named, resolved):
+        for other, other_full in zip(named, resolved):
+            if other_full in full.parents:
+                raise TumorSegError(f"would lie inside {other}, another output file", path)
     volumes = [*exam.scans.values(), exam.labels]
     inputs = {
         v.source.path.resolve()
@@ -165,10 +173,12 @@ def segment_exam(
     """Segment one exam and write the label map (and probabilities) in the reference geometry.
 
     The outputs and ``overlap`` are checked first, so that a bad name fails before minutes of
-    registration and inference.
+    registration and inference, and written together: the label map replaces an existing
+    file only once the probabilities were written too.
     """
     check_outputs(exam, out, prob_out)
     check_overlap(overlap)
+    select_device(device)  # an unavailable device fails before registration
     channels = prepare_exam(exam, register=register, reference=reference, log=log)
     tumour_model = load_model(model)
     missing = [s for s in SEQUENCES if s not in channels.channels]
@@ -191,9 +201,12 @@ def segment_exam(
         report,
     )
     like = exam.reference
-    written = [write_labels(out, result.labels.array, like)]
-    if prob_out is not None:
-        written.append(write_volume(prob_out, result.probabilities.array, like))
+    with OutputFiles() as outputs:
+        written = [write_labels(out, result.labels.array, like, outputs=outputs)]
+        if prob_out is not None:
+            written.append(
+                write_volume(prob_out, result.probabilities.array, like, outputs=outputs)
+            )
     log(f"done in {result.seconds:.1f} s on {result.device} ({result.precision})")
     for note in result.notes:
         log(note)

@@ -138,7 +138,7 @@ def test_no_correction_is_a_clear_error(exam):
         next(finetune(model, exam, labels, np.zeros_like(labels, bool)))
 
 
-@pytest.mark.parametrize("name", ["3d", "a/b", "", ".hidden"])
+@pytest.mark.parametrize("name", ["3d", "a/b", "", ".hidden", "x" * 101])
 def test_a_bad_model_name_fails_before_any_training(exam, name):
     model = load_model(make_tiny_model())
     labels = np.zeros(exam.reference.spatial_shape, np.uint8)
@@ -147,3 +147,23 @@ def test_a_bad_model_name_fails_before_any_training(exam, name):
     run = finetune_and_save(model, exam, labels, edited, name=name, seconds=60)
     with pytest.raises(TumorSegError, match="not a valid model name"):
         next(run)  # the first step would have come here; no step is taken
+
+
+@pytest.mark.parametrize(
+    ("budget", "match"),
+    [
+        ({"seconds": 0}, "positive number of seconds"),
+        ({"seconds": -5}, "positive number of seconds"),
+        ({"seconds": float("nan")}, "positive number of seconds"),
+        ({"seconds": None, "steps": 0}, "at least 1 step"),
+    ],
+)
+def test_an_empty_budget_is_refused_not_saved_as_a_new_version(exam, budget, match):
+    """A zero budget used to save an unchanged copy labelled as fine-tuned."""
+    model = load_model(make_tiny_model("mine"))
+    labels = np.zeros(exam.reference.spatial_shape, np.uint8)
+    edited = np.zeros_like(labels, bool)
+    edited[70, 100:110, 100:110] = True
+    with pytest.raises(TumorSegError, match=match):
+        next(finetune_and_save(model, exam, labels, edited, name="mine", **budget))
+    assert load_model("mine").card["version"] == 1  # no new version

@@ -32,3 +32,38 @@ def test_reports_keep_a_dotted_exam_name(tmp_path):
     written = write_report(base, label_map_report(labels, 0.001, exam="sub-01.ses-1"))
     assert [p.name for p in written] == ["sub-01.ses-1_report.json", "sub-01.ses-1_report.csv"]
     assert list(report_paths(base)) == written
+
+
+def test_segment_exam_replaces_an_existing_label_map_only_with_its_probabilities(
+    tmp_path, tiny_model, monkeypatch
+):
+    """The label map and the probability map are one output: when the second cannot be written
+    after the inference (a full disk), the user's earlier (perhaps edited) map stays."""
+    import nibabel as nib
+    import pytest
+
+    from napari_tumorseg.core.errors import TumorSegError
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.pipeline import segment_exam
+
+    from ..conftest import BRATS
+
+    out, prob = tmp_path / "case_seg.nii.gz", tmp_path / "case_prob.nii.gz"
+    out.write_bytes(b"edited mask")
+    save = nib.save
+
+    def disk_full(image, path):
+        if "case_prob" in str(path):
+            raise OSError(28, "No space left on device")
+        save(image, path)
+
+    monkeypatch.setattr(nib, "save", disk_full)
+    exam = read_exam([BRATS / "Brats18_TCIA01_378_1_flair.nii.gz"])
+    with pytest.raises(TumorSegError, match="No space left") as info:
+        segment_exam(exam, out, model=tiny_model, prob_out=prob, log=lambda _: None)
+    assert str(prob) in str(info.value)
+    assert out.read_bytes() == b"edited mask" and not prob.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_seg.nii.gz"]
+    monkeypatch.setattr(nib, "save", save)
+    segment_exam(exam, out, model=tiny_model, prob_out=prob, log=lambda _: None)
+    assert nib.load(str(out)).shape == nib.load(str(prob)).shape[:3]

@@ -543,5 +543,34 @@ def test_load_model_refuses_weights_that_do_not_fit_the_card(tiny_model):
     card = json.loads(card_path.read_text())
     card["architecture"]["features"] = [4, 8, 32]
     card_path.write_text(json.dumps(card))
-    with pytest.raises(TumorSegError, match="do not fit the card's architecture"):
+    with pytest.raises(TumorSegError, match="do not fit the card's architecture") as info:
         load_model(tiny_model)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+    card["architecture"]["features"] = "abc"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(TumorSegError, match="architecture cannot be built") as info:
+        load_model(tiny_model)
+    assert str(card_path) in str(info.value)
+    card["spatial_dims"] = 5
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(TumorSegError, match="spatial_dims=5") as info:
+        load_model(tiny_model)
+    assert str(card_path) in str(info.value)
+
+
+def test_a_model_name_is_never_a_path(tiny_model):
+    from napari_tumorseg.core.models import load_model, model_folder
+
+    folder = model_folder(tiny_model)
+    for name in (str(folder.parent), f"../models/{tiny_model}", f"./{tiny_model}"):
+        with pytest.raises(TumorSegError, match="no model named"):
+            load_model(name)
+
+
+def test_2d_inference_of_a_small_field_of_view():
+    """Slices smaller than the network's divisor are padded to two of them: instance norm
+    needs more than one voxel at the deepest level."""
+    network = UNet(2, in_channels=1, out_channels=3, features=(4, 8, 16)).eval()
+    image = np.random.default_rng(0).normal(size=(1, 3, 3, 3)).astype(np.float32)
+    probabilities = run_to_end(inference.slice_inference(network, image))
+    assert probabilities.shape == (3, 3, 3, 3) and np.isfinite(probabilities).all()

@@ -10,6 +10,8 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 
 from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.io import (
+    OutputFiles,
+    check_output_path,
     classify_path,
     read_exam,
     read_volume,
@@ -223,6 +225,56 @@ def test_write_keeps_existing_file_when_it_fails(tmp_path):
         write_labels(target, labels.array[:10], labels)
     assert target.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["keep_seg.nii.gz"]
+
+
+def test_outputs_written_together_replace_their_targets_only_when_all_were_written(tmp_path):
+    labels = read_volume(SEG)
+    seg, prob = tmp_path / "old_seg.nii.gz", tmp_path / "old_prob.nii.gz"
+    seg.write_bytes(b"edited mask")
+    prob.write_bytes(b"old map")
+    with pytest.raises(TumorSegError, match="does not lie on the grid"):
+        with OutputFiles() as outputs:
+            write_labels(seg, labels.array, labels, outputs=outputs)
+            write_volume(prob, labels.array[:10], labels, outputs=outputs)  # fails: wrong shape
+    assert seg.read_bytes() == b"edited mask" and prob.read_bytes() == b"old map"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old_prob.nii.gz", "old_seg.nii.gz"]
+    with OutputFiles() as outputs:
+        write_labels(seg, labels.array, labels, outputs=outputs)
+        assert seg.read_bytes() == b"edited mask"  # not before the last one is written
+        write_volume(prob, labels.array.astype(np.float32), labels, outputs=outputs)
+    np.testing.assert_array_equal(read_volume(seg).array, labels.array)
+    assert read_volume(prob, kind="scan").array.max() == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old_prob.nii.gz", "old_seg.nii.gz"]
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for path, fragment in [
+        (folder, "is a folder"),
+        (blocker / "seg.nii.gz", "is a file, not a folder"),
+        (tmp_path / "seg.nrrd", ".nii"),
+    ]:
+        with pytest.raises(TumorSegError, match=fragment) as info:
+            check_output_path(path)
+        assert str(path) in str(info.value)
+    assert check_output_path(tmp_path / "new" / "deeper" / "seg.nii.gz").name == "seg.nii.gz"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_a_label_map_given_as_a_scan_is_refused(tmp_path):
+    """A BraTS segmentation saved under a sequence's name would otherwise be segmented (its
+    label values read as intensities)."""
+    disguised = tmp_path / "case_flair.nii.gz"
+    shutil.copy(SEG, disguised)
+    with pytest.raises(TumorSegError, match="values 0, 1, 2, 4: a label map") as info:
+        read_exam([disguised])
+    assert str(disguised) in str(info.value)
+    with pytest.raises(TumorSegError, match="no scan given: this file is a label map") as info:
+        read_exam([SEG])
+    assert str(SEG) in str(info.value)
 
 
 def test_gzip_helper_matches_truncation_kind(tmp_path):

@@ -166,6 +166,65 @@ def test_register_files_writes_fixed_geometry_and_itk_transform(brats, tmp_path)
     assert result.quality > 0.95
 
 
+def test_register_files_never_overwrites_an_input_nor_half_of_its_output(tmp_path, monkeypatch):
+    from napari_tumorseg.core import registration
+
+    fixed_path = tmp_path / "fixed_t2.nii.gz"
+    moving_path = tmp_path / "moving_flair.nii.gz"
+    fixed = read_volume(TCGA_RAW / "TCGA-FG-6692_t2_raw.nii.gz")
+    write_volume(fixed_path, fixed.array, like=fixed)
+    moving = read_volume(TCGA_RAW / "TCGA-FG-6692_flair_raw.nii.gz")
+    write_volume(moving_path, moving.array, like=moving)
+    before = fixed_path.read_bytes()
+    with pytest.raises(TumorSegError, match="is one of the input scans"):
+        register_files(fixed_path, moving_path, fixed_path)
+    assert fixed_path.read_bytes() == before
+    with pytest.raises(TumorSegError, match="is a file, not a folder"):
+        register_files(
+            fixed_path, moving_path, tmp_path / "out.nii.gz", transform_out=fixed_path / "t.tfm"
+        )
+    # The transform cannot be written after the registration: the existing output stays.
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"earlier result")
+
+    def fail(transform, path):
+        raise RuntimeError("ITK ERROR: TransformFileWriter: disk full")
+
+    monkeypatch.setattr(registration.sitk, "WriteTransform", fail)
+    with pytest.raises(TumorSegError, match="cannot write the transform") as info:
+        register_files(fixed_path, moving_path, out, transform_out=tmp_path / "t.tfm", threads=2)
+    assert str(tmp_path / "t.tfm") in str(info.value)
+    assert out.read_bytes() == b"earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fixed_t2.nii.gz",
+        "moving_flair.nii.gz",
+        "out.nii.gz",
+    ]
+
+
+def test_a_tiny_field_of_view_is_a_clear_error(tcga):
+    """A 4-voxel scan used to shrink to no voxel in the registration pyramid (an ITK
+    "zero-valued spacing" traceback)."""
+    tiny = _small(np.arange(64, dtype=np.float32).reshape(4, 4, 4), name="tiny")
+    with pytest.raises(TumorSegError, match="tiny"):
+        register(tcga.scans["t1ce"], tiny)
+
+
+def test_simpleitk_errors_become_one_line_messages_naming_the_scan(tcga):
+    from napari_tumorseg.core.registration import _registration_error
+
+    error = RuntimeError(
+        "Exception thrown in SimpleITK ImageRegistrationMethod_Execute: /x/itkImageBase.hxx:77:\n"
+        "ITK ERROR: Image(0x7f9b): Zero-valued spacing is not supported\nRefusing to change"
+    )
+    converted = _registration_error(error, tcga.scans["t2"], tcga.scans["t1ce"])
+    assert isinstance(converted, TumorSegError)
+    assert "Zero-valued spacing is not supported" in str(converted)
+    assert "TCGA-FG-6692_t2_raw.nii.gz" in str(converted) and "\n" not in str(converted)
+    other = ValueError("a bug")
+    assert _registration_error(other, tcga.scans["t2"], tcga.scans["t1ce"]) is other
+
+
 def test_raw_clinical_exam_overlaps_its_reference_better(tcga):
     fixed = tcga.scans["t1ce"]
     for seq in ("t1", "t2", "flair"):

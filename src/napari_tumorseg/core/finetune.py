@@ -30,6 +30,7 @@ the generator finished, so a cancelled or failed fine-tune leaves every model fi
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -273,6 +274,10 @@ def finetune(
         raise TumorSegError(f"unknown fine-tuning mode {mode!r}; use {list(MODES)}")
     if seconds is None and steps is None:
         raise TumorSegError("give a time (seconds) or step budget")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise TumorSegError(f"the time budget must be a positive number of seconds, not {seconds}")
+    if steps is not None and steps < 1:
+        raise TumorSegError(f"the step budget must be at least 1 step, not {steps}")
     reference = exam.reference
     if labels.shape != reference.spatial_shape:
         raise TumorSegError(

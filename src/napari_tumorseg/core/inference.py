@@ -682,9 +682,10 @@ def slice_inference(
 ) -> Generator[InferenceProgress, None, np.ndarray]:
     """Slice-by-slice inference of a 2D network over the axial slices of a (C, z, y, x) image.
 
-    Each slice is zero-padded (symmetrically) in Y and X to a multiple of ``network.divisor``,
-    slices run in batches, and the outputs are cropped back and re-stacked. A generator like
-    `sliding_window`: each event's ``box`` is the slab of slices just finished.
+    Each slice is zero-padded (symmetrically) in Y and X to a multiple of ``network.divisor``
+    (at least two of them), slices run in batches, and the outputs are cropped back and
+    re-stacked. A generator like `sliding_window`: each event's ``box`` is the slab of slices
+    just finished.
 
     Parameters
     ----------
@@ -711,7 +712,8 @@ def slice_inference(
         raise ValueError(f"slice inference needs a (C, z, y, x) image, got {tuple(data.shape)}")
     depth, height, width = data.shape[1:]
     divisor = int(getattr(network, "divisor", 1))
-    pad_y, pad_x = (-height) % divisor, (-width) % divisor
+    # At least two divisors wide: instance norm needs more than one voxel at the deepest level.
+    pad_y, pad_x = (max(-(-n // divisor), 2) * divisor - n for n in (height, width))
     # F.pad order: last axis first, (before, after).
     padding = (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2)
     inside = (

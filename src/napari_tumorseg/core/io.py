@@ -244,6 +244,18 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
     return Volume.from_nifti(image, data, name=name, path=path)
 
 
+def read_scan(path: str | Path) -> Volume:
+    """`read_volume` of a file that must be a scan: a label map or a mask given as one (a BraTS
+    segmentation saved under a sequence's name) is refused instead of being segmented."""
+    volume = read_volume(path, kind="scan")
+    if _looks_like_labels(volume.array):
+        values = ", ".join(str(v) for v in np.unique(volume.array).tolist())
+        raise TumorSegError(
+            f"holds only the values {values}: a label map or mask, not a scan", path
+        )
+    return volume
+
+
 def _looks_like_labels(data: np.ndarray) -> bool:
     if not np.issubdtype(data.dtype, np.integer):
         return False
@@ -351,10 +363,12 @@ def read_exam(
                 raise TumorSegError(f"two {seq} scans given ({files[seq]} and {path})", path)
             files[seq] = path
     if not files:
+        if labels is not None:
+            raise TumorSegError("no scan given: this file is a label map (by its name)", labels)
         raise TumorSegError("no scan given")
     exam = Exam(skipped=skipped)
     for seq, path in files.items():
-        exam.scans[seq] = read_volume(path, kind="scan")
+        exam.scans[seq] = read_scan(path)
         exam.scans[seq].name = seq
     exam.name = case_name(next(iter(files.values())))
     if labels is not None:
@@ -401,12 +415,103 @@ def _umask() -> int:
     return umask
 
 
-def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) -> Path:
+def check_output_path(path: str | Path, nifti: bool = True) -> Path:
+    """``path`` if an output can be written there, else a `TumorSegError` naming it.
+
+    Called before any work, so that a run of minutes does not end in "cannot write": the name
+    must be a NIfTI name (``nifti``), not an existing folder, and the nearest existing folder
+    above it writable (missing folders are created when the file is written).
+    """
+    path = Path(path)
+    if nifti and not is_nifti_path(path):
+        raise TumorSegError("output must end in .nii or .nii.gz", path)
+    if path.is_dir():
+        raise TumorSegError("is a folder: give a file name for the output", path)
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TumorSegError(f"cannot be written: {parent} is a file, not a folder", path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TumorSegError(f"cannot be written: no permission to write in {parent}", path)
+    return path
+
+
+def _write_error(exc: OSError, path: Path) -> TumorSegError:
+    return TumorSegError(f"cannot be written ({exc.strerror or exc})", path)
+
+
+class OutputFiles:
+    """Files written as one output: each is written to a temporary file beside its target, and
+    only when every one was written are they renamed over their targets.
+
+    A failure in between (a full disk, a folder without write permission, an error in the
+    next step) leaves every target as it was -- an existing label map is never replaced while
+    its probability map, or a registration's transform, could not be written::
+
+        with OutputFiles() as outputs:
+            write_labels(out, labels, like, outputs=outputs)
+            write_volume(prob_out, probabilities, like, outputs=outputs)
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    def stage(self, path: str | Path) -> Path:
+        """A new temporary file beside ``path`` (same suffix) to write ``path``'s content to."""
+        path = Path(path)
+        suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        except OSError as exc:
+            raise _write_error(exc, path) from None
+        os.close(fd)
+        self._staged.append((Path(tmp), path))
+        return Path(tmp)
+
+    def commit(self) -> None:
+        """Rename every staged file over its target."""
+        staged, self._staged = self._staged, []
+        try:
+            for tmp, path in staged:
+                # mkstemp creates the file readable by its owner only; the rename would keep that.
+                os.chmod(tmp, creation_mode(path))
+                os.replace(tmp, path)
+        except OSError as exc:
+            self._staged = staged
+            self.discard()
+            raise _write_error(exc, path) from None
+
+    def discard(self) -> None:
+        """Delete the staged files that were not renamed; the targets stay as they were."""
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._staged = []
+
+    def __enter__(self) -> OutputFiles:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_volume(
+    path: str | Path,
+    array: np.ndarray,
+    like: Volume,
+    dtype=None,
+    outputs: OutputFiles | None = None,
+) -> Path:
     """Write a (Z, Y, X) or (C, Z, Y, X) array in the geometry of ``like`` (its source file's
     grid; channels become the 4th NIfTI dimension), atomically.
 
     The file is first written next to the target and then renamed over it, so an existing file is
-    never left half-written.
+    never left half-written; with ``outputs`` the rename waits for the other files of the same
+    output (`OutputFiles`).
     """
     path = Path(path)
     if not is_nifti_path(path):
@@ -417,24 +522,22 @@ def write_volume(path: str | Path, array: np.ndarray, like: Volume, dtype=None) 
             f"({like.spatial_shape})",
             path,
         )
+    if outputs is None:
+        with OutputFiles() as outputs:
+            return write_volume(path, array, like, dtype=dtype, outputs=outputs)
     image = like.to_nifti(array, dtype=dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = outputs.stage(path)
     try:
         nib.save(image, tmp)
-        # mkstemp creates the file readable by its owner only; the rename would keep that.
-        os.chmod(tmp, creation_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise _write_error(exc, path) from None
     return path
 
 
-def write_labels(path: str | Path, labels: np.ndarray, like: Volume) -> Path:
+def write_labels(
+    path: str | Path, labels: np.ndarray, like: Volume, outputs: OutputFiles | None = None
+) -> Path:
     """Write a BraTS label map (Z, Y, X) in the geometry of the scan ``like`` (`write_volume`)."""
     labels = np.asarray(labels)
     dtype = np.uint8 if labels.min(initial=0) >= 0 and labels.max(initial=0) < 256 else np.int32
-    return write_volume(path, labels, like, dtype=dtype)
+    return write_volume(path, labels, like, dtype=dtype, outputs=outputs)

@@ -105,6 +105,11 @@ def _read_card(folder: Path) -> dict:
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise TumorSegError(f"model card lacks {missing}", folder / CARD_FILE)
+    if card["spatial_dims"] not in (2, 3):
+        raise TumorSegError(
+            f"model card says spatial_dims={card['spatial_dims']!r}; expected 2 or 3",
+            folder / CARD_FILE,
+        )
     return card
 
 
@@ -134,7 +139,8 @@ def model_folder(name: str) -> Path:
             )
         return folder
     base, _, version = name.partition("@")
-    versions = _user_versions(base)
+    # A name, never a path: "../x" or "/abs/x" would leave the user models folder.
+    versions = [] if any(c in base for c in "/\\") or base.startswith(".") else _user_versions(base)
     if not versions:
         known = ", ".join([*BUNDLED, *(m["label"] for m in list_models() if m.get("parent"))])
         raise TumorSegError(f"no model named {name!r}; known models: {known}")
@@ -158,8 +164,13 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
     """
     folder = model_folder(name)
     card = _read_card(folder)
-    with torch.device("meta"):  # no random initialisation: the weights replace it
-        network = build_network(card["architecture"])
+    try:
+        with torch.device("meta"):  # no random initialisation: the weights replace it
+            network = build_network(card["architecture"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TumorSegError(
+            f"the card's architecture cannot be built ({_one_line(exc)})", folder / CARD_FILE
+        ) from None
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -171,11 +182,18 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
         network.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise TumorSegError(
-            f"weights do not fit the card's architecture ({exc})", folder / WEIGHTS_FILE
+            f"weights do not fit the card's architecture ({_one_line(exc)})", folder / WEIGHTS_FILE
         ) from None
     network.to(device).eval()
     head = _load_head(folder, card["exam_head"]) if card.get("exam_head") else None
     return TumorModel(network=network, card=card, path=folder, head=head)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut at ``limit`` characters (torch's state-dict
+    errors list every mismatched tensor on its own line)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_head(folder: Path, entry) -> torch.nn.Module:
@@ -245,11 +263,22 @@ def save_model(
     return folder
 
 
+#: Longest user model name: a folder name, well within every file system's limit.
+MAX_NAME = 100
+
+
 def check_model_name(name: str) -> str:
     """``name`` if it can name a user model, else a `TumorSegError` saying why."""
-    if not name or any(c in name for c in "/\\@") or name in BUNDLED or name.startswith("."):
+    if (
+        not name
+        or any(c in name for c in "/\\@")
+        or name in BUNDLED
+        or name.startswith(".")
+        or len(name) > MAX_NAME
+    ):
         raise TumorSegError(
-            f"{name!r} is not a valid model name (no / \\ @, not starting with '.'; not 3d or 2d)"
+            f"{name!r} is not a valid model name (at most {MAX_NAME} characters, no / \\ @, not "
+            "starting with '.'; not 3d or 2d)"
         )
     return name
 

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import TumorSegError
-from .io import SEQUENCES, is_nifti_path, read_volume, write_volume
+from .io import SEQUENCES, OutputFiles, check_output_path, read_scan, write_volume
 from .jobs import map_events, run_to_end
 from .volume import Volume
 
@@ -487,7 +487,10 @@ def _pyramid_level(image: sitk.Image, shrink: float, sigma_mm: float) -> sitk.Im
     """
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     target = shrink * spacing.min()
-    factors = [max(1, int(round(target / s))) for s in spacing]
+    # An axis keeps at least 2 voxels (a small field of view would otherwise shrink to none).
+    factors = [
+        max(1, min(int(round(target / s)), n // 2)) for s, n in zip(spacing, image.GetSize())
+    ]
     if max(factors) > 1:
         image = sitk.BinShrink(image, factors)
     if sigma_mm > 0:
@@ -736,6 +739,13 @@ def _registration_error(exc: BaseException, moving: Volume, fixed: Volume) -> Ba
             "optimisation (the scans barely share a field of view, or start too far apart)",
             _where(moving),
         )
+    if isinstance(exc, RuntimeError) and "ITK" in text:  # SimpleITK's own errors
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if "ITK ERROR" in line), lines[-1])
+        detail = detail.rsplit("): ", 1)[-1]
+        return TumorSegError(
+            f"registration to {_where(fixed)} failed in SimpleITK ({detail[:160]})", _where(moving)
+        )
     return exc
 
 
@@ -857,30 +867,38 @@ def register_files(
     -------
     RegistrationResult
     """
-    if not is_nifti_path(out_path):
-        raise TumorSegError("output must end in .nii or .nii.gz", out_path)
-    if transform_out is not None and Path(transform_out).suffix.lower() not in _TRANSFORM_SUFFIXES:
-        raise TumorSegError(
-            f"unknown transform file type; use one of {', '.join(_TRANSFORM_SUFFIXES)}",
-            transform_out,
-        )
-    fixed = read_volume(fixed_path, kind="scan")
-    moving = read_volume(moving_path, kind="scan")
+    check_output_path(out_path)
+    if transform_out is not None:
+        check_output_path(transform_out, nifti=False)
+        if Path(transform_out).suffix.lower() not in _TRANSFORM_SUFFIXES:
+            raise TumorSegError(
+                f"unknown transform file type; use one of {', '.join(_TRANSFORM_SUFFIXES)}",
+                transform_out,
+            )
+    outputs = [Path(p) for p in (out_path, transform_out) if p is not None]
+    inputs = {Path(p).resolve() for p in (fixed_path, moving_path)}
+    for path in outputs:
+        if path.resolve() in inputs:
+            raise TumorSegError("is one of the input scans: choose another output", path)
+    if len({p.resolve() for p in outputs}) < len(outputs):
+        raise TumorSegError("two outputs would be written to the same file", out_path)
+    fixed = read_scan(fixed_path)
+    moving = read_scan(moving_path)
     result = register(fixed, moving, transform=transform, **kwargs)
     array = result.moved.array
     dtype = moving.array.dtype
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         array = np.clip(np.rint(array), info.min, info.max).astype(dtype)
-    write_volume(out_path, array, like=fixed)
-    if transform_out is not None:
-        path = Path(transform_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            sitk.WriteTransform(result.transform, str(path))
-        except RuntimeError as exc:
-            raise TumorSegError(
-                f"cannot write the transform ({str(exc).strip().splitlines()[-1][:160]})",
-                path,
-            ) from None
+    # Both files or neither: an existing --out is not replaced when the transform fails.
+    with OutputFiles() as files:
+        write_volume(out_path, array, like=fixed, outputs=files)
+        if transform_out is not None:
+            try:
+                sitk.WriteTransform(result.transform, str(files.stage(transform_out)))
+            except RuntimeError as exc:
+                raise TumorSegError(
+                    f"cannot write the transform ({str(exc).strip().splitlines()[-1][:160]})",
+                    transform_out,
+                ) from None
     return result
