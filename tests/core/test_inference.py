@@ -29,7 +29,7 @@ from napari_tumorseg.core.models import TumorModel
 from napari_tumorseg.core.unet import UNet
 from napari_tumorseg.core.volume import Volume
 
-from ..conftest import BRATS
+from ..conftest import BRATS, TCGA_RAW
 
 monai_utils = pytest.importorskip("monai.data.utils")
 from monai.inferers import sliding_window_inference  # noqa: E402
@@ -513,6 +513,11 @@ def test_exam_to_channels_checks_the_grid():
     shifted = Volume(base.array[2], base.affine @ np.diag([2.0, 1, 1, 1]), name="t2")
     with pytest.raises(TumorSegError, match=r"t2 \(.*\) does not lie on the grid of t1"):
         exam_to_channels(Exam(scans={"t1": t1, "t2": shifted}))
+    # Scans read from files are named by their files too.
+    with pytest.raises(TumorSegError) as info:
+        exam_to_channels(read_exam(TCGA_RAW))
+    assert "t2 (TCGA-FG-6692_t2_raw.nii.gz)" in str(info.value)
+    assert "grid of t1 (TCGA-FG-6692_t1_raw.nii.gz)" in str(info.value)
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import nullcontext
 from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -856,9 +857,9 @@ def check_one_grid(exam: Exam) -> Volume:
     if not exam.scans:
         raise TumorSegError("the exam holds no scan")
     reference = exam.reference
-    ref_name = reference.name or next(iter(exam.scans))
+    ref_name = _scan_text(reference.name or next(iter(exam.scans)), reference)
     others = [
-        f"{name} ({_grid_text(scan)})"
+        f"{_scan_text(name, scan)} ({_grid_text(scan)})"
         for name, scan in exam.scans.items()
         if not scan.same_grid(reference)
     ]
@@ -869,6 +870,12 @@ def check_one_grid(exam: Exam) -> Volume:
             "(the Register sequences dock, or tumorseg segment --register)"
         )
     return reference
+
+
+def _scan_text(name: str, volume: Volume) -> str:
+    """``flair`` or, for a scan read from a file, ``flair (case_flair.nii.gz)``."""
+    path = volume.source.path if volume.source is not None else None
+    return name if path is None else f"{name} ({Path(path).name})"
 
 
 def _grid_text(volume: Volume) -> str:
