@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.errors import TumorSegError
 from .core.io import BRATS_LABELS
 from .core.volume import SourceGeometry, Volume
 
@@ -54,8 +55,21 @@ def volume_from_layer(data: np.ndarray, attributes: dict, name: str = "") -> Vol
     return Volume(np.asarray(data), affine, name)
 
 
+def is_volume_layer(layer, kind: str) -> bool:
+    """Whether ``layer`` is a 3D (Z, Y, X) ``kind`` ("image" or "labels") layer -- what the
+    docks can measure, segment or register (not a 2D picture, a 4D stack or an RGB image)."""
+    return layer._type_string == kind and layer.ndim == 3 and not getattr(layer, "rgb", False)
+
+
 def layer_volume(layer) -> Volume:
-    """The Volume (array + geometry) behind a napari image or labels layer."""
+    """The Volume (array + geometry) behind a 3D napari image or labels layer; a
+    `TumorSegError` naming the layer for any other."""
+    if layer.ndim != 3 or getattr(layer, "rgb", False):
+        shape = "x".join(map(str, np.shape(layer.data)))
+        raise TumorSegError(
+            f"layer {layer.name!r} ({shape}{', RGB' if getattr(layer, 'rgb', False) else ''}) "
+            "is not a 3D (Z, Y, X) scan or label map"
+        )
     attributes = {
         "metadata": layer.metadata,
         "scale": layer.scale,

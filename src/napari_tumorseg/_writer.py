@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ._layers import META_KEY, layer_volume, volume_from_layer
+from .core.errors import TumorSegError
 from .core.io import to_brats_labels, write_labels
 from .core.volume import Volume
 
@@ -21,26 +24,43 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     return [str(save_labels(path, volume_from_layer(data, attributes, name), name))]
 
 
-def save_labels(path, like: Volume, name: str, viewer=None):
+def save_labels(path, like: Volume, name: str, viewer=None, outputs=None):
     """Write a labels layer's Volume as NIfTI; every path that saves a mask goes through here.
 
     A layer made in napari (e.g. "New labels layer", which copies a scan's transform but not
     its metadata) has no source file: it takes the header of an open scan on the same grid, so
     the mask is written voxel for voxel like that scan (contract 2.1), not in our LPS order.
     Values the reader would refuse (napari's "new label" button picks 5, 6, ...) are refused
-    before a file that could not be opened again is written; the layer stays as it is.
+    before a file that could not be opened again is written; the layer stays as it is. So is
+    the file of an open scan: a mask saved over the scan it was drawn on would lose the scan.
+    ``outputs`` (`core.io.OutputFiles`): written together with that output's other files.
     """
-    if like.source is None:
-        if viewer is None:
-            import napari
+    if viewer is None:
+        import napari
 
-            viewer = napari.current_viewer()
-        for layer in [] if viewer is None else viewer.layers:
-            if layer.metadata.get(META_KEY, {}).get("source_header") is None:
-                continue
+        viewer = napari.current_viewer()
+    scans = (
+        []
+        if viewer is None
+        else [
+            layer
+            for layer in viewer.layers
+            if layer.metadata.get(META_KEY, {}).get("source_header") is not None
+        ]
+    )
+    target = Path(path).resolve()
+    for layer in scans:
+        source = layer.metadata[META_KEY].get("source_path")
+        if layer._type_string == "image" and source and Path(source).resolve() == target:
+            raise TumorSegError(
+                f"is the file of the open scan {layer.name!r}: choose another name for the mask",
+                path,
+            )
+    if like.source is None:
+        for layer in scans:
             scan = layer_volume(layer)
             if scan.same_grid(like):
                 like.source = scan.source
                 break
     labels = to_brats_labels(np.asarray(like.array), f"layer {name!r}")
-    return write_labels(path, labels, like)
+    return write_labels(path, labels, like, outputs=outputs)

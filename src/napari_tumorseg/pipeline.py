@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from .core.io import (
     Exam,
     OutputFiles,
     check_output_path,
-    creation_mode,
     read_exam,
     write_labels,
     write_volume,
@@ -61,16 +59,9 @@ def thresholds_text(thresholds) -> str:
     return " / ".join(f"{r} {float(t):g}" for r, t in zip(REGIONS, thresholds))
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, creation_mode(path))  # a replaced report keeps its permissions
-    tmp.replace(path)
-    return path
-
-
-def write_report(base: Path, report: dict) -> list[Path]:
-    """Write ``report`` as ``base.json`` and as a one-row ``base.csv``, atomically."""
+def write_report(base: Path, report: dict, outputs: OutputFiles | None = None) -> list[Path]:
+    """Write ``report`` as ``base.json`` and as a one-row ``base.csv`` (UTF-8), atomically and
+    together (with ``outputs``: together with that output's other files, e.g. the mask)."""
     flat = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     flat.update({f"{k}_ml": v for k, v in report["volumes_ml"].items()})
     span = report.get("tumour_slices_z")
@@ -81,11 +72,17 @@ def write_report(base: Path, report: dict) -> list[Path]:
     writer = csv.DictWriter(buffer, fieldnames=list(flat))
     writer.writeheader()
     writer.writerow(flat)
-    json_path, csv_path = report_paths(base)
-    return [
-        _atomic_write_text(json_path, json.dumps(report, indent=2)),
-        _atomic_write_text(csv_path, buffer.getvalue()),
-    ]
+    if outputs is None:
+        with OutputFiles() as outputs:
+            return write_report(base, report, outputs)
+    written = []
+    for path, text in zip(report_paths(base), (json.dumps(report, indent=2), buffer.getvalue())):
+        try:
+            outputs.stage(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise TumorSegError(f"cannot be written ({exc.strerror or exc})", path) from None
+        written.append(path)
+    return written
 
 
 def report_paths(base: Path) -> tuple[Path, Path]:

@@ -167,3 +167,15 @@ def test_an_empty_budget_is_refused_not_saved_as_a_new_version(exam, budget, mat
     with pytest.raises(TumorSegError, match=match):
         next(finetune_and_save(model, exam, labels, edited, name="mine", **budget))
     assert load_model("mine").card["version"] == 1  # no new version
+
+
+def test_a_new_version_never_replaces_a_folder_it_did_not_make():
+    """The version number is claimed with an exclusive mkdir: a folder already there (a save
+    running at the same time elsewhere, or a leftover without a card) is skipped, not replaced."""
+    assert make_tiny_model("mine") == "mine@v1"
+    stray = user_models_dir() / "mine" / "v2"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("keep")
+    assert make_tiny_model("mine") == "mine@v3"
+    assert (stray / "notes.txt").read_text() == "keep"
+    assert load_model("mine").card["version"] == 3

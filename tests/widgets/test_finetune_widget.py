@@ -113,3 +113,24 @@ def test_finetune_without_corrections_is_refused(make_napari_viewer, tiny_model,
     viewer.open(str(BRATS), plugin="napari-tumorseg")
     widget = SegmentWidget(viewer)
     assert widget.finetune() is None
+
+
+def test_label_values_outside_the_brats_convention_are_refused_naming_the_layer(
+    corrected_dock, qtbot
+):
+    """napari's "new label" button paints 5: fine-tuning would learn it as background."""
+    viewer, widget, labels = corrected_dock
+    root = user_models_dir()
+    before = _digest(root)
+    labels.data_setitem((np.array([85]), np.array([120]), np.array([120])), 5)
+    warnings = []
+    import napari_tumorseg.widgets.segment as segment_module
+
+    original = segment_module.show_warning
+    segment_module.show_warning = warnings.append
+    try:
+        assert widget.finetune() is None
+    finally:
+        segment_module.show_warning = original
+    assert len(warnings) == 1 and labels.name in warnings[0] and "values 5" in warnings[0]
+    assert _digest(root) == before

@@ -1,6 +1,7 @@
 """The "Tumour volumes" dock: live volumes, evaluation, saving without losing files."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -99,3 +100,49 @@ def test_a_segmentations_report_says_which_thresholds_made_it(viewer_and_dock, t
     report = json.loads((tmp_path / "seg_report.json").read_text())
     assert report["thresholds"] == "WT 0.5 / TC 0.65 / ET 0.5" and report["model"] == "3d"
     assert "WT 0.5 / TC 0.65 / ET 0.5" in (tmp_path / "seg_report.csv").read_text()
+
+
+def test_a_failed_save_leaves_the_earlier_mask_and_report_as_they_were(viewer_and_dock, tmp_path):
+    viewer, widget = viewer_and_dock
+    target = tmp_path / "mask.nii.gz"
+    target.write_bytes(b"the mask saved yesterday")
+    (tmp_path / "mask_report.json").mkdir()  # the report cannot be written
+    assert widget.save(target, confirm_overwrite=lambda paths: True) == []
+    assert target.read_bytes() == b"the mask saved yesterday"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "mask_report.json"]
+
+
+def test_a_mask_is_never_saved_over_an_open_scan(make_napari_viewer, tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(BRATS, case)
+    viewer = make_napari_viewer()
+    viewer.open(str(case), plugin="napari-tumorseg")
+    widget = MeasureWidget(viewer)
+    flair = next(case.glob("*_flair.nii.gz"))
+    before = flair.read_bytes()
+    assert widget.save(flair, confirm_overwrite=lambda paths: True) == []
+    assert flair.read_bytes() == before
+    # napari's own File > Save Selected Layers goes through the same writer.
+    from napari_tumorseg._layers import layer_volume
+    from napari_tumorseg._writer import save_labels
+    from napari_tumorseg.core.errors import TumorSegError
+
+    labels = viewer.layers[-1]
+    with pytest.raises(TumorSegError, match="is the file of the open scan"):
+        save_labels(flair, layer_volume(labels), labels.name, viewer)
+    assert flair.read_bytes() == before
+    # Saving an opened label map back over its own file stays possible.
+    seg = next(case.glob("*_seg.nii.gz"))
+    assert save_labels(seg, layer_volume(labels), labels.name, viewer) == seg
+
+
+def test_layers_that_are_not_3d_maps_are_not_offered(viewer_and_dock):
+    """A 2D labels layer used to raise from inside napari's layer-inserted event."""
+    viewer, widget = viewer_and_dock
+    flat = viewer.add_labels(np.zeros((20, 20), np.uint8), name="sketch")
+    assert flat.name not in [widget.layer_box.itemText(i) for i in range(widget.layer_box.count())]
+    from napari_tumorseg._layers import layer_volume
+    from napari_tumorseg.core.errors import TumorSegError
+
+    with pytest.raises(TumorSegError, match="'sketch' .20x20. is not a 3D"):
+        layer_volume(flat)

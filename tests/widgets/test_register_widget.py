@@ -24,6 +24,17 @@ def test_pickers_are_filled_from_layer_names(make_napari_viewer):
     }
 
 
+def test_pickers_follow_a_renamed_layer_and_skip_rgb_images(make_napari_viewer):
+    """A renamed layer stayed in the boxes under its old name and was left out of the run."""
+    viewer, widget = _raw_exam(make_napari_viewer)
+    viewer.layers["t2 (raw)"].name = "t2 axial"
+    assert widget.pickers.boxes["t2"].currentText() == "t2 axial"
+    assert set(widget.pickers.selected_layers()) == {"t1", "t1ce", "t2", "flair"}
+    viewer.add_image(np.zeros((8, 8, 8, 3), np.uint8), name="flair photo", rgb=True)
+    names = [widget.pickers.boxes["flair"].itemText(i) for i in range(5)]
+    assert "flair photo" not in names
+
+
 def test_registers_the_raw_exam_into_new_layers(make_napari_viewer, qtbot):
     viewer, widget = _raw_exam(make_napari_viewer)
     before = {layer.name: (layer.data.copy(), tuple(layer.translate)) for layer in viewer.layers}

@@ -166,9 +166,20 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     labels.undo()
     np.testing.assert_array_equal(labels.data, before)
 
-    # Uncertainty layer and the next uncertain slice.
+    # Uncertainty layer and the next uncertain slice; a layer the user opened under that
+    # name is neither refilled nor removed.
+    mine = viewer.add_image(np.ones((4, 5, 6), np.float32), name=UNCERTAINTY)
     review.show_uncertainty()
-    assert UNCERTAINTY in viewer.layers
+    assert mine in viewer.layers and np.all(mine.data == 1)
+    ours = viewer.layers[f"{UNCERTAINTY} [1]"]
+    review.show_uncertainty()  # refreshed in place, not a third layer
+    assert [layer.name for layer in viewer.layers if UNCERTAINTY in layer.name] == [
+        UNCERTAINTY,
+        ours.name,
+    ]
+    viewer.layers.remove(mine)
+    assert UNCERTAINTY not in viewer.layers
+    ours.name = UNCERTAINTY
     if review._slice_order:
         z = review.next_uncertain_slice()
         world = viewer.layers[UNCERTAINTY].data_to_world((z, 0, 0))

@@ -473,6 +473,11 @@ class OutputFiles:
     def commit(self) -> None:
         """Rename every staged file over its target."""
         staged, self._staged = self._staged, []
+        folders = [path for _, path in staged if path.is_dir()]
+        if folders:  # the one failure a rename would meet halfway through: check before any
+            self._staged = staged
+            self.discard()
+            raise TumorSegError("is a folder: give a file name for the output", folders[0])
         try:
             for tmp, path in staged:
                 # mkstemp creates the file readable by its owner only; the rename would keep that.

@@ -13,6 +13,7 @@ Nothing is unpickled: weights are safetensors, the card is JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -288,10 +289,25 @@ def save_user_model(
 ) -> Path:
     """Save a new version of user model ``name``; returns its folder (``.../name/v<k>``)."""
     check_model_name(name)
+    base = user_models_dir() / name
+    base.mkdir(parents=True, exist_ok=True)
     versions = _user_versions(name)
     version = int(versions[-1].name[1:]) + 1 if versions else 1
-    card = {**card, "name": name, "version": version}
-    return save_model(network, card, user_models_dir() / name / f"v{version}", head=head)
+    while True:
+        folder = base / f"v{version}"
+        try:
+            # Claims the number: a version saved at the same time (another viewer, the CLI)
+            # or a leftover folder without a card takes the next one instead of being replaced.
+            folder.mkdir()
+            break
+        except FileExistsError:
+            version += 1
+    try:
+        return save_model(network, {**card, "name": name, "version": version}, folder, head=head)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # the empty claim; save_model replaces it only once complete
+        raise
 
 
 def list_models(problems: list[str] | None = None) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox, QFormLayout
 
-from .._layers import layer_sequence, layer_volume
+from .._layers import is_volume_layer, layer_sequence, layer_volume
 from ..core.io import SEQUENCES
 
 NONE = "(none)"
@@ -25,16 +25,23 @@ class SequencePickers:
         self.boxes = {seq: QComboBox() for seq in SEQUENCES}
         for seq, box in self.boxes.items():
             form.addRow(seq, box)
-        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.inserted.connect(self._inserted)
         viewer.layers.events.removed.connect(self.refresh)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.refresh()
+
+    def _inserted(self, event) -> None:
+        # A renamed layer would otherwise stay in the boxes under its old name, and be left
+        # out of the run without a word.
+        event.value.events.name.connect(self.refresh)
         self.refresh()
 
     def _candidates(self) -> list:
         return [
             layer
             for layer in self.viewer.layers
-            if layer._type_string == "image"
-            and layer.ndim == 3
+            if is_volume_layer(layer, "image")
             and layer_sequence(layer) is not None
             and not (self.exclude and self.exclude in layer.name)
         ]

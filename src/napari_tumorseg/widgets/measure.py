@@ -21,10 +21,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, edit_depth, layer_volume
+from .._layers import META_KEY, edit_depth, is_volume_layer, layer_volume
 from .._writer import save_labels
 from ..core.errors import TumorSegError
-from ..core.io import REGIONS
+from ..core.io import REGIONS, OutputFiles
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from ..pipeline import label_map_report, report_paths, thresholds_text, write_report
 from .review import thresholds_in_force
@@ -93,7 +93,7 @@ class MeasureWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _labels_names(self) -> list[str]:
-        return [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
+        return [layer.name for layer in self.viewer.layers if is_volume_layer(layer, "labels")]
 
     def _refresh_choices(self, event=None) -> None:
         names = self._labels_names()
@@ -221,7 +221,6 @@ class MeasureWidget(QWidget):
         made = meta.get("model_labels") is not None
         thresholds = thresholds_text(thresholds_in_force(self._layer)) if made else None
         try:
-            written = [save_labels(path, volume, self._layer.name, self.viewer)]
             report = label_map_report(
                 np.asarray(volume.array),
                 volume.voxel_volume_ml,
@@ -233,7 +232,11 @@ class MeasureWidget(QWidget):
                 reference=self._scored_reference if self.scores else None,
                 metrics=self.scores,
             )
-            written += write_report(report_base, report)
+            # The mask and its report replace earlier files together or not at all: a report
+            # beside a mask it does not describe would be worse than the old pair.
+            with OutputFiles() as outputs:
+                written = [save_labels(path, volume, self._layer.name, self.viewer, outputs)]
+                written += write_report(report_base, report, outputs)
         except (TumorSegError, OSError) as exc:
             show_error(f"Save mask: {exc}")
             return []

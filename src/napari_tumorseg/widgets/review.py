@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, edit_history, layer_volume
+from .._layers import META_KEY, edit_history, is_volume_layer, layer_volume
 from ..core.inference import card_labels, region_thresholds
 from ..core.io import REGIONS
 from ..core.postprocess import (
@@ -172,7 +172,7 @@ class ReviewWidget(QWidget):
     # ------------------------------------------------------------------ layers
     def _refresh_choices(self, event=None) -> None:
         current = shown = self.layer_box.currentText()
-        names = [layer.name for layer in self.viewer.layers if layer._type_string == "labels"]
+        names = [layer.name for layer in self.viewer.layers if is_volume_layer(layer, "labels")]
         inserted = event.value if getattr(event, "type", None) == "inserted" else None
         if _is_segmentation(inserted):
             # A new segmentation: the dock turns to it (staying on, say, the expert labels
@@ -292,7 +292,16 @@ class ReviewWidget(QWidget):
             return None
         uncertainty = entropy_map(prob)
         source = self.viewer.layers[probability_layer_name("WT")]
-        layer = self.viewer.layers[UNCERTAINTY] if UNCERTAINTY in self.viewer.layers else None
+        # Only a map this dock made is refreshed or replaced; a layer the user opened under
+        # the same name is left alone (napari names the new one "uncertainty [1]").
+        layer = next(
+            (
+                layer
+                for layer in self.viewer.layers
+                if layer.metadata.get(META_KEY, {}).get("role") == UNCERTAINTY
+            ),
+            None,
+        )
         if layer is not None and layer_volume(layer).same_grid(layer_volume(source)):
             layer.data = uncertainty
         else:
@@ -305,7 +314,7 @@ class ReviewWidget(QWidget):
                 blending="additive",
                 contrast_limits=(0.0, 1.0),
                 opacity=0.7,
-                metadata=source.metadata,
+                metadata={META_KEY: {**source.metadata[META_KEY], "role": UNCERTAINTY}},
                 scale=source.scale,
                 translate=source.translate,
                 rotate=source.rotate,

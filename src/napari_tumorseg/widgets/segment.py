@@ -26,7 +26,7 @@ from .._layers import META_KEY, geometry_metadata, labels_layer_data, layer_volu
 from ..core.errors import TumorSegError
 from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import check_one_grid, segment
-from ..core.io import REGIONS, SEQUENCES, Exam, case_name
+from ..core.io import REGIONS, SEQUENCES, Exam, case_name, to_brats_labels
 from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
@@ -210,7 +210,7 @@ class SegmentWidget(QWidget):
             on_yield=self._on_progress,
             on_return=self._on_done,
             on_cancel=self._discard_probability_layers,
-            on_fail=self._discard_probability_layers,
+            on_fail=partial(self._discard_probability_layers, "failed"),
             # One layer per event-loop turn (each add stalls the viewer); then the worker starts.
             prepare=[partial(self._add_probability_layer, grid, r) for r in REGIONS],
         )
@@ -250,7 +250,7 @@ class SegmentWidget(QWidget):
             )
         return {seq: self.viewer.layers[name] for seq, name in names.items()}
 
-    def _discard_probability_layers(self) -> None:
+    def _discard_probability_layers(self, outcome: str = "cancelled") -> None:
         self._after_finetune = None
         for region, layer in self._prob_layers.items():
             if region in self._reused:
@@ -259,7 +259,7 @@ class SegmentWidget(QWidget):
             elif layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
         self._prob_layers, self._reused = {}, {}
-        self.status.setText("cancelled: the layers are as they were before Run")
+        self.status.setText(f"{outcome}: the layers are as they were before Run")
 
     def _on_progress(self, item) -> None:
         event, preview = item
@@ -373,10 +373,12 @@ class SegmentWidget(QWidget):
             scans = self._scan_layers(meta.get("scan_layers"))
             exam = Exam(scans=volumes_of(scans), name=self._case_name(scans))
             check_one_grid(exam)  # same grid check as for segmenting
+            # Values outside the BraTS convention (napari's "new label" button paints 5, 6,
+            # ...) would be learnt as background: refused, naming the layer; 3 is read as 4.
+            corrected = to_brats_labels(np.asarray(layer.data), f"layer {layer.name!r}")
         except TumorSegError as exc:
             show_warning(f"Fine-tune: {exc}")
             return None
-        corrected = np.array(layer.data, copy=True)
         mode = "keep" if self.ft_mode.currentIndex() == 0 else "adapt"
         self._finetune_context = {
             "before": np.array(model_output(layer), copy=True),
