@@ -115,6 +115,28 @@ def test_oblique_raw_scan_round_trip(tmp_path, sequence):
     np.testing.assert_array_equal(again.affine, volume.affine)
 
 
+def test_written_maps_are_not_shown_with_the_scans_window_nor_as_time_series(tmp_path):
+    """A probability map took the FLAIR's time unit and repetition time (viewers showed WT,
+    TC and ET as time points 9 s apart), and a label map the scan's display window."""
+    path = TCGA_RAW / "TCGA-FG-6692_flair_raw.nii.gz"
+    image = nib.load(str(path))
+    image.header["cal_max"] = 1500.0
+    windowed = tmp_path / "windowed_flair.nii.gz"
+    nib.save(image, str(windowed))
+    scan = read_volume(windowed)
+    assert scan.source.header["pixdim"][4] == pytest.approx(9.0)
+    labels = nib.load(
+        str(write_labels(tmp_path / "m.nii.gz", np.zeros(scan.spatial_shape, np.uint8), scan))
+    )
+    assert labels.header["cal_max"] == 0 and labels.header["cal_min"] == 0
+    prob = np.zeros((3, *scan.spatial_shape), np.float32)
+    written = nib.load(str(write_volume(tmp_path / "p.nii.gz", prob, scan)))
+    assert written.shape == (*image.shape, 3)
+    assert written.header.get_xyzt_units() == ("mm", "unknown")
+    assert written.header["pixdim"][4] == 1.0 and written.header["cal_max"] == 0
+    np.testing.assert_array_equal(written.affine, image.affine)
+
+
 def test_brats2023_labels_3_mean_enhancing():
     labels = to_brats_labels(np.array([[[0, 1, 2, 3]]]))
     np.testing.assert_array_equal(labels, [[[0, 1, 2, 4]]])

@@ -202,6 +202,28 @@ def test_register_files_never_overwrites_an_input_nor_half_of_its_output(tmp_pat
     ]
 
 
+def test_a_transform_is_not_written_for_a_scan_itk_tools_place_elsewhere(tmp_path):
+    """qform and sform that disagree (FSL FLIRT outputs): this tool places the scan by its
+    sform, ITK tools by its qform -- the written transform would map the wrong space."""
+    import nibabel as nib
+
+    image = nib.load(str(TCGA_RAW / "TCGA-FG-6692_t2_raw.nii.gz"))
+    qform = image.affine.copy()
+    qform[:3, 3] += (20.0, 0.0, 0.0)
+    image.set_qform(qform, code=1)
+    image.set_sform(image.affine, code=2)
+    fixed = tmp_path / "flirted_t2.nii.gz"
+    nib.save(image, str(fixed))
+    with pytest.raises(TumorSegError, match="qform and sform place it 20.0 mm apart") as info:
+        register_files(
+            fixed,
+            TCGA_RAW / "TCGA-FG-6692_flair_raw.nii.gz",
+            tmp_path / "out.nii.gz",
+            transform_out=tmp_path / "t.tfm",
+        )
+    assert str(fixed) in str(info.value) and not (tmp_path / "out.nii.gz").exists()
+
+
 def test_a_tiny_field_of_view_is_a_clear_error(tcga):
     """A 4-voxel scan used to shrink to no voxel in the registration pyramid (an ITK
     "zero-valued spacing" traceback)."""

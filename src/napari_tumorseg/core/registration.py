@@ -729,6 +729,26 @@ def _method(
     return method
 
 
+def _check_itk_reads_the_same_space(volume: Volume, tolerance_mm: float = 0.1) -> None:
+    """Refuse a scan whose qform and sform place it differently (e.g. FSL FLIRT outputs): this
+    tool places it by its sform, SimpleITK and other ITK tools by its qform, so a transform
+    written for ITK tools would map the wrong space."""
+    header = volume.source.header if volume.source is not None else None
+    if header is None or int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * np.array(
+        [*np.asarray(header.get_data_shape()[:3]) - 1, 1.0]
+    )
+    apart = np.abs(corners @ (header.get_qform() - header.get_sform()).T)[:, :3].max()
+    if apart > tolerance_mm:
+        raise TumorSegError(
+            f"its qform and sform place it {apart:.1f} mm apart; ITK tools read one and this "
+            "tool the other, so a transform written for them would not apply: make the two "
+            "agree (e.g. fslorient -copysform2qform) or leave out --transform-out",
+            _where(volume),
+        )
+
+
 def _registration_error(exc: BaseException, moving: Volume, fixed: Volume) -> BaseException:
     text = str(exc)
     if isinstance(exc, RuntimeError) and (
@@ -884,6 +904,9 @@ def register_files(
         raise TumorSegError("two outputs would be written to the same file", out_path)
     fixed = read_scan(fixed_path)
     moving = read_scan(moving_path)
+    if transform_out is not None:
+        for volume in (fixed, moving):
+            _check_itk_reads_the_same_space(volume)
     result = register(fixed, moving, transform=transform, **kwargs)
     array = result.moved.array
     dtype = moving.array.dtype

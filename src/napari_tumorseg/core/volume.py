@@ -220,6 +220,13 @@ class Volume:
         header.set_data_dtype(data.dtype)
         header.set_slope_inter(None, None)
         header.set_data_shape(data.shape)
+        # The scan's display window would show labels 1-4 or probabilities as black: viewers
+        # choose their own (0 = unset).
+        header["cal_min"] = header["cal_max"] = 0
+        if data.ndim == 4:
+            # Channels (WT, TC, ET), not time points: no time unit or repetition time.
+            header.set_xyzt_units(xyz=header.get_xyzt_units()[0], t="unknown")
+            header["pixdim"][4] = 1.0
         # Keep the original header's qform and sform exactly (codes included).
         image = nib.Nifti1Image(np.asfortranarray(data), None, header=header)
         image.set_qform(header.get_qform(), int(header["qform_code"]))
