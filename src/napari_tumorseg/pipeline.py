@@ -207,6 +207,8 @@ def segment_exam(
     log(f"done in {result.seconds:.1f} s on {result.device} ({result.precision})")
     for note in result.notes:
         log(note)
+    for warning in result.warnings:
+        log(f"warning: {warning}")
     return result, written
 
 
@@ -275,6 +277,7 @@ def run_headless_demo(
         model=model,
         thresholds=thresholds_text(result.postprocess["thresholds"]),
         registered_to="t1ce",
+        warnings="; ".join(result.warnings),
     )
     written += write_report(out_dir / f"{raw.name}_report", report)
     return written

@@ -579,3 +579,16 @@ def test_2d_inference_of_a_small_field_of_view():
     image = np.random.default_rng(0).normal(size=(1, 3, 3, 3)).astype(np.float32)
     probabilities = run_to_end(inference.slice_inference(network, image))
     assert probabilities.shape == (3, 3, 3, 3) and np.isfinite(probabilities).all()
+
+
+def test_an_exam_with_the_skull_on_is_flagged(tiny_model):
+    """The bundled models were trained on skull-stripped brains: on a raw exam they mark
+    orbits, sinuses and scalp too, and the user is told so."""
+    from napari_tumorseg.core.models import load_model
+    from napari_tumorseg.core.preprocess import SKULL_ON_WARNING
+
+    model = load_model(tiny_model)
+    raw = read_exam([TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"])
+    assert run_to_end(segment(raw, model, device="cpu")).warnings == (SKULL_ON_WARNING,)
+    stripped = read_exam([BRATS / "Brats18_TCIA01_378_1_t1ce.nii.gz"])
+    assert run_to_end(segment(stripped, model, device="cpu")).warnings == ()

@@ -47,7 +47,7 @@ import torch
 from .errors import TumorSegError
 from .io import SEQUENCES, Exam
 from .postprocess import relabel_small_enhancing, remove_small_islands
-from .preprocess import Prepared, prepare
+from .preprocess import SKULL_ON_WARNING, Prepared, prepare, skull_stripped
 from .volume import Volume
 
 Box = tuple[slice, ...]
@@ -944,6 +944,8 @@ class SegmentationResult:
         The network's arithmetic there: "float32", "bfloat16 autocast" or "float16 autocast".
     notes : tuple of str
         What else the user should know (e.g. whether a model's exam head was applied).
+    warnings : tuple of str
+        What makes the map doubtful (e.g. an exam that is not skull-stripped).
     postprocess : dict
         The rules that made ``labels`` from ``probabilities`` (`card_labels`), with the
         per-region ``thresholds`` actually used: to redo the labels at other thresholds alike.
@@ -958,6 +960,7 @@ class SegmentationResult:
     precision: str = "float32"
     notes: tuple[str, ...] = ()
     postprocess: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 class _ModelToInput:
@@ -1105,9 +1108,9 @@ def segment(
     model_spacing = [float(s) for s in card["spacing_mm"]]
     if spatial_dims == 2:  # slice by slice: the exam's own slices, resampled in-plane only
         model_spacing = [float(channels.spacing[0]), *model_spacing[-2:]]
-    prepared = prepare(
-        array, channels.spacing, model_spacing, present=[SEQUENCES.index(s) for s in used]
-    )
+    present = [SEQUENCES.index(s) for s in used]
+    prepared = prepare(array, channels.spacing, model_spacing, present=present)
+    doubts = () if skull_stripped(array, present) else (SKULL_ON_WARNING,)
     mask = prepared.mask if restrict_to_brain else None
     to_input = _ModelToInput(prepared, mask)
     torch_device = select_device(device)
@@ -1164,7 +1167,6 @@ def segment(
     notes: tuple[str, ...] = ()
     rules = card.get("postprocess") if postprocess else None
     if getattr(model, "head", None) is not None:
-        present = [SEQUENCES.index(s) for s in used]
         probabilities, notes, applied = _apply_exam_head(
             model, channels, present, probabilities, overlap, tta
         )
@@ -1190,6 +1192,7 @@ def segment(
         precision=precision_label(last_device, precision),
         notes=notes,
         postprocess=rules,
+        warnings=doubts,
     )
 
 

@@ -349,6 +349,8 @@ class SegmentWidget(QWidget):
         text += "".join(f"; {note}" for note in result.notes)
         self.status.setText(text)
         show_info(f"Segmentation ready: {self.labels_layer.name}")
+        for warning in result.warnings:
+            show_warning(f"Segment tumour: {warning}")
         if self._after_finetune is not None:
             self._show_changes(self._after_finetune, result.labels.array)
             self._after_finetune = None
