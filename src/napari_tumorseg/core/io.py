@@ -415,6 +415,9 @@ def _umask() -> int:
     return umask
 
 
+_IS_A_FOLDER = "is a folder: give a file name for the output"
+
+
 def check_output_path(path: str | Path, nifti: bool = True) -> Path:
     """``path`` if an output can be written there, else a `TumorSegError` naming it.
 
@@ -426,7 +429,7 @@ def check_output_path(path: str | Path, nifti: bool = True) -> Path:
     if nifti and not is_nifti_path(path):
         raise TumorSegError("output must end in .nii or .nii.gz", path)
     if path.is_dir():
-        raise TumorSegError("is a folder: give a file name for the output", path)
+        raise TumorSegError(_IS_A_FOLDER, path)
     parent = path.absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -477,7 +480,7 @@ class OutputFiles:
         if folders:  # the one failure a rename would meet halfway through: check before any
             self._staged = staged
             self.discard()
-            raise TumorSegError("is a folder: give a file name for the output", folders[0])
+            raise TumorSegError(_IS_A_FOLDER, folders[0])
         try:
             for tmp, path in staged:
                 # mkstemp creates the file readable by its owner only; the rename would keep that.
