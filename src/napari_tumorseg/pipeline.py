@@ -62,6 +62,9 @@ def thresholds_text(thresholds) -> str:
 def write_report(base: Path, report: dict, outputs: OutputFiles | None = None) -> list[Path]:
     """Write ``report`` as ``base.json`` and as a one-row ``base.csv`` (UTF-8), atomically and
     together (with ``outputs``: together with that output's other files, e.g. the mask)."""
+    if outputs is None:
+        with OutputFiles() as outputs:
+            return write_report(base, report, outputs)
     flat = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     flat.update({f"{k}_ml": v for k, v in report["volumes_ml"].items()})
     span = report.get("tumour_slices_z")
@@ -72,17 +75,11 @@ def write_report(base: Path, report: dict, outputs: OutputFiles | None = None) -
     writer = csv.DictWriter(buffer, fieldnames=list(flat))
     writer.writeheader()
     writer.writerow(flat)
-    if outputs is None:
-        with OutputFiles() as outputs:
-            return write_report(base, report, outputs)
-    written = []
-    for path, text in zip(report_paths(base), (json.dumps(report, indent=2), buffer.getvalue())):
-        try:
-            outputs.stage(path).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise TumorSegError(f"cannot be written ({exc.strerror or exc})", path) from None
-        written.append(path)
-    return written
+    json_path, csv_path = report_paths(base)
+    return [
+        outputs.write_text(json_path, json.dumps(report, indent=2)),
+        outputs.write_text(csv_path, buffer.getvalue()),
+    ]
 
 
 def report_paths(base: Path) -> tuple[Path, Path]:

@@ -473,6 +473,14 @@ class OutputFiles:
         self._staged.append((Path(tmp), path))
         return Path(tmp)
 
+    def write_text(self, path: str | Path, text: str) -> Path:
+        """Stage ``text`` (UTF-8) as the new content of ``path``; returns ``path``."""
+        try:
+            self.stage(path).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise _write_error(exc, Path(path)) from None
+        return Path(path)
+
     def commit(self) -> None:
         """Rename every staged file over its target."""
         staged, self._staged = self._staged, []
