@@ -11,7 +11,7 @@ import pytest
 
 from napari_tumorseg.core.io import read_volume
 
-from .conftest import BRATS, ROOT, TCGA_RAW
+from .conftest import BRATS, BRATS2023, ROOT, TCGA_RAW
 
 PLUGIN = "napari-tumorseg"
 
@@ -80,6 +80,35 @@ def test_scans_hidden_at_opening_only_where_the_top_scan_covers_them():
     assert [kwargs["name"] for _, kwargs, _ in layers if kwargs.get("visible", True)] == [
         layers[-1][1]["name"]
     ]
+
+
+def test_dropping_exams_together_or_twice_is_said(tmp_path):
+    """Scans are named by sequence only: two exams dropped together, an exam dropped twice,
+    or a label map over another exam's scans (same atlas grid) would be told apart by nothing."""
+    from napari_tumorseg._reader import get_reader, read_layers
+    from napari_tumorseg.core.errors import TumorSegError
+
+    flair = next(BRATS.glob("*_flair.nii.gz"))
+    other = next(BRATS2023.glob("*t2f.nii.gz"))
+    _, warnings = read_layers([flair, other])
+    assert any("belong to 2 exams" in w for w in warnings)
+    _, warnings = read_layers([flair], open_scans=[read_volume(flair)])
+    assert any("already open" in w and str(flair) in w for w in warnings)
+    seg = next(BRATS.glob("*_seg.nii.gz"))
+    _, warnings = read_layers([seg], open_scans=[read_volume(other)])
+    assert any("shown over the scans of exam BraTS-GLI-00001-000" in w for w in warnings)
+    _, warnings = read_layers([seg], open_scans=[read_volume(flair)])
+    assert warnings == []
+    # An empty folder, or a folder of exam folders, is ours to explain (napari said only
+    # "the reader refused the file").
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert get_reader(str(empty)) is not None and get_reader(str(ROOT / "sample_data"))
+    with pytest.raises(TumorSegError, match=r"holds exam folders \(brats2018, brats2023"):
+        read_layers([ROOT / "sample_data"])
+    with pytest.raises(TumorSegError, match="holds no NIfTI scan"):
+        read_layers([empty])
+    assert get_reader(str(ROOT / "src")) is None  # folders of other things stay napari's
 
 
 def test_raw_sequences_overlay_in_world_space(make_napari_viewer):

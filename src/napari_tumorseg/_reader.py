@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ._layers import labels_layer_data, layer_volume, scan_layer_data
 from .core.errors import TumorSegError
-from .core.io import SEQUENCES, file_stem, is_nifti_path, read_exam, read_volume
+from .core.io import SEQUENCES, case_name, file_stem, is_nifti_path, read_exam, read_volume
 from .core.volume import check_grid_match
 
 # What npe2/napari treat as "handled, nothing to add" (after we showed the user an error).
@@ -14,13 +14,17 @@ _NOTHING = [(None,)]
 
 
 def get_reader(path):
-    """Return `read_nifti` for .nii/.nii.gz files and folders holding NIfTI files."""
+    """Return `read_nifti` for .nii/.nii.gz files and folders holding NIfTI files -- also an
+    empty folder or one holding exam folders, so that the user is told what to drop instead
+    of napari's "the reader refused the file"."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths:
         return None
     for p in map(Path, paths):
         if p.is_dir():
-            if not any(is_nifti_path(c) for c in p.iterdir()):
+            children = list(p.iterdir())
+            nested = [c for d in children if d.is_dir() for c in d.iterdir()]
+            if children and not any(is_nifti_path(c) for c in children + nested):
                 return None
         elif not is_nifti_path(p):
             return None
@@ -52,9 +56,11 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
     warnings: list[str] = []
     scans = []
     pending_labels = []
+    exams: dict[str, Path] = {}  # exam name -> the first path read of it
     for p in map(Path, paths):
         if p.is_dir():
             exam = read_exam(p)
+            exams.setdefault(exam.name, p)
             warnings += exam.skipped
             scans += exam.scans.values()
             layers += [scan_layer_data(v) for v in exam.scans.values()]
@@ -71,12 +77,25 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
                 f"{p}: unknown sequence name; opened as '{volume.name}'. Name the file "
                 "*_t1, *_t1ce, *_t2 or *_flair so the plugin knows which sequence it is"
             )
+        exams.setdefault(case_name(p), p)
         scans.append(volume)
         layers.append(scan_layer_data(volume))
+    if len(exams) > 1:
+        warnings.append(
+            f"these files belong to {len(exams)} exams ({', '.join(exams)}); their scans are "
+            "named by sequence only: open one exam at a time to keep them apart"
+        )
+    warnings += _already_open(scans, open_scans)
     candidates = [*open_scans, *scans]
     for index, volume, p in pending_labels:
         if candidates:
-            check_grid_match(volume, candidates, p)
+            scan = check_grid_match(volume, candidates, p)
+            other = _exam_of(scan)
+            if other is not None and other != case_name(p) and not scans:
+                warnings.append(
+                    f"{p}: a label map of exam {case_name(p)}, shown over the scans of exam "
+                    f"{other} (they lie on the same grid): check that it belongs there"
+                )
         layers[index] = labels_layer_data(volume, name=file_stem(p))
     # Opaque scans on one grid, read together (an exam folder, files dropped at once): only
     # the top one can be seen, so only it starts visible. The picture is the same, and napari
@@ -88,6 +107,27 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
         if volume.same_grid(scans[-1]):
             kwargs.setdefault("visible", False)
     return layers, warnings
+
+
+def _exam_of(volume) -> str | None:
+    """The exam name in a volume's file name, if it was read from a file."""
+    path = volume.source.path if volume.source is not None else None
+    return None if path is None else case_name(path)
+
+
+def _already_open(scans, open_scans) -> list[str]:
+    """Warnings for scans whose file is open already (a second copy, named " [1]")."""
+    opened = {
+        Path(v.source.path).resolve()
+        for v in open_scans
+        if v.source is not None and v.source.path is not None
+    }
+    return [
+        f"{v.source.path}: already open; this is a second copy of it (napari adds ' [1]' to "
+        "its name) -- edits to one copy do not reach the other"
+        for v in scans
+        if v.source is not None and v.source.path and Path(v.source.path).resolve() in opened
+    ]
 
 
 def _open_scan_volumes() -> list:

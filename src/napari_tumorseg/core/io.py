@@ -317,6 +317,15 @@ def find_exam_files(folder: str | Path) -> tuple[dict[str, Path], Path | None, l
         else:
             scans[kind] = path
     if not scans:
+        exams = sorted(
+            d.name for d in folder.iterdir() if d.is_dir() and any(map(is_nifti_path, d.iterdir()))
+        )
+        if exams:
+            shown = ", ".join(exams[:3]) + (", ..." if len(exams) > 3 else "")
+            raise TumorSegError(
+                f"holds exam folders ({shown}), not an exam: open one exam folder at a time",
+                folder,
+            )
         raise TumorSegError(
             "holds no NIfTI scan named by sequence (t1, t1ce, t2, flair, ...)", folder
         )
