@@ -111,6 +111,35 @@ def test_dropping_exams_together_or_twice_is_said(tmp_path):
     assert get_reader(str(ROOT / "src")) is None  # folders of other things stay napari's
 
 
+def test_a_probability_map_written_by_segment_opens_as_three_layers(tmp_path):
+    """`tumorseg segment --prob` writes WT, TC and ET as one 4D file: dropped on napari it
+    used to be refused ("save each sequence as its own 3D file")."""
+    from napari_tumorseg._layers import scan_layer_data
+    from napari_tumorseg._reader import read_layers
+    from napari_tumorseg.core.errors import TumorSegError
+    from napari_tumorseg.core.io import write_volume
+
+    flair = read_volume(TCGA_RAW / "TCGA-FG-6692_flair_raw.nii.gz")  # oblique
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, *flair.spatial_shape)).astype(np.float32)
+    path = write_volume(tmp_path / "case_prob.nii.gz", maps, flair)
+    layers, warnings = read_layers([path])
+    assert warnings == [] and [kind for _, _, kind in layers] == ["image"] * 3
+    assert [kwargs["name"] for _, kwargs, _ in layers] == [
+        f"case_prob {r}" for r in "WT TC ET".split()
+    ]
+    assert [kwargs["colormap"] for _, kwargs, _ in layers] == ["green", "red", "yellow"]
+    _, scan_kwargs, _ = scan_layer_data(flair)
+    for index, (data, kwargs, _) in enumerate(layers):
+        np.testing.assert_allclose(data, maps[index], atol=1e-6)
+        for key in ("scale", "translate", "rotate"):
+            np.testing.assert_allclose(kwargs[key], scan_kwargs[key], atol=1e-6)
+    maps[1, 0, 0, 0] = 7.0  # not probabilities
+    bad = write_volume(tmp_path / "bad_prob.nii.gz", maps, flair)
+    with pytest.raises(TumorSegError, match="not probabilities"):
+        read_layers([bad])
+
+
 def test_raw_sequences_overlay_in_world_space(make_napari_viewer):
     """A scanner-space point maps to the same anatomy whatever layer it is read from."""
     viewer = make_napari_viewer()

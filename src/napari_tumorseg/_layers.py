@@ -135,6 +135,25 @@ def scan_layer_data(volume: Volume, name: str | None = None, **kwargs) -> tuple:
     return volume.array, layer_kwargs, "image"
 
 
+#: Colormap of each region's probability layer (translucent, additive, over the scan).
+REGION_COLORMAPS = {"WT": "green", "TC": "red", "ET": "yellow"}
+
+
+def probability_layer_data(volume: Volume, name: str) -> tuple:
+    """napari layer-data tuple for one region's probability map (``volume.name`` is the
+    region: WT, TC or ET)."""
+    layer_kwargs = {
+        "name": name,
+        "colormap": REGION_COLORMAPS[volume.name],
+        "blending": "additive",
+        "opacity": 0.6,
+        "contrast_limits": (0.0, 1.0),
+        "metadata": geometry_metadata(volume, region=volume.name),
+        **volume.layer_transform(),
+    }
+    return volume.array, layer_kwargs, "image"
+
+
 def brats_colormap():
     """napari DirectLabelColormap with the BraTS label colours (0 transparent)."""
     from napari.utils.colormaps import DirectLabelColormap

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._layers import labels_layer_data, layer_volume, scan_layer_data
+from ._layers import labels_layer_data, layer_volume, probability_layer_data, scan_layer_data
 from .core.errors import TumorSegError
-from .core.io import SEQUENCES, case_name, file_stem, is_nifti_path, read_exam, read_volume
+from .core.io import (
+    SEQUENCES,
+    case_name,
+    file_stem,
+    holds_region_maps,
+    is_nifti_path,
+    read_exam,
+    read_probabilities,
+    read_volume,
+)
 from .core.volume import check_grid_match
 
 # What npe2/napari treat as "handled, nothing to add" (after we showed the user an error).
@@ -55,6 +64,7 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
     layers: list[tuple | None] = []
     warnings: list[str] = []
     scans = []
+    scan_layers = []  # their layer-data tuples, in the same order
     pending_labels = []
     exams: dict[str, Path] = {}  # exam name -> the first path read of it
     for p in map(Path, paths):
@@ -63,9 +73,14 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
             exams.setdefault(exam.name, p)
             warnings += exam.skipped
             scans += exam.scans.values()
-            layers += [scan_layer_data(v) for v in exam.scans.values()]
+            scan_layers += [scan_layer_data(v) for v in exam.scans.values()]
+            layers += scan_layers[-len(exam.scans) :]
             if exam.labels is not None:
                 layers.append(labels_layer_data(exam.labels, name=f"{exam.name} labels"))
+            continue
+        if holds_region_maps(p):  # what `tumorseg segment --prob` writes
+            maps = read_probabilities(p)
+            layers += [probability_layer_data(v, name=f"{file_stem(p)} {v.name}") for v in maps]
             continue
         volume = read_volume(p)
         if volume.name == "labels":
@@ -79,7 +94,8 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
             )
         exams.setdefault(case_name(p), p)
         scans.append(volume)
-        layers.append(scan_layer_data(volume))
+        scan_layers.append(scan_layer_data(volume))
+        layers.append(scan_layers[-1])
     if len(exams) > 1:
         warnings.append(
             f"these files belong to {len(exams)} exams ({', '.join(exams)}); their scans are "
@@ -102,7 +118,7 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
     # neither slices nor draws hidden layers: moving through the slices, and every repaint,
     # cost one scan instead of four. Scans on other grids (an unregistered exam) stay visible:
     # they reach where the top one does not.
-    images = [kwargs for _, kwargs, kind in layers if kind == "image"]
+    images = [kwargs for _, kwargs, _ in scan_layers]
     for volume, kwargs in zip(scans[:-1], images[:-1]):
         if volume.same_grid(scans[-1]):
             kwargs.setdefault("visible", False)

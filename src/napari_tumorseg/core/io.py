@@ -140,7 +140,8 @@ def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
     if data.ndim == 4:
         raise TumorSegError(
             f"is a 4D NIfTI holding {data.shape[3]} volumes (shape {data.shape}); save each "
-            "sequence as its own 3D file (e.g. case_t1.nii.gz, case_flair.nii.gz)",
+            "sequence as its own 3D file (e.g. case_t1.nii.gz, case_flair.nii.gz); a "
+            "probability map (one volume per region WT, TC, ET) opens in the viewer",
             path,
         )
     if data.ndim != 3 or sum(s > 1 for s in data.shape) < 3:
@@ -234,6 +235,11 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
         elif data.dtype.kind not in "iub":
             raise TumorSegError(f"has an unsupported voxel type {data.dtype}", path)
         name = named if named not in (None, "labels") else file_stem(path)
+    _check_affine(image, path)
+    return Volume.from_nifti(image, data, name=name, path=path)
+
+
+def _check_affine(image, path: Path) -> None:
     affine = image.header.get_best_affine()
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise TumorSegError(
@@ -241,7 +247,40 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
             "not finite): the scan's geometry is unknown",
             path,
         )
-    return Volume.from_nifti(image, data, name=name, path=path)
+
+
+def holds_region_maps(path: str | Path) -> bool:
+    """Whether a file's header says 4D with one volume per region (WT, TC, ET): what
+    ``tumorseg segment --prob`` writes. Reads the header only."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # noqa: BLE001 - unreadable files are read_volume's to explain
+        return False
+    return len(shape) == 4 and shape[3] == len(REGIONS)
+
+
+def read_probabilities(path: str | Path) -> list[Volume]:
+    """The WT, TC and ET probability maps of a 4D file as ``tumorseg segment --prob`` writes
+    it, one 3D `Volume` each (named by region), in the file's geometry."""
+    path = Path(path)
+    image, data = _load_nifti(path)
+    if data.ndim != 4 or data.shape[3] != len(REGIONS):
+        raise TumorSegError(
+            f"is not a probability map (shape {data.shape}; one volume per region "
+            f"{', '.join(REGIONS)} expected)",
+            path,
+        )
+    if data.dtype.kind != "f" or not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
+        raise TumorSegError(
+            "holds 3 volumes but not probabilities (values in [0, 1]); save each scan as its "
+            "own 3D file",
+            path,
+        )
+    _check_affine(image, path)
+    return [
+        Volume.from_nifti(image, data[..., c].astype(np.float32), name=region, path=path)
+        for c, region in enumerate(REGIONS)
+    ]
 
 
 def read_scan(path: str | Path) -> Volume:

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, geometry_metadata, labels_layer_data, layer_volume
+from .._layers import META_KEY, labels_layer_data, layer_volume, probability_layer_data
 from ..core.errors import TumorSegError
 from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import check_one_grid, segment
@@ -34,7 +34,6 @@ from ._pickers import SequencePickers, volumes_of
 from ._runner import Runner, repaint_next_turn, run_in_turns
 
 #: Colour of each region's probability layer (the label colours of its main label).
-REGION_COLORMAPS = {"WT": "green", "TC": "red", "ET": "yellow"}
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
 REDRAW_INTERVAL = 0.3
 
@@ -226,17 +225,12 @@ class SegmentWidget(QWidget):
             previous.name = f"{name} (running)"
             self._prob_layers[region] = previous
             return
+        empty = grid.with_array(np.zeros(grid.spatial_shape, np.float32), name=region)
+        data, kwargs, _ = probability_layer_data(
+            empty, name=f"{probability_layer_name(region)} (running)"
+        )
         with repaint_next_turn(self):
-            self._prob_layers[region] = self.viewer.add_image(
-                np.zeros(grid.spatial_shape, np.float32),
-                name=f"{probability_layer_name(region)} (running)",
-                colormap=REGION_COLORMAPS[region],
-                blending="additive",
-                opacity=0.6,
-                contrast_limits=(0.0, 1.0),
-                metadata=geometry_metadata(grid, region=region),
-                **grid.layer_transform(),
-            )
+            self._prob_layers[region] = self.viewer.add_image(data, **kwargs)
 
     def _scan_layers(self, names: dict | None) -> dict:
         """Sequence -> layer: the pickers' choice, or the layers named in ``names`` (the scans
