@@ -73,8 +73,9 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
             exams.setdefault(exam.name, p)
             warnings += exam.skipped
             scans += exam.scans.values()
-            scan_layers += [scan_layer_data(v) for v in exam.scans.values()]
-            layers += scan_layers[-len(exam.scans) :]
+            read = [scan_layer_data(v) for v in exam.scans.values()]
+            scan_layers += read
+            layers += read
             if exam.labels is not None:
                 layers.append(labels_layer_data(exam.labels, name=f"{exam.name} labels"))
             continue

@@ -25,6 +25,7 @@ from .core.io import (
     Exam,
     OutputFiles,
     check_output_path,
+    check_outputs_apart,
     read_exam,
     write_labels,
     write_volume,
@@ -92,22 +93,13 @@ def check_outputs(exam: Exam, *outputs: Path | None) -> None:
     """Refuse outputs that are not NIfTI names, cannot be written (a folder, no permission),
     name one file twice, or would overwrite one of the exam's own files."""
     named = [check_output_path(p) for p in outputs if p is not None]
-    resolved = [p.resolve() for p in named]
-    if len(set(resolved)) < len(resolved):
-        raise TumorSegError("two outputs would be written to the same file", named[0])
-    for path, full in zip(named, resolved):
-        for other, other_full in zip(named, resolved):
-            if other_full in full.parents:
-                raise TumorSegError(f"would lie inside {other}, another output file", path)
     volumes = [*exam.scans.values(), exam.labels]
-    inputs = {
-        v.source.path.resolve()
+    inputs = [
+        v.source.path
         for v in volumes
         if v is not None and v.source is not None and v.source.path is not None
-    }
-    for path, full in zip(named, resolved):
-        if full in inputs:
-            raise TumorSegError("is one of this exam's input files: choose another output", path)
+    ]
+    check_outputs_apart(named, inputs, "this exam's input files")
 
 
 def prepare_exam(

@@ -47,7 +47,7 @@ import torch
 from .errors import TumorSegError
 from .io import SEQUENCES, Exam
 from .postprocess import relabel_small_enhancing, remove_small_islands
-from .preprocess import SKULL_ON_WARNING, Prepared, prepare, skull_stripped
+from .preprocess import SKULL_ON_WARNING, Prepared, prepare
 from .volume import Volume
 
 Box = tuple[slice, ...]
@@ -1110,7 +1110,7 @@ def segment(
         model_spacing = [float(channels.spacing[0]), *model_spacing[-2:]]
     present = [SEQUENCES.index(s) for s in used]
     prepared = prepare(array, channels.spacing, model_spacing, present=present)
-    doubts = () if skull_stripped(array, present) else (SKULL_ON_WARNING,)
+    doubts = () if prepared.skull_stripped else (SKULL_ON_WARNING,)
     mask = prepared.mask if restrict_to_brain else None
     to_input = _ModelToInput(prepared, mask)
     torch_device = select_device(device)

@@ -488,6 +488,23 @@ def check_output_path(path: str | Path, nifti: bool = True) -> Path:
     return path
 
 
+def check_outputs_apart(outputs, inputs, inputs_are: str = "the input files") -> None:
+    """Refuse outputs that name one file twice, lie inside another output's name, or would
+    overwrite one of ``inputs`` (described as ``inputs_are`` in the message)."""
+    named = [Path(p) for p in outputs if p is not None]
+    resolved = [p.resolve() for p in named]
+    if len(set(resolved)) < len(resolved):
+        raise TumorSegError("two outputs would be written to the same file", named[0])
+    for path, full in zip(named, resolved):
+        for other, other_full in zip(named, resolved):
+            if other_full in full.parents:
+                raise TumorSegError(f"would lie inside {other}, another output file", path)
+    sources = {Path(p).resolve() for p in inputs}
+    for path, full in zip(named, resolved):
+        if full in sources:
+            raise TumorSegError(f"is one of {inputs_are}: choose another output", path)
+
+
 def _write_error(exc: OSError, path: Path) -> TumorSegError:
     return TumorSegError(f"cannot be written ({exc.strerror or exc})", path)
 

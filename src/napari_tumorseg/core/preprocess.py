@@ -49,26 +49,24 @@ def _border_share(mask: np.ndarray) -> float:
     return sum(int(f.sum()) for f in faces) / sum(f.size for f in faces)
 
 
-def skull_stripped(channels: np.ndarray, present=None) -> bool:
-    """Whether a (C, Z, Y, X) exam looks skull-stripped (exact zeros around the brain), as
-    `brain_mask` decides it."""
-    present = range(channels.shape[0]) if present is None else list(present)
-    return _border_share(_nonzero(channels, present)) < SKULL_STRIPPED_BELOW
-
-
 def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
     """Boolean brain (or head) mask of a (C, Z, Y, X) exam, from the channels in ``present``
     (indices; default all).
 
-    Skull-stripped exams (BraTS) have exact zeros around the brain (`skull_stripped`): the mask
-    is "any channel non-zero". Raw exams have noise everywhere: the mask is an Otsu threshold
-    of the mean channel, with holes filled and only the largest component kept. Channel by
-    channel, so that no copy of the whole exam is made.
+    Skull-stripped exams (BraTS) have exact zeros around the brain (`SKULL_STRIPPED_BELOW`):
+    the mask is "any channel non-zero". Raw exams have noise everywhere: the mask is an Otsu
+    threshold of the mean channel, with holes filled and only the largest component kept.
+    Channel by channel, so that no copy of the whole exam is made.
     """
+    return _brain_mask(channels, present)[0]
+
+
+def _brain_mask(channels: np.ndarray, present=None) -> tuple[np.ndarray, bool]:
+    """`brain_mask` and whether the exam is skull-stripped."""
     present = range(channels.shape[0]) if present is None else list(present)
     nonzero = _nonzero(channels, present)
     if _border_share(nonzero) < SKULL_STRIPPED_BELOW:
-        return nonzero
+        return nonzero, True
     mean = np.zeros(channels.shape[1:], np.float32)
     for c in present:
         mean += channels[c]
@@ -80,7 +78,7 @@ def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         mask = labels == sizes.argmax()
-    return ndimage.binary_fill_holes(mask)
+    return ndimage.binary_fill_holes(mask), False
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -159,12 +157,15 @@ class Prepared:
         The crop in the input grid (Z, Y, X).
     input_shape : tuple of int
         The full input grid's (Z, Y, X).
+    skull_stripped : bool
+        Whether the exam is zero around the brain, as the bundled models were trained on.
     """
 
     image: np.ndarray
     mask: np.ndarray
     box: tuple[slice, ...]
     input_shape: tuple[int, ...]
+    skull_stripped: bool = True
 
     def to_input_grid(self, maps: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Put (K, z, y, x) maps on the model grid back onto the full input grid (K, Z, Y, X)."""
@@ -196,7 +197,7 @@ def prepare(
     present : sequence of int, optional
         Indices of the channels that hold a sequence; the others are zeros.
     """
-    mask = brain_mask(channels, present)
+    mask, stripped = _brain_mask(channels, present)
     box = bounding_box(mask, margin)
     cropped = channels[(slice(None), *box)]
     mask = mask[box]
@@ -205,4 +206,10 @@ def prepare(
         shape = target_shape(mask.shape, spacing, model_spacing)
         image = resample_array(image, shape)
         mask = resample_array(mask[None].astype(np.float32), shape, mode="nearest")[0] > 0.5
-    return Prepared(image=image, mask=mask, box=box, input_shape=tuple(channels.shape[1:]))
+    return Prepared(
+        image=image,
+        mask=mask,
+        box=box,
+        input_shape=tuple(channels.shape[1:]),
+        skull_stripped=stripped,
+    )

@@ -33,7 +33,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import TumorSegError
-from .io import SEQUENCES, OutputFiles, check_output_path, read_scan, write_volume
+from .io import (
+    SEQUENCES,
+    OutputFiles,
+    check_output_path,
+    check_outputs_apart,
+    read_scan,
+    write_volume,
+)
 from .jobs import map_events, run_to_end
 from .volume import Volume
 
@@ -895,13 +902,7 @@ def register_files(
                 f"unknown transform file type; use one of {', '.join(_TRANSFORM_SUFFIXES)}",
                 transform_out,
             )
-    outputs = [Path(p) for p in (out_path, transform_out) if p is not None]
-    inputs = {Path(p).resolve() for p in (fixed_path, moving_path)}
-    for path in outputs:
-        if path.resolve() in inputs:
-            raise TumorSegError("is one of the input scans: choose another output", path)
-    if len({p.resolve() for p in outputs}) < len(outputs):
-        raise TumorSegError("two outputs would be written to the same file", out_path)
+    check_outputs_apart((out_path, transform_out), (fixed_path, moving_path), "the input scans")
     fixed = read_scan(fixed_path)
     moving = read_scan(moving_path)
     if transform_out is not None:
