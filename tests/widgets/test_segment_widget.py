@@ -29,7 +29,8 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
     ticks = []
     timer = QTimer(interval=20)
     timer.timeout.connect(lambda: ticks.append(1))
-    seen_running = []
+    seen_running, seen_selected = [], []
+    selected_before = viewer.layers.selection.active
     worker = widget.run()
     assert worker is not None
     worker.yielded.connect(
@@ -37,6 +38,7 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
             [layer.name for layer in viewer.layers if "(running)" in layer.name]
         )
     )
+    worker.yielded.connect(lambda e: seen_selected.append(viewer.layers.selection.active))
     timer.start()
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
         pass
@@ -55,6 +57,15 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
     assert set(np.unique(labels.data)) <= {0, 1, 2, 4}
     assert labels.metadata[META_KEY]["model"] == widget.model.currentText()
     assert not edited_voxels(labels).any()
+    # The probability layers, added a part per event-loop turn, left the user's selection
+    # alone; the label map, ready for editing, is selected, and its editing overlays (hidden
+    # while it was added) are shown again with their visuals built, as a plain add makes them.
+    assert seen_selected and set(seen_selected) == {selected_before}
+    assert viewer.layers.selection.active is labels
+    overlays = [labels._overlays[name] for name in ("polygon", "brush_stroke")]
+    assert all(overlay.visible for overlay in overlays)
+    visuals = viewer.window._qt_viewer.canvas._layer_overlay_to_visual[labels]
+    assert all(overlay in visuals for overlay in overlays)
     # Same placement as the scans.
     np.testing.assert_allclose(labels.translate, viewer.layers["t1"].translate)
 

@@ -7,6 +7,7 @@ import uuid
 from functools import partial
 
 import numpy as np
+from napari.layers import Layer
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
@@ -31,7 +32,7 @@ from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
 from ._pickers import SequencePickers, volumes_of
-from ._runner import Runner, repaint_next_turn, run_in_turns
+from ._runner import Runner, add_layer_in_turns, run_in_turns
 
 #: Colour of each region's probability layer (the label colours of its main label).
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
@@ -210,11 +211,23 @@ class SegmentWidget(QWidget):
             on_return=self._on_done,
             on_cancel=self._discard_probability_layers,
             on_fail=partial(self._discard_probability_layers, "failed"),
-            # One layer per event-loop turn (each add stalls the viewer); then the worker starts.
-            prepare=[partial(self._add_probability_layer, grid, r) for r in REGIONS],
+            # Layers added a part per event-loop turn (an add stalls the viewer); then the
+            # worker starts.
+            prepare=[
+                add_layer_in_turns(
+                    self,
+                    partial(self._make_probability_layer, grid, r),
+                    partial(self._prob_layers.__setitem__, r),
+                    # The user's selected layer (a scan, say) stays selected during the run.
+                    select=False,
+                )
+                for r in REGIONS
+            ],
         )
 
-    def _add_probability_layer(self, grid, region: str) -> None:
+    def _make_probability_layer(self, grid, region: str):
+        """The region's probability layer for a new run: None where the previous run's layer
+        is refilled instead (it is then already in ``_prob_layers``)."""
         name = probability_layer_name(region)
         previous = self.viewer.layers[name] if name in self.viewer.layers else None
         if previous is not None and layer_volume(previous).same_grid(grid):
@@ -224,13 +237,11 @@ class SegmentWidget(QWidget):
             previous.data = np.zeros(grid.spatial_shape, np.float32)
             previous.name = f"{name} (running)"
             self._prob_layers[region] = previous
-            return
+            return None
         empty = grid.with_array(np.zeros(grid.spatial_shape, np.float32), name=region)
-        data, kwargs, _ = probability_layer_data(
-            empty, name=f"{probability_layer_name(region)} (running)"
+        return Layer.create(
+            *probability_layer_data(empty, name=f"{probability_layer_name(region)} (running)")
         )
-        with repaint_next_turn(self):
-            self._prob_layers[region] = self.viewer.add_image(data, **kwargs)
 
     def _scan_layers(self, names: dict | None) -> dict:
         """Sequence -> layer: the pickers' choice, or the layers named in ``names`` (the scans
@@ -293,8 +304,17 @@ class SegmentWidget(QWidget):
                 partial(self._finish_probability_layer, layer, region, result, run),
             ]
         steps.append(
-            partial(
-                self._add_labels_layer, result, self._exam_name, self._model, self._scan_names, run
+            add_layer_in_turns(
+                self,
+                partial(
+                    self._make_labels_layer,
+                    result,
+                    self._exam_name,
+                    self._model,
+                    self._scan_names,
+                    run,
+                ),
+                partial(setattr, self, "labels_layer"),
             )
         )
         # Its own turn: napari's notification toast and the listeners of ``segmented`` (the
@@ -311,7 +331,7 @@ class SegmentWidget(QWidget):
         layer.name = probability_layer_name(region)
         layer.metadata.setdefault(META_KEY, {})["run"] = run
 
-    def _add_labels_layer(self, result, exam_name: str, model, scan_names: dict, run: str) -> None:
+    def _make_labels_layer(self, result, exam_name: str, model, scan_names: dict, run: str):
         data, kwargs, _ = labels_layer_data(result.labels, name=f"{exam_name} segmentation")
         # Remember what the model said, so edits (the user's corrections) can be told apart.
         kwargs["metadata"][META_KEY].update(
@@ -326,10 +346,9 @@ class SegmentWidget(QWidget):
             postprocess=result.postprocess,
             run=run,
         )
-        # napari appends " [1]" to a taken name: an earlier (perhaps edited) layer is never
-        # overwritten.
-        with repaint_next_turn(self):
-            self.labels_layer = self.viewer.add_labels(data, **kwargs)
+        # Always a new layer: napari appends " [1]" to a taken name, so an earlier (perhaps
+        # edited) layer is never overwritten.
+        return Layer.create(data, kwargs, "labels")
 
     def _announce(self, result, model) -> None:
         missing = list(result.missing_sequences)
