@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from napari_tumorseg.cli import main
+from napari_tumorseg.core.inference import select_device
 
 from .conftest import BRATS, BRATS2023, TCGA_RAW
 
@@ -61,7 +62,8 @@ def test_segment_case_folder_writes_in_the_scan_geometry(tmp_path, tiny_model):
         *("--overlap", "0.25", "--precision", "float32"),
     )
     assert result.returncode == 0, result.stderr
-    assert "on cpu (float32)" in result.stderr
+    # The report names the device that "auto" picked (CUDA on a GPU machine) and the precision.
+    assert f"on {select_device('auto').type} (float32)" in result.stderr
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
     seg, p = nib.load(str(out)), nib.load(str(prob))
     assert seg.shape == t1.shape and p.shape == (*t1.shape, 3)
