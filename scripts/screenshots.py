@@ -45,7 +45,8 @@ def main() -> None:
     _, register = viewer.window.add_plugin_dock_widget(PLUGIN, "Register sequences")
     viewer.dims.set_point(0, viewer.layers["t1ce (raw)"].data_to_world((13, 0, 0))[0])
     viewer.screenshot(path=str(args.out / "register_before.png"), canvas_only=False)
-    _wait(register.run().finished, app)
+    register.run()
+    _wait(register.registered, app)
     for layer in viewer.layers:
         layer.visible = False
     for name, colormap in (("t1ce (registered)", "magenta"), ("flair (registered)", "green")):

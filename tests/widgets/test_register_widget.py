@@ -39,11 +39,12 @@ def test_registers_the_raw_exam_into_new_layers(make_napari_viewer, qtbot):
     viewer, widget = _raw_exam(make_napari_viewer)
     before = {layer.name: (layer.data.copy(), tuple(layer.translate)) for layer in viewer.layers}
     widget.pickers.boxes["t1"].setCurrentText("(none)")  # three sequences keep the test short
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=180_000):
+    assert widget.run() is not None
+    with qtbot.waitSignal(widget.registered, timeout=180_000) as blocker:
         pass
     new = [layer for layer in viewer.layers if REGISTERED in layer.name]
     assert [layer.name for layer in new] == [f"{s} {REGISTERED}" for s in ("t1ce", "t2", "flair")]
+    assert blocker.args[0] == new and viewer.layers.selection.active is new[-1]
     # One grid for all, the reference scan's own (by default): a mask segmented on these
     # layers is saved voxel for voxel like the post-contrast T1 file.
     reference = viewer.layers["t1ce (raw)"]

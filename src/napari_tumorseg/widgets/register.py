@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
+from napari.layers import Layer
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -16,11 +19,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import contrast_limits, geometry_metadata
+from .._layers import geometry_metadata, scan_layer_data
 from ..core.io import SEQUENCES
 from ..core.registration import stack_sequences
 from ._pickers import SequencePickers
-from ._runner import Runner
+from ._runner import Runner, add_layer_in_turns, run_in_turns
 
 REGISTERED = "(registered)"
 
@@ -41,6 +44,9 @@ def checkerboard(a: np.ndarray, b: np.ndarray, block: int = 16) -> np.ndarray:
 
 class RegisterWidget(QWidget):
     """Pick the sequence layers, register them to a reference and add them on its grid."""
+
+    #: The registered layers, emitted once the last of them is in the viewer.
+    registered = Signal(list)
 
     def __init__(self, napari_viewer) -> None:
         super().__init__()
@@ -123,17 +129,34 @@ class RegisterWidget(QWidget):
     def _on_done(self, result) -> None:
         self.result = result
         volume = result.volume
-        geometry = volume.layer_transform()
-        for index, seq in enumerate(volume.channels):
-            channel = volume.with_array(volume.array[index], name=seq, channels=())
-            self.viewer.add_image(
-                channel.array,
-                name=f"{seq} {REGISTERED}",
-                colormap="gray",
-                contrast_limits=contrast_limits(channel.array),
-                metadata=geometry_metadata(channel, registered_to=result.reference),
-                **geometry,
+        added: list = []
+        # A layer add stalls the viewer (60-100 ms on 2 cores): each is split over event-loop
+        # turns, and the last one added is the selected layer, as with napari's own adds.
+        steps = [
+            add_layer_in_turns(
+                self,
+                partial(self._make_registered_layer, volume, index, result.reference),
+                added.append,
+                select=index == len(volume.channels) - 1,
             )
+            for index in range(len(volume.channels))
+        ]
+        run_in_turns([*steps, partial(self._announce, result, added)])
+
+    @staticmethod
+    def _make_registered_layer(volume, index: int, reference: str):
+        seq = volume.channels[index]
+        channel = volume.with_array(volume.array[index], name=seq, channels=())
+        return Layer.create(
+            *scan_layer_data(
+                channel,
+                name=f"{seq} {REGISTERED}",
+                metadata=geometry_metadata(channel, registered_to=reference),
+            )
+        )
+
+    def _announce(self, result, added: list) -> None:
+        volume = result.volume
         lines = [f"reference: {result.reference}"]
         for seq, r in result.results.items():
             if seq == result.reference:
@@ -151,6 +174,7 @@ class RegisterWidget(QWidget):
         self.check_sequence.clear()
         self.check_sequence.addItems([s for s in volume.channels if s != result.reference])
         self.check_button.setEnabled(self.check_sequence.count() > 0)
+        self.registered.emit(added)
 
     def show_checkerboard(self) -> None:
         """Add a checkerboard of the reference and the chosen sequence on the result grid."""
