@@ -197,6 +197,44 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
         assert viewer.dims.point[0] == pytest.approx(world[0])
 
 
+def test_a_layer_added_in_turns_through_a_plugins_viewer_warns_nothing(make_napari_viewer, qtbot):
+    """A plugin dock is given the viewer behind napari's PublicOnlyProxy, which warns on (and is
+    to refuse) private access: adding a layer in turns must not touch napari's privates through
+    it, and must end with the layer napari's own add makes."""
+    import warnings
+
+    from napari.layers import Labels
+    from napari.utils._proxies import PublicOnlyProxy
+    from qtpy.QtWidgets import QWidget
+
+    from napari_tumorseg.widgets._runner import EDIT_OVERLAYS, add_layer_in_turns, run_in_turns
+
+    viewer = make_napari_viewer()
+    scan = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="scan")
+    dock = QWidget()
+    dock.viewer = PublicOnlyProxy(viewer)
+    added, selected_when_added = [], []
+
+    def on_added(layer):
+        added.append(layer)
+        selected_when_added.append(viewer.layers.selection.active)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        run_in_turns(
+            [add_layer_in_turns(dock, lambda: Labels(np.zeros((4, 8, 8), np.uint8)), on_added)]
+        )
+        qtbot.waitUntil(
+            lambda: bool(added) and viewer.layers.selection.active is added[0], timeout=5000
+        )
+    labels = added[0]
+    assert labels in viewer.layers and selected_when_added == [scan]
+    overlays = [labels._overlays[name] for name in EDIT_OVERLAYS]
+    assert all(overlay.visible for overlay in overlays)
+    visuals = viewer.window._qt_viewer.canvas._layer_overlay_to_visual[labels]
+    assert all(overlay in visuals for overlay in overlays)
+
+
 def test_repaint_next_turn_holds_the_repaint_for_one_turn_even_on_error(qtbot):
     from qtpy.QtWidgets import QWidget
 

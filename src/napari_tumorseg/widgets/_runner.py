@@ -80,15 +80,8 @@ def add_layer_in_turns(
             overlay.visible = False
 
         def add() -> None:
-            layers = widget.viewer.layers
-            # napari's own switch (private): a new layer is made the selected one unless off.
-            activate = getattr(layers, "_activate_on_insert", True)
-            layers._activate_on_insert = False
-            try:
-                with repaint_next_turn(widget):
-                    widget.viewer.add_layer(layer)
-            finally:
-                layers._activate_on_insert = activate
+            with repaint_next_turn(widget), _selection_kept(widget.viewer.layers):
+                widget.viewer.add_layer(layer)
             added(layer)
 
         def make_selected() -> None:
@@ -99,6 +92,27 @@ def add_layer_in_turns(
         return [add, *shows, *([make_selected] if select else [])]
 
     return construct
+
+
+@contextmanager
+def _selection_kept(layers):
+    """Inside: a layer added to ``layers`` (napari's LayerList) is not made the selected one.
+
+    napari's own switch for it is private (``_activate_on_insert``); the viewer a plugin dock
+    is given wraps the list in a proxy that warns on private access (and is to refuse it), so
+    the switch is set on the list itself, and only where this napari has it -- elsewhere the
+    new layer is selected, as by a plain add.
+    """
+    real = getattr(layers, "__wrapped__", layers)
+    if not isinstance(getattr(real, "_activate_on_insert", None), bool):
+        yield
+        return
+    activate = real._activate_on_insert
+    real._activate_on_insert = False
+    try:
+        yield
+    finally:
+        real._activate_on_insert = activate
 
 
 @contextmanager
