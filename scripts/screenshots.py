@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import napari
@@ -28,6 +29,13 @@ def _wait(signal, app) -> None:
     signal.connect(lambda *args: done.append(1))
     while not done:
         app.processEvents()
+
+
+def _settle(app, seconds: float = 1.0) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.01)
 
 
 def main() -> None:
@@ -47,6 +55,7 @@ def main() -> None:
     viewer.screenshot(path=str(args.out / "register_before.png"), canvas_only=False)
     register.run()
     _wait(register.registered, app)
+    _settle(app)  # the dock's status lines are laid out on the next turns
     for layer in viewer.layers:
         layer.visible = False
     for name, colormap in (("t1ce (registered)", "magenta"), ("flair (registered)", "green")):

@@ -138,6 +138,74 @@ def test_segment_checks_its_outputs_before_any_work(tmp_path, tiny_model):
     assert seg.read_bytes() == before and not out.exists()
 
 
+def _case(folder: Path, name: str) -> Path:
+    """A case folder ``folder/name`` holding the sample's four scans (links: no copy)."""
+    case = folder / name
+    case.mkdir(parents=True)
+    for seq in ("t1", "t1ce", "t2", "flair"):
+        source = BRATS / f"Brats18_TCIA01_378_1_{seq}.nii.gz"
+        (case / f"{name}_{seq}.nii.gz").symlink_to(source)
+    return case
+
+
+def test_segment_out_dir_runs_a_batch_past_a_bad_case(tmp_path, tiny_model, capsys, monkeypatch):
+    import napari_tumorseg.pipeline as pipeline
+
+    loads = []
+    load_model = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda name: loads.append(name) or load_model(name))
+    a, b = _case(tmp_path / "exams", "a"), _case(tmp_path / "exams", "b")
+    broken = tmp_path / "exams" / "broken"
+    broken.mkdir()
+    (broken / "broken_t1.nii.gz").write_bytes(b"not a NIfTI file")
+    out, probs = tmp_path / "seg", tmp_path / "prob"
+    argv = ["segment", str(a), str(broken), str(b), "--out-dir", str(out), "--model", tiny_model]
+    assert main([*argv, "--prob-dir", str(probs), "--overlap", "0.25"]) == 2
+    err = capsys.readouterr().err
+    # The bad case is named with its problem; the cases after it were still segmented.
+    assert "[2/3]" in err and "broken_t1.nii.gz" in err
+    assert "2 segmented; 1 failed: broken" in err
+    assert loads == [tiny_model]  # one model load for the whole batch
+    t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
+    for name in ("a", "b"):
+        seg = nib.load(str(out / f"{name}_seg.nii.gz"))
+        assert seg.shape == t1.shape
+        np.testing.assert_array_equal(seg.affine, t1.affine)
+        assert nib.load(str(probs / f"{name}_prob.nii.gz")).shape == (*t1.shape, 3)
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz"]
+
+    # --skip-existing resumes a batch: the cases already done are left as they are.
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    assert main(["segment", str(a), str(b), "--out-dir", str(out), "--skip-existing"]) == 0
+    assert "0 segmented; 2 skipped" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_segment_batch_arguments_are_checked_before_any_work(tmp_path, capsys):
+    a = _case(tmp_path / "x", "a")
+    out = tmp_path / "seg"
+    scan = a / "a_t1.nii.gz"
+
+    def fails(*argv, says):
+        assert main(["segment", *map(str, argv)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+
+    fails(a, scan, "--out-dir", out, says="is not a folder: with --out-dir give case folders")
+    fails(a, _case(tmp_path / "y", "a"), "--out-dir", out, says="two case folders are named 'a'")
+    fails(a, "--out-dir", scan, says="is not a folder")
+    prob = tmp_path / "p.nii.gz"
+    fails(a, "--out-dir", out, "--prob", prob, says="with --out-dir use --prob-dir")
+    fails(a, "--out-dir", out, "--t1", scan, says="use --out")
+    fails(a, "--out-dir", out, "--model", "no-such-model", says="no-such-model")
+    fails(a, "--out", tmp_path / "s.nii.gz", "--skip-existing", says="goes with --out-dir")
+    fails(a, a.parent, "--out", tmp_path / "s.nii.gz", says="for a batch give --out-dir")
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(a), "--out", str(tmp_path / "s.nii.gz"), "--out-dir", str(out)])
+    assert exit_info.value.code == 2
+
+
 def test_explicit_sequences_keep_the_order_given():
     """The first sequence given on the command line is the reference (contract 2.3)."""
     from napari_tumorseg.cli import _exam_from_args, build_parser

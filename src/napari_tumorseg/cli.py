@@ -78,6 +78,9 @@ def _exam_from_args(args: argparse.Namespace):
         raise TumorSegError("no input: give a case folder, files, or --t1/--t1ce/--t2/--flair")
     if len(args.inputs) == 1 and args.inputs[0].is_dir():
         return read_exam(args.inputs[0])
+    if all(path.is_dir() for path in args.inputs):
+        batch = "; for a batch give --out-dir DIR" if args.command == "segment" else ""
+        raise TumorSegError(f"{len(args.inputs)} case folders: give one exam{batch}")
     return read_exam(args.inputs)
 
 
@@ -105,6 +108,11 @@ def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .pipeline import segment_exam
 
+    if args.out_dir is not None:
+        return _segment_batch(args)
+    for option, value in (("--prob-dir", args.prob_dir), ("--skip-existing", args.skip_existing)):
+        if value:
+            raise TumorSegError(f"{option} goes with --out-dir (a batch of case folders)")
     exam = _exam_from_args(args)
     for message in exam.skipped:
         print(f"tumorseg segment: warning: {message}", file=sys.stderr)
@@ -124,6 +132,33 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _segment_batch(args: argparse.Namespace) -> int:
+    from .pipeline import segment_folders
+
+    if getattr(args, "sequence_order", None):
+        raise TumorSegError("--t1/--t1ce/--t2/--flair name one exam's files: use --out")
+    if args.prob is not None:
+        raise TumorSegError("--prob names one file: with --out-dir use --prob-dir")
+    outcome = segment_folders(
+        args.inputs,
+        args.out_dir,
+        prob_dir=args.prob_dir,
+        skip_existing=args.skip_existing,
+        model=args.model,
+        log=lambda m: print(m, file=sys.stderr),
+        device=args.device,
+        overlap=args.overlap,
+        tta=args.tta,
+        precision=args.precision,
+        register=args.register,
+        reference=args.reference,
+    )
+    for path in outcome.written:
+        print(f"wrote {path}")
+    print(f"tumorseg segment: {outcome.summary()}", file=sys.stderr)
+    return 2 if outcome.failed else 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -249,18 +284,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="segment a tumour (bundled or user model)")
     _add_exam_arguments(seg)
-    seg.add_argument(
+    outputs = seg.add_mutually_exclusive_group(required=True)
+    outputs.add_argument(
         "--out",
-        required=True,
         type=Path,
         metavar="SEG.nii.gz",
         help="BraTS label map, in the geometry of the first given sequence",
+    )
+    outputs.add_argument(
+        "--out-dir",
+        type=Path,
+        metavar="DIR",
+        help="a batch: each CASE_DIR's label map as DIR/<case>_seg.nii.gz (one model load for "
+        "all; a case that fails is reported and the batch goes on; exit status 2 if any failed)",
     )
     seg.add_argument(
         "--prob",
         type=Path,
         metavar="PROB.nii.gz",
         help="also write the WT/TC/ET probabilities (4D NIfTI)",
+    )
+    seg.add_argument(
+        "--prob-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --out-dir: also each case's probabilities as DIR/<case>_prob.nii.gz",
+    )
+    seg.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="with --out-dir: leave the cases whose outputs are already there (resume a batch)",
     )
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     seg.add_argument(

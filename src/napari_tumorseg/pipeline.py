@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from .core.io import (
 )
 from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
-from .core.models import load_model
+from .core.models import TumorModel, load_model
 from .core.volume import Volume
 
 
@@ -146,7 +147,7 @@ def prepare_exam(
 def segment_exam(
     exam: Exam,
     out: Path,
-    model: str = "3d",
+    model: str | TumorModel = "3d",
     prob_out: Path | None = None,
     device: str = "auto",
     overlap: float = 0.5,
@@ -160,13 +161,13 @@ def segment_exam(
 
     The outputs and ``overlap`` are checked first, so that a bad name fails before minutes of
     registration and inference, and written together: the label map replaces an existing
-    file only once the probabilities were written too.
+    file only once the probabilities were written too. ``model``: a name or a loaded model.
     """
     check_outputs(exam, out, prob_out)
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
     channels = prepare_exam(exam, register=register, reference=reference, log=log)
-    tumour_model = load_model(model)
+    tumour_model = load_model(model) if isinstance(model, str) else model
     missing = [s for s in SEQUENCES if s not in channels.channels]
     log(
         f"segmenting {exam.name} with {tumour_model.label} on {', '.join(channels.channels)}"
@@ -199,6 +200,98 @@ def segment_exam(
     for warning in result.warnings:
         log(f"warning: {warning}")
     return result, written
+
+
+@dataclass
+class BatchOutcome:
+    """What `segment_folders` did with each case folder."""
+
+    segmented: list[Path] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # outputs already there (skip_existing)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (case folder, why)
+
+    def summary(self) -> str:
+        parts = [f"{len(self.segmented)} segmented"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped (outputs already there)")
+        if self.failed:
+            names = ", ".join(case.name for case, _ in self.failed)
+            parts.append(f"{len(self.failed)} failed: {names}")
+        return "; ".join(parts)
+
+
+def segment_folders(
+    cases: Sequence[Path],
+    out_dir: Path,
+    prob_dir: Path | None = None,
+    skip_existing: bool = False,
+    model: str = "3d",
+    log: Callable[[str], None] = print,
+    **options,
+) -> BatchOutcome:
+    """Segment a batch of case folders, one model load for all: ``out_dir/<case>_seg.nii.gz``
+    (and ``prob_dir/<case>_prob.nii.gz``) for each, ``options`` as `segment_exam`'s.
+
+    Everything that would fail for every case (a case that is not a folder, two cases of one
+    name, an output folder that is a file, the model, the device, the overlap) is checked
+    before the first exam. A case that fails (unreadable scans, no common grid, ...) is logged
+    with its reason and the batch goes on; its earlier outputs, if any, stay as they were.
+    ``skip_existing`` leaves a case whose outputs are all there (an interrupted batch resumes).
+    """
+    cases = [Path(case) for case in cases]
+    if not cases:
+        raise TumorSegError("no case folder given")
+    for case in cases:
+        if not case.is_dir():
+            raise TumorSegError(
+                "is not a folder: with --out-dir give case folders (one exam's files: --out)",
+                case,
+            )
+    by_name: dict[str, Path] = {}
+    for case in cases:
+        name = case.resolve().name
+        if name in by_name:
+            raise TumorSegError(
+                f"two case folders are named {name!r} ({by_name[name]} and {case}): their "
+                "outputs would take one name"
+            )
+        by_name[name] = case
+    folders = [d for d in (out_dir, prob_dir) if d is not None]
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise TumorSegError("is not a folder", folder)
+    check_overlap(options.get("overlap", 0.5))
+    select_device(options.get("device", "auto"))
+    tumour_model = load_model(model)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    outcome = BatchOutcome()
+    for index, (name, case) in enumerate(by_name.items(), start=1):
+        out = out_dir / f"{name}_seg.nii.gz"
+        prob = prob_dir / f"{name}_prob.nii.gz" if prob_dir is not None else None
+        log(f"[{index}/{len(cases)}] {case}")
+        if skip_existing and out.exists() and (prob is None or prob.exists()):
+            log(f"  skipped: {out.name} is already there")
+            outcome.skipped.append(case)
+            continue
+        try:
+            exam = read_exam(case)
+            for message in exam.skipped:
+                log(f"  warning: {message}")
+            _, written = segment_exam(
+                exam, out, model=tumour_model, prob_out=prob, log=lambda m: log(f"  {m}"), **options
+            )
+        except (TumorSegError, OSError) as exc:
+            reason = str(exc)
+            if isinstance(exc, OSError):  # a full disk, a folder that became unwritable
+                reason = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else reason
+            log(f"  error: {reason}")
+            outcome.failed.append((case, reason))
+            continue
+        outcome.written += written
+        outcome.segmented.append(case)
+    return outcome
 
 
 def run_headless_demo(
