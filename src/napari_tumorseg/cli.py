@@ -105,6 +105,20 @@ def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="3d", help="3d, 2d or a user model NAME[@vK]")
 
 
+def _segment_options(args: argparse.Namespace) -> dict:
+    """`segment_exam`'s options from the command line (all but the exam and the outputs)."""
+    return {
+        "model": args.model,
+        "device": args.device,
+        "overlap": args.overlap,
+        "tta": args.tta,
+        "precision": args.precision,
+        "register": args.register,
+        "reference": args.reference,
+        "log": lambda m: print(m, file=sys.stderr),
+    }
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .pipeline import segment_exam
 
@@ -116,19 +130,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     exam = _exam_from_args(args)
     for message in exam.skipped:
         print(f"tumorseg segment: warning: {message}", file=sys.stderr)
-    _, written = segment_exam(
-        exam,
-        args.out,
-        model=args.model,
-        prob_out=args.prob,
-        device=args.device,
-        overlap=args.overlap,
-        tta=args.tta,
-        precision=args.precision,
-        register=args.register,
-        reference=args.reference,
-        log=lambda m: print(m, file=sys.stderr),
-    )
+    _, written = segment_exam(exam, args.out, prob_out=args.prob, **_segment_options(args))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -146,14 +148,7 @@ def _segment_batch(args: argparse.Namespace) -> int:
         args.out_dir,
         prob_dir=args.prob_dir,
         skip_existing=args.skip_existing,
-        model=args.model,
-        log=lambda m: print(m, file=sys.stderr),
-        device=args.device,
-        overlap=args.overlap,
-        tta=args.tta,
-        precision=args.precision,
-        register=args.register,
-        reference=args.reference,
+        **_segment_options(args),
     )
     for path in outcome.written:
         print(f"wrote {path}")
