@@ -191,7 +191,7 @@ def test_segment_batch_arguments_are_checked_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, err
 
-    fails(a, scan, "--out-dir", out, says="is not a folder: with --out-dir give case folders")
+    fails(a, scan, "--out-dir", out, says="is not a folder: a batch takes case folders")
     fails(a, _case(tmp_path / "y", "a"), "--out-dir", out, says="two case folders are named 'a'")
     fails(a, "--out-dir", scan, says="is not a folder")
     prob = tmp_path / "p.nii.gz"

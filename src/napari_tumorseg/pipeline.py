@@ -245,7 +245,7 @@ def segment_folders(
     for case in cases:
         if not case.is_dir():
             raise TumorSegError(
-                "is not a folder: with --out-dir give case folders (one exam's files: --out)",
+                "is not a folder: a batch takes case folders (one exam's files: segment it alone)",
                 case,
             )
     by_name: dict[str, Path] = {}
