@@ -154,31 +154,49 @@ def test_segment_out_dir_runs_a_batch_past_a_bad_case(tmp_path, tiny_model, caps
     loads = []
     load_model = pipeline.load_model
     monkeypatch.setattr(pipeline, "load_model", lambda name: loads.append(name) or load_model(name))
-    a, b = _case(tmp_path / "exams", "a"), _case(tmp_path / "exams", "b")
-    broken = tmp_path / "exams" / "broken"
+    exams = tmp_path / "exams"
+    a = _case(exams, "a")
+    broken = exams / "broken"
     broken.mkdir()
     (broken / "broken_t1.nii.gz").write_bytes(b"not a NIfTI file")
-    out, probs = tmp_path / "seg", tmp_path / "prob"
-    argv = ["segment", str(a), str(broken), str(b), "--out-dir", str(out), "--model", tiny_model]
-    assert main([*argv, "--prob-dir", str(probs), "--overlap", "0.25"]) == 2
-    err = capsys.readouterr().err
+    # A linked case folder is named as given, not after the folder it points to.
+    (exams / "patient01").symlink_to(_case(tmp_path / "raw", "scan_2019_xyz"))
+    out = exams / "seg"  # beside the cases: `exams/*` holds it too
+    common = ["--out-dir", str(out), "--model", tiny_model, "--overlap", "0.25"]
+    cases = [str(a), str(broken), str(exams / "patient01"), str(a)]  # a given twice
+    assert main(["segment", *cases, *common]) == 2
+    captured = capsys.readouterr()
     # The bad case is named with its problem; the cases after it were still segmented.
-    assert "[2/3]" in err and "broken_t1.nii.gz" in err
-    assert "2 segmented; 1 failed: broken" in err
+    assert "[2/3]" in captured.err and "broken_t1.nii.gz" in captured.err
+    assert "2 segmented; 1 failed: broken" in captured.err
     assert loads == [tiny_model]  # one model load for the whole batch
+    maps = [out / "a_seg.nii.gz", out / "patient01_seg.nii.gz"]
+    assert sorted(out.iterdir()) == maps
+    assert all(f"wrote {path}" in captured.out for path in maps)
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
-    for name in ("a", "b"):
-        seg = nib.load(str(out / f"{name}_seg.nii.gz"))
+    for path in maps:
+        seg = nib.load(str(path))
         assert seg.shape == t1.shape
         np.testing.assert_array_equal(seg.affine, t1.affine)
-        assert nib.load(str(probs / f"{name}_prob.nii.gz")).shape == (*t1.shape, 3)
-    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz"]
 
-    # --skip-existing resumes a batch: the cases already done are left as they are.
-    before = {p: p.read_bytes() for p in out.iterdir()}
-    assert main(["segment", str(a), str(b), "--out-dir", str(out), "--skip-existing"]) == 0
-    assert "0 segmented; 2 skipped" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    # Resumed with probability maps asked for: the label maps there (perhaps edited since)
+    # are never replaced, only the missing probability maps written; the output folder among
+    # the cases is left out.
+    before = {path: path.read_bytes() for path in maps}
+    everything = sorted(str(p) for p in exams.iterdir())
+    probs = tmp_path / "prob"
+    argv = ["segment", *everything, *common, "--prob-dir", str(probs), "--skip-existing"]
+    assert main(argv) == 2  # broken is still broken
+    err = capsys.readouterr().err
+    assert "the output folder, not a case: left out" in err
+    assert "2 segmented; 1 failed: broken" in err
+    assert {path: path.read_bytes() for path in maps} == before
+    for name in ("a", "patient01"):
+        assert nib.load(str(probs / f"{name}_prob.nii.gz")).shape == (*t1.shape, 3)
+    assert main(argv) == 2
+    assert "0 segmented; 2 skipped (outputs already there); 1 failed: broken" in (
+        capsys.readouterr().err
+    )
 
 
 def test_segment_batch_arguments_are_checked_before_any_work(tmp_path, capsys):
@@ -193,7 +211,11 @@ def test_segment_batch_arguments_are_checked_before_any_work(tmp_path, capsys):
 
     fails(a, scan, "--out-dir", out, says="is not a folder: a batch takes case folders")
     fails(a, _case(tmp_path / "y", "a"), "--out-dir", out, says="two case folders are named 'a'")
-    fails(a, "--out-dir", scan, says="is not a folder")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file")
+    fails(a, "--out-dir", notes, says="is not a folder")
+    fails(a, "--out-dir", tmp_path / "seg.nii.gz", says="is a NIfTI file name")
+    fails(a, "--out-dir", a, says="no case folder given")  # the only case is the output folder
     prob = tmp_path / "p.nii.gz"
     fails(a, "--out-dir", out, "--prob", prob, says="with --out-dir use --prob-dir")
     fails(a, "--out-dir", out, "--t1", scan, says="use --out")

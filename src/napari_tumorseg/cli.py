@@ -148,10 +148,9 @@ def _segment_batch(args: argparse.Namespace) -> int:
         args.out_dir,
         prob_dir=args.prob_dir,
         skip_existing=args.skip_existing,
+        on_written=lambda path: print(f"wrote {path}", flush=True),
         **_segment_options(args),
     )
-    for path in outcome.written:
-        print(f"wrote {path}")
     print(f"tumorseg segment: {outcome.summary()}", file=sys.stderr)
     return 2 if outcome.failed else 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,7 @@ def prepare_exam(
 
 def segment_exam(
     exam: Exam,
-    out: Path,
+    out: Path | None,
     model: str | TumorModel = "3d",
     prob_out: Path | None = None,
     device: str = "auto",
@@ -161,8 +162,11 @@ def segment_exam(
 
     The outputs and ``overlap`` are checked first, so that a bad name fails before minutes of
     registration and inference, and written together: the label map replaces an existing
-    file only once the probabilities were written too. ``model``: a name or a loaded model.
+    file only once the probabilities were written too. ``model``: a name or a loaded model;
+    ``out`` None: the probabilities only.
     """
+    if out is None and prob_out is None:
+        raise TumorSegError("no output given")
     check_outputs(exam, out, prob_out)
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
@@ -188,8 +192,10 @@ def segment_exam(
         report,
     )
     like = exam.reference
+    written = []
     with OutputFiles() as outputs:
-        written = [write_labels(out, result.labels.array, like, outputs=outputs)]
+        if out is not None:
+            written.append(write_labels(out, result.labels.array, like, outputs=outputs))
         if prob_out is not None:
             written.append(
                 write_volume(prob_out, result.probabilities.array, like, outputs=outputs)
@@ -228,53 +234,80 @@ def segment_folders(
     skip_existing: bool = False,
     model: str = "3d",
     log: Callable[[str], None] = print,
+    on_written: Callable[[Path], None] | None = None,
     **options,
 ) -> BatchOutcome:
     """Segment a batch of case folders, one model load for all: ``out_dir/<case>_seg.nii.gz``
-    (and ``prob_dir/<case>_prob.nii.gz``) for each, ``options`` as `segment_exam`'s.
+    (and ``prob_dir/<case>_prob.nii.gz``) for each, ``options`` as `segment_exam`'s;
+    ``on_written(path)`` as each file is written.
 
     Everything that would fail for every case (a case that is not a folder, two cases of one
-    name, an output folder that is a file, the model, the device, the overlap) is checked
-    before the first exam. A case that fails (unreadable scans, no common grid, ...) is logged
-    with its reason and the batch goes on; its earlier outputs, if any, stay as they were.
-    ``skip_existing`` leaves a case whose outputs are all there (an interrupted batch resumes).
+    name, an output folder that is a file or not writable, the model, the device, the overlap)
+    is checked before the first exam. A case folder given twice counts once; an output folder
+    given among the cases (``exams/*`` with ``--out-dir exams/seg``) is left out. A case that
+    fails (unreadable scans, no common grid, ...) is logged with its reason and the batch goes
+    on; its earlier outputs, if any, stay as they were. ``skip_existing`` never replaces an
+    output that is there: a case whose outputs are all there is skipped, one whose label map
+    is there but not its probability map gets only the probability map (an interrupted batch
+    resumes; ``--prob-dir`` added later fills in what is missing).
     """
-    cases = [Path(case) for case in cases]
-    if not cases:
-        raise TumorSegError("no case folder given")
-    for case in cases:
+    folders = [Path(d) for d in (out_dir, prob_dir) if d is not None]
+    for folder in folders:
+        if folder.name.lower().endswith((".nii", ".nii.gz")):
+            raise TumorSegError("is a NIfTI file name, not a folder for the outputs", folder)
+        if folder.exists() and not folder.is_dir():
+            raise TumorSegError("is not a folder", folder)
+    outputs = {os.path.realpath(folder) for folder in folders}
+    by_name: dict[str, Path] = {}
+    seen: set[str] = set()
+    left_out = []
+    for case in map(Path, cases):
+        real = os.path.realpath(case)
+        if real in seen:
+            continue
+        seen.add(real)
+        if real in outputs:
+            left_out.append(case)
+            continue
         if not case.is_dir():
             raise TumorSegError(
                 "is not a folder: a batch takes case folders (one exam's files: segment it alone)",
                 case,
             )
-    by_name: dict[str, Path] = {}
-    for case in cases:
-        name = case.resolve().name
-        if name in by_name:
+        # Named as given (a link keeps its own name); "." and ".." by the folder they mean.
+        name = Path(os.path.abspath(case)).name
+        key = name.casefold()  # one file on case-insensitive disks
+        if key in by_name:
             raise TumorSegError(
-                f"two case folders are named {name!r} ({by_name[name]} and {case}): their "
+                f"two case folders are named {name!r} ({by_name[key]} and {case}): their "
                 "outputs would take one name"
             )
-        by_name[name] = case
-    folders = [d for d in (out_dir, prob_dir) if d is not None]
-    for folder in folders:
-        if folder.exists() and not folder.is_dir():
-            raise TumorSegError("is not a folder", folder)
+        by_name[key] = case
+    if not by_name:
+        also = f" ({left_out[0]} is the output folder)" if left_out else ""
+        raise TumorSegError(f"no case folder given{also}")
     check_overlap(options.get("overlap", 0.5))
     select_device(options.get("device", "auto"))
     tumour_model = load_model(model)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TumorSegError("cannot be written to (permission denied)", folder)
+    for case in left_out:
+        log(f"{case}: the output folder, not a case: left out")
     outcome = BatchOutcome()
-    for index, (name, case) in enumerate(by_name.items(), start=1):
+    for index, case in enumerate(by_name.values(), start=1):
+        name = Path(os.path.abspath(case)).name
         out = out_dir / f"{name}_seg.nii.gz"
         prob = prob_dir / f"{name}_prob.nii.gz" if prob_dir is not None else None
-        log(f"[{index}/{len(cases)}] {case}")
-        if skip_existing and out.exists() and (prob is None or prob.exists()):
-            log(f"  skipped: {out.name} is already there")
-            outcome.skipped.append(case)
-            continue
+        log(f"[{index}/{len(by_name)}] {case}")
+        if skip_existing and out.exists():
+            if prob is None or prob.exists():
+                log(f"  skipped: {out.name} is already there")
+                outcome.skipped.append(case)
+                continue
+            log(f"  {out.name} is already there and is left as it is: only {prob.name}")
+            out = None
         try:
             exam = read_exam(case)
             for message in exam.skipped:
@@ -289,6 +322,9 @@ def segment_folders(
             log(f"  error: {reason}")
             outcome.failed.append((case, reason))
             continue
+        for path in written:
+            if on_written is not None:
+                on_written(path)
         outcome.written += written
         outcome.segmented.append(case)
     return outcome

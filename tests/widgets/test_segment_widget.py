@@ -235,6 +235,65 @@ def test_a_layer_added_in_turns_through_a_plugins_viewer_warns_nothing(make_napa
     assert all(overlay in visuals for overlay in overlays)
 
 
+def test_a_failing_step_ends_the_sequence_and_reports_it(qtbot):
+    from napari_tumorseg.widgets._runner import run_in_turns
+
+    ran, errors = [], []
+
+    def deleted():
+        raise RuntimeError("wrapped C/C++ object of type QLabel has been deleted")
+
+    run_in_turns(
+        [lambda: ran.append(1), lambda: 1 / 0, lambda: ran.append(3)], on_error=errors.append
+    )
+    qtbot.waitUntil(lambda: bool(errors), timeout=2000)
+    qtbot.wait(100)
+    assert ran == [1] and isinstance(errors[0], ZeroDivisionError)
+    # A dock closed meanwhile (its Qt objects deleted) ends the sequence quietly.
+    run_in_turns([deleted, lambda: ran.append(4)], on_error=errors.append)
+    qtbot.wait(150)
+    assert ran == [1] and len(errors) == 1
+
+
+def test_a_layer_that_fails_to_be_prepared_fails_the_run_and_frees_the_dock(segment_dock, qtbot):
+    """A 2D layer holding a probability layer's name cannot be refilled: the run fails with a
+    message instead of leaving the dock busy for ever (the worker never started)."""
+    viewer, widget = segment_dock
+    viewer.add_image(np.zeros((8, 8), np.float32), name=probability_layer_name("WT"))
+    names = [layer.name for layer in viewer.layers]
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.runner.worker is None, timeout=10_000)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.status.text().startswith("failed")
+    assert [layer.name for layer in viewer.layers] == names  # nothing left half-made
+
+
+def test_the_label_map_leaves_a_selection_the_user_made_meanwhile(make_napari_viewer, qtbot):
+    from napari.layers import Labels
+    from qtpy.QtWidgets import QWidget
+
+    from napari_tumorseg.widgets._runner import add_layer_in_turns, run_in_turns
+
+    viewer = make_napari_viewer()
+    scan = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="scan")
+    other = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="other")
+    viewer.layers.selection.active = scan
+    dock = QWidget()
+    dock.viewer = viewer
+    added = []
+
+    def on_added(layer):
+        added.append(layer)
+        viewer.layers.selection.active = other  # the user clicks another layer
+
+    run_in_turns(
+        [add_layer_in_turns(dock, lambda: Labels(np.zeros((4, 8, 8), np.uint8)), on_added)]
+    )
+    qtbot.waitUntil(lambda: bool(added), timeout=5000)
+    qtbot.wait(200)
+    assert viewer.layers.selection.active is other
+
+
 def test_repaint_next_turn_holds_the_repaint_for_one_turn_even_on_error(qtbot):
     from qtpy.QtWidgets import QWidget
 

@@ -28,7 +28,9 @@ TURN_MS = 15
 SPINNER_SPEED = 25
 
 
-def run_in_turns(steps: Iterable[Callable[[], object]]) -> None:
+def run_in_turns(
+    steps: Iterable[Callable[[], object]], on_error: Callable[[Exception], None] | None = None
+) -> None:
     """Call ``steps`` on the main thread, one per turn of the event loop, ``TURN_MS`` apart.
 
     Adding a napari layer stalls the viewer (100-300 ms measured on 2 cores with software
@@ -36,18 +38,45 @@ def run_in_turns(steps: Iterable[Callable[[], object]]) -> None:
     lets the viewer repaint and handle input in between. The first step waits ``TURN_MS`` too:
     the caller (a button's click, a worker's signal) has just held the event loop itself. A step
     that returns a list of steps has them run next, one per turn (`add_layer_in_turns`).
+
+    A step that raises ends the sequence: the steps after it are dropped and ``on_error`` gets
+    the exception (without one it propagates, as from any Qt callback). A step whose widget
+    was deleted in between (the dock or the viewer closed) ends it quietly.
     """
     pending = list(steps)
 
     def next_step() -> None:
-        if pending:
+        if not pending:
+            return
+        try:
             more = pending.pop(0)()
-            if isinstance(more, list):
-                pending[:0] = more
+        except Exception as exc:
+            pending.clear()
+            if isinstance(exc, RuntimeError) and "has been deleted" in str(exc):
+                return  # Qt's "wrapped C/C++ object ... has been deleted": the dock is gone
+            if on_error is None:
+                raise
+            on_error(exc)
+            return
+        if isinstance(more, list):
+            pending[:0] = more
         if pending:
             QTimer.singleShot(TURN_MS, next_step)
 
     QTimer.singleShot(TURN_MS, next_step)
+
+
+def result_not_shown(title: str, status: QLabel) -> Callable[[Exception], None]:
+    """A `run_in_turns` ``on_error`` for the steps that show a finished job's result: says so
+    in a notification headed ``title`` and in the dock's ``status`` label."""
+
+    def on_error(exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, TumorSegError) else f"{type(exc).__name__}: {exc}"
+        text = f"the result could not be shown: {reason}"
+        show_error(f"{title}: {text}")
+        status.setText(text)
+
+    return on_error
 
 
 #: A labels layer's editing overlays (napari 0.9: the polygon tool and the brush stroke).
@@ -79,19 +108,30 @@ def add_layer_in_turns(
         for overlay in hidden:
             overlay.visible = False
 
+        selected = []
+
         def add() -> None:
-            with repaint_next_turn(widget), _selection_kept(widget.viewer.layers):
+            layers = widget.viewer.layers
+            selected.append(_unwrapped(layers.selection.active))
+            with repaint_next_turn(widget), _selection_kept(layers):
                 widget.viewer.add_layer(layer)
             added(layer)
 
         def make_selected() -> None:
-            if layer in widget.viewer.layers:
-                widget.viewer.layers.selection.active = layer
+            layers = widget.viewer.layers
+            # Not if the user picked a layer meanwhile: theirs stays selected.
+            if layer in layers and _unwrapped(layers.selection.active) is selected[0]:
+                layers.selection.active = layer
 
         shows = [partial(setattr, overlay, "visible", True) for overlay in hidden]
         return [add, *shows, *([make_selected] if select else [])]
 
     return construct
+
+
+def _unwrapped(obj):
+    """The napari object behind the PublicOnlyProxy a plugin dock sees (or ``obj`` itself)."""
+    return getattr(obj, "__wrapped__", obj)
 
 
 @contextmanager
@@ -103,7 +143,7 @@ def _selection_kept(layers):
     the switch is set on the list itself, and only where this napari has it -- elsewhere the
     new layer is selected, as by a plain add.
     """
-    real = getattr(layers, "__wrapped__", layers)
+    real = _unwrapped(layers)
     if not isinstance(getattr(real, "_activate_on_insert", None), bool):
         yield
         return
@@ -252,7 +292,8 @@ class Runner:
         """Run ``generator`` in a worker thread; callbacks run on the main thread.
 
         ``prepare`` steps (e.g. adding the layers the job fills) run first, one per event-loop
-        turn (`run_in_turns`); the worker starts after the last one.
+        turn (`run_in_turns`); the worker starts after the last one. A step that raises ends the
+        job as failed (``on_fail``, a notification) before the worker starts.
         """
         if self.worker is not None:
             raise RuntimeError("a job is already running")
@@ -287,7 +328,13 @@ class Runner:
         worker.finished.connect(lambda: self._finished(job, outcome, on_return))
         self.worker = worker
         self.on_start_stop(True)
-        run_in_turns([*prepare, worker.start])
+
+        def prepare_failed(exc: Exception) -> None:
+            # The worker never started: no signal will come, so the job ends here.
+            self._failed(exc, on_fail)
+            self._finished(job, [], on_return)
+
+        run_in_turns([*prepare, worker.start], on_error=prepare_failed)
         return worker
 
     def set_progress(self, done: int, total: int | None = None, text: str | None = None) -> None:

@@ -23,7 +23,7 @@ from .._layers import geometry_metadata, scan_layer_data
 from ..core.io import SEQUENCES
 from ..core.registration import stack_sequences
 from ._pickers import SequencePickers
-from ._runner import Runner, add_layer_in_turns, run_in_turns
+from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
 
 REGISTERED = "(registered)"
 
@@ -127,7 +127,9 @@ class RegisterWidget(QWidget):
         self.runner.set_progress(int(100 * event.fraction), text=text)
 
     def _on_done(self, result) -> None:
-        self.result = result
+        # The checkerboard pairs the result with its sequence list: both change in `_announce`,
+        # once the layers are in.
+        self.check_button.setEnabled(False)
         volume = result.volume
         added: list = []
         # A layer add stalls the viewer (60-100 ms on 2 cores): each is split over event-loop
@@ -141,7 +143,10 @@ class RegisterWidget(QWidget):
             )
             for index in range(len(volume.channels))
         ]
-        run_in_turns([*steps, partial(self._announce, result, added)])
+        run_in_turns(
+            [*steps, partial(self._announce, result, added)],
+            on_error=result_not_shown("Register sequences", self.status),
+        )
 
     @staticmethod
     def _make_registered_layer(volume, index: int, reference: str):
@@ -156,6 +161,7 @@ class RegisterWidget(QWidget):
         )
 
     def _announce(self, result, added: list) -> None:
+        self.result = result
         volume = result.volume
         lines = [f"reference: {result.reference}"]
         for seq, r in result.results.items():

@@ -32,7 +32,7 @@ from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
 from ._pickers import SequencePickers, volumes_of
-from ._runner import Runner, add_layer_in_turns, run_in_turns
+from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
 
 #: Colour of each region's probability layer (the label colours of its main label).
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
@@ -320,7 +320,7 @@ class SegmentWidget(QWidget):
         # Its own turn: napari's notification toast and the listeners of ``segmented`` (the
         # measurement dock) would lengthen the labels layer's stall.
         steps.append(partial(self._announce, result, self._model))
-        run_in_turns(steps)
+        run_in_turns(steps, on_error=result_not_shown("Segment tumour", self.status))
 
     def _remove_layer(self, name: str) -> None:
         if name in self.viewer.layers:
