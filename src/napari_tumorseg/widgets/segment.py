@@ -34,7 +34,6 @@ from ._loss_curve import LossCurve
 from ._pickers import SequencePickers, volumes_of
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
 
-#: Colour of each region's probability layer (the label colours of its main label).
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
 REDRAW_INTERVAL = 0.3
 
