@@ -58,7 +58,10 @@ def volume_from_layer(data: np.ndarray, attributes: dict, name: str = "") -> Vol
 def is_volume_layer(layer, kind: str) -> bool:
     """Whether ``layer`` is a 3D (Z, Y, X) ``kind`` ("image" or "labels") layer -- what the
     docks can measure, segment or register (not a 2D picture, a 4D stack or an RGB image)."""
-    return layer._type_string == kind and layer.ndim == 3 and not getattr(layer, "rgb", False)
+    from napari.layers import Image, Labels
+
+    layer_class = {"image": Image, "labels": Labels}[kind]
+    return isinstance(layer, layer_class) and layer.ndim == 3 and not getattr(layer, "rgb", False)
 
 
 def layer_volume(layer) -> Volume:

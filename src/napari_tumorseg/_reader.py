@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
-from ._layers import labels_layer_data, layer_volume, probability_layer_data, scan_layer_data
+from ._layers import (
+    is_volume_layer,
+    labels_layer_data,
+    layer_volume,
+    probability_layer_data,
+    scan_layer_data,
+)
 from .core.errors import TumorSegError
 from .core.io import (
     SEQUENCES,
@@ -32,8 +39,9 @@ def get_reader(path):
     for p in map(Path, paths):
         if p.is_dir():
             children = list(p.iterdir())
-            nested = [c for d in children if d.is_dir() for c in d.iterdir()]
-            if children and not any(is_nifti_path(c) for c in children + nested):
+            # The exam folders' files are listed only when the folder itself holds no NIfTI.
+            nested = (c for d in children if d.is_dir() for c in d.iterdir())
+            if children and not any(map(is_nifti_path, chain(children, nested))):
                 return None
         elif not is_nifti_path(p):
             return None
@@ -157,8 +165,4 @@ def _open_scan_volumes() -> list:
         return []
     if viewer is None:
         return []
-    return [
-        layer_volume(layer)
-        for layer in viewer.layers
-        if layer._type_string == "image" and layer.ndim == 3
-    ]
+    return [layer_volume(layer) for layer in viewer.layers if is_volume_layer(layer, "image")]

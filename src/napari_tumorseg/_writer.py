@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layers import META_KEY, layer_volume, volume_from_layer
+from ._layers import META_KEY, is_volume_layer, layer_volume, volume_from_layer
 from .core.errors import TumorSegError
 from .core.io import to_brats_labels, write_labels
 from .core.volume import Volume
@@ -51,7 +51,7 @@ def save_labels(path, like: Volume, name: str, viewer=None, outputs=None):
     target = Path(path).resolve()
     for layer in scans:
         source = layer.metadata[META_KEY].get("source_path")
-        if layer._type_string == "image" and source and Path(source).resolve() == target:
+        if is_volume_layer(layer, "image") and source and Path(source).resolve() == target:
             raise TumorSegError(
                 f"is the file of the open scan {layer.name!r}: choose another name for the mask",
                 path,

@@ -36,13 +36,6 @@ SKULL_ON_WARNING = (
 )
 
 
-def _nonzero(channels: np.ndarray, present) -> np.ndarray:
-    nonzero = np.zeros(channels.shape[1:], bool)
-    for c in present:
-        nonzero |= channels[c] != 0
-    return nonzero
-
-
 def _border_share(mask: np.ndarray) -> float:
     """Share of True voxels on the six faces of a 3D mask."""
     faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
@@ -64,7 +57,9 @@ def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
 def _brain_mask(channels: np.ndarray, present=None) -> tuple[np.ndarray, bool]:
     """`brain_mask` and whether the exam is skull-stripped."""
     present = range(channels.shape[0]) if present is None else list(present)
-    nonzero = _nonzero(channels, present)
+    nonzero = np.zeros(channels.shape[1:], bool)
+    for c in present:
+        nonzero |= channels[c] != 0
     if _border_share(nonzero) < SKULL_STRIPPED_BELOW:
         return nonzero, True
     mean = np.zeros(channels.shape[1:], np.float32)

@@ -314,7 +314,7 @@ class ReviewWidget(QWidget):
                 blending="additive",
                 contrast_limits=(0.0, 1.0),
                 opacity=0.7,
-                metadata={META_KEY: {**source.metadata[META_KEY], "role": UNCERTAINTY}},
+                metadata={META_KEY: {**source.metadata.get(META_KEY, {}), "role": UNCERTAINTY}},
                 scale=source.scale,
                 translate=source.translate,
                 rotate=source.rotate,
@@ -346,7 +346,7 @@ def _is_segmentation(layer) -> bool:
     """A labels layer made by the Segment tumour dock (it remembers the model's map)."""
     return (
         layer is not None
-        and layer._type_string == "labels"
+        and is_volume_layer(layer, "labels")
         and layer.metadata.get(META_KEY, {}).get("model_labels") is not None
     )
 
