@@ -280,15 +280,24 @@ def test_models_lists_the_user_folder(capsys):
 
 def test_a_broken_user_model_does_not_hide_the_others(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TUMORSEG_USER_DIR", str(tmp_path))
-    from napari_tumorseg.core.models import CARD_FILE, user_models_dir
+    from napari_tumorseg.core.models import CARD_FILE, bundled_dir, user_models_dir
 
     broken = user_models_dir() / "mine" / "v1"
     broken.mkdir(parents=True)
     (broken / CARD_FILE).write_text("{not json")
+    not_an_object = user_models_dir() / "other" / "v1"
+    not_an_object.mkdir(parents=True)
+    (not_an_object / CARD_FILE).write_text("null")
+    no_weights = user_models_dir() / "third" / "v1"
+    no_weights.mkdir(parents=True)
+    (no_weights / CARD_FILE).write_text((bundled_dir() / "3d" / CARD_FILE).read_text())
     assert main(["models"]) == 0
     captured = capsys.readouterr()
     assert "3d" in captured.out and "2d" in captured.out
+    assert "third" not in captured.out
     assert str(broken / CARD_FILE) in captured.err
+    assert f"{not_an_object / CARD_FILE}: model card is not a JSON object" in captured.err
+    assert f"{no_weights}: no weights" in captured.err
 
 
 def test_unwritable_output_is_exit_2_with_one_line(tmp_path):
@@ -378,3 +387,51 @@ def test_finetune_stores_a_user_model_that_segment_can_use(tmp_path, tiny_model)
         ),
         "TCGA-FG-6692_t1c_raw.nii.gz",
     )
+
+
+def test_a_second_label_map_in_the_case_folder_does_not_block_segment(tmp_path, tiny_model):
+    """Corrections saved beside the scans: `segment` reads no label map, and still never
+    writes over one."""
+    case = tmp_path / "case"
+    shutil.copytree(BRATS, case)
+    seg = next(case.glob("*_seg.nii.gz"))
+    corrected = case / "Brats18_TCIA01_378_1_corrected_seg.nii.gz"
+    shutil.copy(seg, corrected)
+    out = tmp_path / "s.nii.gz"
+    result = _run("segment", case, "--out", out, "--model", tiny_model)
+    assert result.returncode == 0, result.stderr
+    assert out.exists()
+    _assert_exit_2(_run("segment", case, "--out", corrected, "--model", tiny_model), "input")
+
+
+def test_input_and_model_mistakes_are_named_before_any_work(tmp_path, monkeypatch):
+    _assert_exit_2(
+        _run("segment", tmp_path / "brats218", "--out", tmp_path / "s.nii.gz"),
+        "brats218",
+        "no such file or folder",
+    )
+    # An unknown model before minutes of registration, not after them.
+    result = _run(
+        *("segment", TCGA_RAW, "--register", "--model", "nosuch"),
+        *("--out", tmp_path / "r.nii.gz"),
+    )
+    _assert_exit_2(result, "no model named 'nosuch'")
+    assert "registered" not in result.stdout + result.stderr
+    # A fine-tune whose version could not be saved fails before training, not after it.
+    labels = BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    monkeypatch.setenv("TUMORSEG_USER_DIR", str(blocker))
+    result = _run("finetune", BRATS, "--labels", labels, "--name", "x", "--steps", "2")
+    _assert_exit_2(result, "is a file, not a folder")  # one line: no training step
+    monkeypatch.setenv("TUMORSEG_USER_DIR", str(tmp_path / "ud"))
+    result = _run("finetune", BRATS, "--labels", labels, "--name", "€" * 90, "--steps", "2")
+    _assert_exit_2(result, "not a valid model name", "bytes")  # one line: no training step
+
+
+def test_segment_folders_takes_plain_strings(tmp_path, tiny_model):
+    from napari_tumorseg.pipeline import segment_folders
+
+    outcome = segment_folders([str(BRATS)], str(tmp_path / "out"), model=tiny_model, log=str)
+    assert not outcome.failed
+    assert [p.name for p in outcome.written] == ["brats2018_seg.nii.gz"]

@@ -195,7 +195,7 @@ def test_labels_on_wrong_grid_are_refused(make_napari_viewer, tmp_path):
     viewer.open(str(BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"), plugin=PLUGIN)
     assert [layer._type_string for layer in viewer.layers] == ["image"]
     messages = [str(n.message) for n in notification_manager.records[before:]]
-    assert any("matches no open scan" in m for m in messages), messages
+    assert any("matches none of the exam" in m for m in messages), messages
 
 
 def test_screenshot_shows_labels_where_the_tumour_is(make_napari_viewer):

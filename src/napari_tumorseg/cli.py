@@ -65,7 +65,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _exam_from_args(args: argparse.Namespace):
+    """The exam's scans from the command line (a label map among them is not read: `segment`
+    needs none and `finetune` takes its own, ``--labels``)."""
+    from functools import partial
+
     from .core.io import read_exam
+
+    read_exam = partial(read_exam, read_labels=False)
 
     # In the order given: the first is the reference whose geometry the outputs take.
     order = dict.fromkeys(getattr(args, "sequence_order", []))

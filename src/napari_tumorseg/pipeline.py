@@ -101,6 +101,7 @@ def check_outputs(exam: Exam, *outputs: Path | None) -> None:
         for v in volumes
         if v is not None and v.source is not None and v.source.path is not None
     ]
+    inputs += exam.unread_labels
     check_outputs_apart(named, inputs, "this exam's input files")
 
 
@@ -170,8 +171,8 @@ def segment_exam(
     check_outputs(exam, out, prob_out)
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
+    tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
     channels = prepare_exam(exam, register=register, reference=reference, log=log)
-    tumour_model = load_model(model) if isinstance(model, str) else model
     missing = [s for s in SEQUENCES if s not in channels.channels]
     log(
         f"segmenting {exam.name} with {tumour_model.label} on {', '.join(channels.channels)}"
@@ -251,7 +252,9 @@ def segment_folders(
     is there but not its probability map gets only the probability map (an interrupted batch
     resumes; ``--prob-dir`` added later fills in what is missing).
     """
-    folders = [Path(d) for d in (out_dir, prob_dir) if d is not None]
+    out_dir = Path(out_dir)
+    prob_dir = Path(prob_dir) if prob_dir is not None else None
+    folders = [d for d in (out_dir, prob_dir) if d is not None]
     for folder in folders:
         if folder.name.lower().endswith((".nii", ".nii.gz")):
             raise TumorSegError("is a NIfTI file name, not a folder for the outputs", folder)
@@ -309,16 +312,18 @@ def segment_folders(
             log(f"  {out.name} is already there and is left as it is: only {prob.name}")
             out = None
         try:
-            exam = read_exam(case)
+            exam = read_exam(case, read_labels=False)
             for message in exam.skipped:
                 log(f"  warning: {message}")
             _, written = segment_exam(
                 exam, out, model=tumour_model, prob_out=prob, log=lambda m: log(f"  {m}"), **options
             )
-        except (TumorSegError, OSError) as exc:
+        except (TumorSegError, OSError, MemoryError) as exc:
             reason = str(exc)
             if isinstance(exc, OSError):  # a full disk, a folder that became unwritable
                 reason = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else reason
+            elif isinstance(exc, MemoryError):
+                reason = "not enough memory for this exam"
             log(f"  error: {reason}")
             outcome.failed.append((case, reason))
             continue

@@ -138,7 +138,22 @@ def test_no_correction_is_a_clear_error(exam):
         next(finetune(model, exam, labels, np.zeros_like(labels, bool)))
 
 
-@pytest.mark.parametrize("name", ["3d", "a/b", "", ".hidden", "x" * 101])
+def test_label_values_and_corrected_voxels_are_checked(exam):
+    """The Python API checks what the dock checks: values outside BraTS would be learnt as
+    background, a mask of corrected voxels on another grid would fail deep in training."""
+    model = load_model(make_tiny_model("mine"))
+    labels = np.zeros(exam.reference.spatial_shape, np.uint8)
+    edited = np.zeros_like(labels, bool)
+    edited[70, 100:110, 100:110] = True
+    labels[70, 100:110, 100:110] = 5
+    with pytest.raises(TumorSegError, match="outside the BraTS convention"):
+        next(finetune(model, exam, labels, edited, steps=1))
+    labels[70, 100:110, 100:110] = 2
+    with pytest.raises(TumorSegError, match="does not lie on the label map's grid"):
+        next(finetune(model, exam, labels, edited[:-1], steps=1))
+
+
+@pytest.mark.parametrize("name", ["3d", "a/b", "", ".hidden", "x" * 101, "é" * 51])
 def test_a_bad_model_name_fails_before_any_training(exam, name):
     model = load_model(make_tiny_model())
     labels = np.zeros(exam.reference.spatial_shape, np.uint8)
@@ -167,6 +182,16 @@ def test_an_empty_budget_is_refused_not_saved_as_a_new_version(exam, budget, mat
     with pytest.raises(TumorSegError, match=match):
         next(finetune_and_save(model, exam, labels, edited, name="mine", **budget))
     assert load_model("mine").card["version"] == 1  # no new version
+
+
+def test_a_renamed_model_folder_is_named_by_its_folder():
+    """Segmentations record a model's label and a fine-tune loads its parent by it: the name
+    comes from the folder it is found in, not from the card written before a rename."""
+    assert make_tiny_model("mine") == "mine@v1"
+    (user_models_dir() / "mine").rename(user_models_dir() / "theirs")
+    model = load_model("theirs@v1")
+    assert model.label == "theirs@v1"
+    assert load_model(model.label).path == model.path
 
 
 def test_a_new_version_never_replaces_a_folder_it_did_not_make():

@@ -177,6 +177,59 @@ def test_truncated_gz(tmp_path):
     _assert_error(path, "truncated")
 
 
+def test_corrupt_gz_stream_is_refused_not_read_as_garbage(tmp_path):
+    """nibabel stops reading at the last voxel, before the gzip checksum: one flipped byte
+    in the middle of the stream gave a scan with 1.1 M wrong voxels and no error."""
+    data = bytearray(T1CE.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path = tmp_path / "flipped_t1.nii.gz"
+    path.write_bytes(bytes(data))
+    _assert_error(path, "corrupt")
+
+
+def test_header_announcing_more_voxels_than_the_file_holds(tmp_path):
+    """A corrupt header's dimensions (30000^3) are refused before any memory is allocated."""
+    for name in ("huge_t1.nii", "huge_t2.nii.gz"):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.int16), np.eye(4)), str(path))
+        image = nib.load(str(path))
+        header = image.header.copy()
+        header.set_data_shape((30000, 30000, 30000))
+        header["vox_offset"] = 352
+        raw = header.binaryblock + b"\0" * 4 + b"\1" * 1024  # no extension, 1 KiB of voxels
+        path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+        assert "30000x30000x30000" in _assert_error(path, "truncated or its header is corrupt")
+
+
+def test_trailing_unit_dimensions_are_dropped(tmp_path):
+    path = tmp_path / "five_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 9, 10, 1, 1), np.int16), np.eye(4)), str(path))
+    assert read_volume(path).spatial_shape == (10, 9, 8)
+
+
+def test_a_missing_case_folder_is_named_as_missing(tmp_path):
+    with pytest.raises(TumorSegError, match="no such file or folder"):
+        read_exam(tmp_path / "brats218")
+    with pytest.raises(TumorSegError, match="no such file or folder"):
+        read_exam([tmp_path / "case_t1.nii.gz"])
+
+
+def test_label_maps_that_are_not_needed_are_not_read(tmp_path):
+    """Two label maps in a case folder (the expert's and a corrected one) are refused only
+    where a label map is read; with ``read_labels=False`` they are listed as the exam's files."""
+    case = tmp_path / "case"
+    shutil.copytree(BRATS, case)
+    seg = next(case.glob("*_seg.nii.gz"))
+    shutil.copy(seg, case / "case_corrected_seg.nii.gz")
+    with pytest.raises(TumorSegError, match="two label maps"):
+        read_exam(case)
+    exam = read_exam(case, read_labels=False)
+    assert exam.labels is None and len(exam.scans) == 4
+    assert sorted(p.name for p in exam.unread_labels) == sorted(
+        ["case_corrected_seg.nii.gz", seg.name]
+    )
+
+
 def test_empty_file(tmp_path):
     path = tmp_path / "empty_flair.nii.gz"
     path.touch()
@@ -236,7 +289,7 @@ def test_labels_on_no_scan_grid(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.uint8), np.eye(4)), str(path))
     with pytest.raises(TumorSegError) as info:
         read_exam([T1CE], labels=path)
-    assert str(path) in str(info.value) and "matches no open scan" in str(info.value)
+    assert str(path) in str(info.value) and "matches none of the exam" in str(info.value)
 
 
 def test_write_keeps_existing_file_when_it_fails(tmp_path):

@@ -43,10 +43,10 @@ from . import refine
 from .augment import JointAugment
 from .errors import TumorSegError
 from .inference import exam_to_channels, segment, select_device
-from .io import SEQUENCES, Exam
+from .io import SEQUENCES, Exam, to_brats_labels
 from .jobs import map_events
 from .losses import dice_bce_loss
-from .models import TumorModel, check_model_name, save_user_model
+from .models import TumorModel, check_can_save, save_user_model
 from .training import (
     CachedExam,
     cache_exam,
@@ -284,8 +284,18 @@ def finetune(
             f"the corrected label map ({labels.shape}) does not lie on the exam's grid "
             f"({reference.spatial_shape})"
         )
-    if edited is not None and not edited.any():
-        raise TumorSegError("no corrected voxel: edit the label map before fine-tuning")
+    # BraTS values only (3, BraTS 2023's enhancing tumour, read as 4): any other value would
+    # be learnt as background.
+    labels = to_brats_labels(labels, "the corrected label map")
+    if edited is not None:
+        edited = np.asarray(edited, bool)
+        if edited.shape != labels.shape:
+            raise TumorSegError(
+                f"the map of corrected voxels ({edited.shape}) does not lie on the label "
+                f"map's grid ({labels.shape})"
+            )
+        if not edited.any():
+            raise TumorSegError("no corrected voxel: edit the label map before fine-tuning")
     settings = MODES[mode]
     device = select_device(device)
     if settings.get("exam_head"):
@@ -451,7 +461,7 @@ def finetune_and_save(
 
     The version folder is written atomically. Returns ``(folder, result)``.
     """
-    check_model_name(name)  # before training, not after it
+    check_can_save(name)  # before training, not after it
     result = yield from finetune(model, exam, labels, edited, mode=mode, **kwargs)
     folder = save_user_model(result.network, result.card, name, head=result.head)
     result.card.update(name=name, version=int(folder.name[1:]))

@@ -114,6 +114,7 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         raise TumorSegError(f"is not a NIfTI file ({_short(exc)})", path) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise TumorSegError(f"is not a NIfTI file (read as {type(image).__name__})", path)
+    image = _with_checked_data(image, path)
     try:
         proxy = image.dataobj
         scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
@@ -126,7 +127,57 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         ) from None
     except (OSError, ValueError) as exc:
         raise TumorSegError(f"the voxel data cannot be read ({_short(exc)})", path) from None
+    except MemoryError:
+        raise TumorSegError(
+            f"not enough memory to read its {_data_bytes(image.header) / 2**30:.1f} GiB of voxels",
+            path,
+        ) from None
     return image, data
+
+
+def _data_bytes(header) -> int:
+    """Bytes of voxel data the header announces."""
+    voxels = int(np.prod(header.get_data_shape(), dtype=np.float64))
+    return voxels * header.get_data_dtype().itemsize
+
+
+def _with_checked_data(image, path: Path):
+    """``image`` with its voxel data checked against the header before it is read.
+
+    A header whose dimensions announce more data than the file holds (a truncated file, a
+    corrupt header) is refused before memory is allocated for it. A gzip-compressed file is
+    decompressed whole here, which checks its CRC: nibabel stops reading at the last voxel, so a
+    corrupt stream whose length is right would otherwise be read as garbage voxels.
+    """
+    needed = int(image.header.get_data_offset()) + _data_bytes(image.header)
+    if not path.name.lower().endswith(".gz"):
+        held = path.stat().st_size
+    else:
+        chunks = []
+        try:
+            with gzip.open(path, "rb") as stream:
+                # In chunks and to the end (the CRC is checked there): one read of the
+                # announced size would allocate it at once, whatever the file holds.
+                while chunk := stream.read(1 << 24):
+                    chunks.append(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise TumorSegError(
+                f"file is truncated or corrupt: the voxel data cannot be read ({_short(exc)})",
+                path,
+            ) from None
+        raw = b"".join(chunks)
+        del chunks
+        held = len(raw)
+    if held < needed:
+        shape = "x".join(map(str, image.header.get_data_shape()))
+        raise TumorSegError(
+            f"file is truncated or its header is corrupt: the header announces {shape} voxels "
+            f"({needed:,} bytes with the header), the file holds {held:,}",
+            path,
+        )
+    if path.name.lower().endswith(".gz"):
+        image = type(image).from_bytes(raw)  # read from memory: decompressed once
+    return image
 
 
 def _short(exc: BaseException) -> str:
@@ -135,7 +186,7 @@ def _short(exc: BaseException) -> str:
 
 
 def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
-    if data.ndim == 4 and data.shape[3] == 1:
+    while data.ndim > 3 and data.shape[-1] == 1:  # e.g. 240x240x155x1x1
         data = data[..., 0]
     if data.ndim == 4:
         raise TumorSegError(
@@ -318,12 +369,16 @@ class Exam:
         The label map (uint8 BraTS labels) on the grid of one of the scans.
     skipped : list[str]
         Messages about files of the folder that were not read (unknown names).
+    unread_labels : list[Path]
+        Label map files of the exam that were not read (``read_exam(read_labels=False)``):
+        still the exam's files, which no output may replace.
     """
 
     scans: dict[str, Volume] = field(default_factory=dict)
     labels: Volume | None = None
     skipped: list[str] = field(default_factory=list)
     name: str = ""
+    unread_labels: list[Path] = field(default_factory=list)
 
     @property
     def reference(self) -> Volume:
@@ -331,24 +386,20 @@ class Exam:
         return next(iter(self.scans.values()))
 
 
-def find_exam_files(folder: str | Path) -> tuple[dict[str, Path], Path | None, list[str]]:
-    """Sequence files, the label file and skip messages of an exam folder, by file name."""
+def find_exam_files(folder: str | Path) -> tuple[dict[str, Path], list[Path], list[str]]:
+    """Sequence files, label files and skip messages of an exam folder, by file name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TumorSegError("is not a folder", folder)
     scans: dict[str, Path] = {}
-    labels: Path | None = None
+    label_files: list[Path] = []
     skipped: list[str] = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_path(p)):
         kind = classify_path(path)
         if kind is None:
             skipped.append(f"{path}: unknown sequence name, not opened")
         elif kind == "labels":
-            if labels is not None:
-                raise TumorSegError(
-                    f"holds two label maps ({labels.name} and {path.name}); keep one", folder
-                )
-            labels = path
+            label_files.append(path)
         elif kind in scans:
             raise TumorSegError(
                 f"holds two {kind} scans ({scans[kind].name} and {path.name}); keep one", folder
@@ -369,12 +420,13 @@ def find_exam_files(folder: str | Path) -> tuple[dict[str, Path], Path | None, l
             "holds no NIfTI scan named by sequence (t1, t1ce, t2, flair, ...)", folder
         )
     ordered = {s: scans[s] for s in SEQUENCES if s in scans}
-    return ordered, labels, skipped
+    return ordered, label_files, skipped
 
 
 def read_exam(
     source: str | Path | list[str | Path] | dict[str, str | Path],
     labels: str | Path | None = None,
+    read_labels: bool = True,
 ) -> Exam:
     """Read the scans (and label map) of one exam.
 
@@ -386,25 +438,42 @@ def read_exam(
         exam's reference geometry.
     labels : path, optional
         A label map; it must lie on the grid of one of the scans.
+    read_labels : bool
+        False: a label map in the folder or among the files is not read (segmenting needs
+        none; a stale or second one is then no reason to refuse the exam).
     """
     skipped: list[str] = []
+    unread: list[Path] = []
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise TumorSegError("no such file or folder", source)
     if isinstance(source, dict):
         unknown = set(source) - set(SEQUENCES)
         if unknown:
             raise TumorSegError(f"unknown sequence(s) {sorted(unknown)}; use {list(SEQUENCES)}")
         files = {k: Path(v) for k, v in source.items() if v is not None}
     elif isinstance(source, (str, Path)) and Path(source).is_dir():
-        files, found_labels, skipped = find_exam_files(source)
-        labels = labels if labels is not None else found_labels
+        files, label_files, skipped = find_exam_files(source)
+        if not read_labels or labels is not None:
+            unread = label_files
+        elif len(label_files) > 1:
+            names = " and ".join(p.name for p in label_files[:2])
+            raise TumorSegError(f"holds two label maps ({names}); keep one", source)
+        else:
+            labels = label_files[0] if label_files else None
     else:
         paths = [source] if isinstance(source, (str, Path)) else list(source)
         files = {}
         for path in map(Path, paths):
             if path.is_dir():
                 raise TumorSegError("give either one case folder or files, not both", path)
+            if not path.exists():
+                raise TumorSegError("no such file or folder", path)
             kind = classify_path(path)
-            if kind == "labels" and labels is None:
+            if kind == "labels" and labels is None and read_labels:
                 labels = path
+                continue
+            if kind == "labels":
+                unread.append(path)
                 continue
             seq = sequence_of(path)
             if seq in files:
@@ -414,7 +483,7 @@ def read_exam(
         if labels is not None:
             raise TumorSegError("no scan given: this file is a label map (by its name)", labels)
         raise TumorSegError("no scan given")
-    exam = Exam(skipped=skipped)
+    exam = Exam(skipped=skipped, unread_labels=unread)
     for seq, path in files.items():
         exam.scans[seq] = read_scan(path)
         exam.scans[seq].name = seq
@@ -478,6 +547,14 @@ def check_output_path(path: str | Path, nifti: bool = True) -> Path:
         raise TumorSegError("output must end in .nii or .nii.gz", path)
     if path.is_dir():
         raise TumorSegError(_IS_A_FOLDER, path)
+    check_can_create(path)
+    return path
+
+
+def check_can_create(path: str | Path) -> None:
+    """A `TumorSegError` naming ``path`` unless it can be created: the nearest existing folder
+    above it must be a folder one can write in (missing folders are made on the way)."""
+    path = Path(path)
     parent = path.absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -485,7 +562,6 @@ def check_output_path(path: str | Path, nifti: bool = True) -> Path:
         raise TumorSegError(f"cannot be written: {parent} is a file, not a folder", path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TumorSegError(f"cannot be written: no permission to write in {parent}", path)
-    return path
 
 
 def check_outputs_apart(outputs, inputs, inputs_are: str = "the input files") -> None:

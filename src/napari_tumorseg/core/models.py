@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import TumorSegError
-from .io import creation_mode
+from .io import check_can_create, creation_mode
 from .unet import build_network
 
 BUNDLED = ("3d", "2d")
@@ -103,6 +103,10 @@ def _read_card(folder: Path) -> dict:
         card = json.loads((folder / CARD_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TumorSegError(f"model card cannot be read ({exc})", folder / CARD_FILE) from None
+    if not isinstance(card, dict):
+        raise TumorSegError(
+            f"model card is not a JSON object (it holds {type(card).__name__})", folder / CARD_FILE
+        )
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise TumorSegError(f"model card lacks {missing}", folder / CARD_FILE)
@@ -165,6 +169,10 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
     """
     folder = model_folder(name)
     card = _read_card(folder)
+    if name not in BUNDLED:
+        # Named by its folder, which is how it is found: a renamed model folder keeps working
+        # (segmentations record this label, and a fine-tune loads its parent by it).
+        card = {**card, "name": folder.parent.name, "version": int(folder.name[1:])}
     try:
         with torch.device("meta"):  # no random initialisation: the weights replace it
             network = build_network(card["architecture"])
@@ -250,7 +258,11 @@ def save_model(
             save_file(head_state, str(tmp / HEAD_FILE))
         (tmp / CARD_FILE).write_text(json.dumps(card, indent=2))
         os.chmod(tmp, creation_mode(folder, directory=True))  # mkdtemp: owner only
-        if folder.exists():
+        if folder.is_dir() and not any(folder.iterdir()):
+            # An empty claim (`save_user_model`): replaced in one rename, so that no other save
+            # can claim the number in between.
+            os.replace(tmp, folder)
+        elif folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
@@ -275,12 +287,21 @@ def check_model_name(name: str) -> str:
         or any(c in name for c in "/\\@")
         or name in BUNDLED
         or name.startswith(".")
-        or len(name) > MAX_NAME
+        or "\0" in name
+        or len(os.fsencode(name)) > MAX_NAME  # bytes: what a file system's limit counts
     ):
         raise TumorSegError(
-            f"{name!r} is not a valid model name (at most {MAX_NAME} characters, no / \\ @, not "
-            "starting with '.'; not 3d or 2d)"
+            f"{name!r} is not a valid model name (at most {MAX_NAME} bytes -- fewer characters "
+            "outside ASCII --, no / \\ @, not starting with '.'; not 3d or 2d)"
         )
+    return name
+
+
+def check_can_save(name: str) -> str:
+    """``name`` if a new version of user model ``name`` can be saved (a valid name, a user
+    models folder that can be written), else a `TumorSegError`: checked before training."""
+    check_model_name(name)
+    check_can_create(user_models_dir() / name / "v1")
     return name
 
 
@@ -326,6 +347,8 @@ def list_models(problems: list[str] | None = None) -> list[dict]:
     for label, folder in found:
         try:
             card = _read_card(folder)
+            if not (folder / WEIGHTS_FILE).is_file():
+                raise TumorSegError(f"no weights ({WEIGHTS_FILE} is missing)", folder)
         except TumorSegError as exc:
             if problems is not None:
                 problems.append(str(exc))

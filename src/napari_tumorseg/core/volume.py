@@ -250,8 +250,8 @@ def check_grid_match(labels: Volume, scans: list[Volume], path=None) -> Volume:
     )
     raise TumorSegError(
         f"the label map's grid ({'x'.join(map(str, labels.spatial_shape))} voxels, "
-        f"{_fmt_spacing(labels.spacing)} mm) matches no open scan ({grids}); "
-        "open the scans it was drawn on",
+        f"{_fmt_spacing(labels.spacing)} mm) matches none of the exam's scans ({grids}); "
+        "it must lie on the grid of the scans it was drawn on",
         path,
     )
 
