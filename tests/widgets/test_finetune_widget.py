@@ -9,7 +9,7 @@ from napari_tumorseg.core.models import user_models_dir
 from napari_tumorseg.core.refine import ITERATIONS
 from napari_tumorseg.widgets.segment import SegmentWidget
 
-from ..conftest import BRATS
+from ..conftest import BRATS, BRATS2023
 
 
 def _digest(root):
@@ -63,6 +63,61 @@ def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
     assert set(widget.last_changes["changes"]) == {"WT", "TC", "ET"}
     widget.revert_model()
     assert widget.model.currentText() == parent
+    # The next fine-tune builds on the model reverted to, and learns from the map the user
+    # selected: here the corrected one, not the newest (unedited) segmentation.
+    viewer.layers.selection.active = labels
+    worker = widget.finetune()
+    assert worker is not None
+    assert widget._finetune_context["parent"] == parent
+    np.testing.assert_array_equal(widget._finetune_context["corrected"], labels.data)
+    widget.cancel()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+
+
+def test_scans_are_known_by_their_layers_not_their_names(corrected_dock, qtbot, monkeypatch):
+    """A renamed scan is the same scan; another exam opened under the same layer names (t1,
+    t1ce, ...) on the same grid is not the exam the corrections were drawn on."""
+    import napari_tumorseg.widgets.segment as segment_module
+
+    viewer, widget, labels = corrected_dock
+    warnings = []
+    monkeypatch.setattr(segment_module, "show_warning", warnings.append)
+    viewer.layers["t1"].name = "T1 native"
+    worker = widget.finetune()
+    assert worker is not None, warnings
+    widget.cancel()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    for name in ("T1 native", "t1ce", "t2", "flair"):
+        viewer.layers.remove(name)
+    viewer.open(str(BRATS2023), plugin="napari-tumorseg")
+    assert {"t1", "t1ce", "t2", "flair"} <= {layer.name for layer in viewer.layers}
+    root = user_models_dir()
+    before = _digest(root)
+    viewer.layers.selection.active = labels
+    assert widget.finetune() is None
+    assert "no longer open" in warnings[-1]
+    assert _digest(root) == before
+
+
+def test_closing_the_dock_cancels_its_finetune(corrected_dock, qtbot):
+    """Closed by its title bar's button, the dock is gone: its job stops, nothing is saved and
+    no segmentation appears afterwards."""
+    viewer, widget, labels = corrected_dock
+    widget.ft_seconds.setValue(60)
+    viewer.window.add_dock_widget(widget)
+    root = user_models_dir()
+    before = _digest(root)
+    names = [layer.name for layer in viewer.layers]
+    worker = widget.finetune()
+    with qtbot.waitSignal(worker.yielded, timeout=120_000):
+        pass
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        viewer.window.remove_dock_widget(widget)
+    qtbot.wait(200)
+    assert _digest(root) == before
+    assert [layer.name for layer in viewer.layers] == names
 
 
 def test_adapt_to_this_exam_fits_the_exam_head_and_resegments(corrected_dock, qtbot):

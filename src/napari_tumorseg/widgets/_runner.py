@@ -15,7 +15,7 @@ from functools import partial
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import QLabel
 
 from ..core.errors import TumorSegError
@@ -250,6 +250,21 @@ class JobError(Exception):
     otherwise swallow it."""
 
 
+class _RemovalWatcher(QObject):
+    """Calls ``on_removed`` when ``widget`` is taken out of its window (its parent set to
+    None: napari's `remove_dock_widget`, the dock's close button)."""
+
+    def __init__(self, widget, on_removed: Callable[[], None]) -> None:
+        super().__init__(widget)
+        self._on_removed = on_removed
+        widget.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 -- Qt's name
+        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+            self._on_removed()
+        return False
+
+
 class Runner:
     """One job at a time: start, cancel, and napari's progress bar.
 
@@ -263,11 +278,14 @@ class Runner:
 
     def __init__(self, description: str, on_start_stop: Callable[[bool], None], owner=None) -> None:
         self.description = description
-        self.on_start_stop = on_start_stop
+        self.on_start_stop = self._quiet(on_start_stop)
         self.owner = owner  # the dock widget: its window's spinner is slowed while a job runs
         if owner is not None:
             # A window closed by its button keeps its layers: its docks' end unfreezes too.
             owner.destroyed.connect(_unfreeze)
+            # A dock closed by its title bar's button (napari takes it out of the window) stops
+            # its job: nothing would show its progress or offer Cancel any more.
+            self._watcher = _RemovalWatcher(owner, self.cancel)
         self._slowed: list = []
         self.worker = None
         self._progress = None
@@ -319,11 +337,13 @@ class Runner:
         job = self._job = object()
         # Events still queued when the job was cancelled are dropped: the caller's layers may
         # already have been restored.
+        on_yield, on_return = self._quiet(on_yield), self._quiet(on_return)
+        on_fail = self._quiet(on_fail) if on_fail is not None else None
         worker.yielded.connect(lambda event: self._job is job and on_yield(event))
         worker.returned.connect(lambda result: self._returned(job, result, on_return))
         worker.aborted.connect(self._close_generator)
         if on_cancel is not None:
-            worker.aborted.connect(on_cancel)
+            worker.aborted.connect(self._quiet(on_cancel))
         worker.errored.connect(lambda exc: self._failed(exc, on_fail))
         worker.finished.connect(lambda: self._finished(job, outcome, on_return))
         self.worker = worker
@@ -336,6 +356,21 @@ class Runner:
 
         run_in_turns([*prepare, worker.start], on_error=prepare_failed)
         return worker
+
+    def _quiet(self, callback: Callable) -> Callable:
+        """``callback``, made to end the job quietly when its widget was deleted (the viewer
+        window closed while a job ran: Qt's "wrapped C/C++ object ... has been deleted")."""
+
+        def call(*args):
+            try:
+                return callback(*args)
+            except RuntimeError as exc:
+                if "has been deleted" not in str(exc):
+                    raise
+                self.cancel()
+                return None
+
+        return call
 
     def set_progress(self, done: int, total: int | None = None, text: str | None = None) -> None:
         """Move napari's progress bar (call from a ``yielded`` callback)."""

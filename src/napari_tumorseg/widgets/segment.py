@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 from functools import partial
 
 import numpy as np
@@ -62,6 +63,19 @@ def with_previews(generator, interval: float = REDRAW_INTERVAL):
     return map_events(generator, pair)
 
 
+class _ModelPicker(QComboBox):
+    """The model picker: its list is read again each time it opens, so that versions saved
+    meanwhile (by another window, the CLI) appear and deleted ones go."""
+
+    def __init__(self, refresh) -> None:
+        super().__init__()
+        self._refresh = refresh
+
+    def showPopup(self) -> None:  # noqa: N802 -- Qt's name
+        self._refresh()
+        super().showPopup()
+
+
 class SegmentWidget(QWidget):
     """Pick the sequences and a model; Run fills WT/TC/ET probability layers live, then adds an
     editable BraTS labels layer and emits ``segmented`` with it."""
@@ -80,7 +94,8 @@ class SegmentWidget(QWidget):
 
         form = QFormLayout(self)
         self.pickers = SequencePickers(napari_viewer, form, prefer="(registered)")
-        self.model = QComboBox()
+        self.model = _ModelPicker(self.refresh_models)
+        self._reported: set[str] = set()  # model folders already warned about
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
         self.overlap = QDoubleSpinBox(minimum=0.0, maximum=0.9, singleStep=0.125, value=0.5)
@@ -135,7 +150,7 @@ class SegmentWidget(QWidget):
         self.tuner = Runner("Fine-tuning", self._set_running, owner=self)
         self._previous_model: str | None = None
         self._after_finetune: dict | None = None
-        self._scan_names: dict = {}
+        self._scan_refs: dict = {}
         self.run_button.clicked.connect(lambda: self.run())  # not clicked(bool) as scan_layers
         self.cancel_button.clicked.connect(self.cancel)
         self.finetune_button.clicked.connect(self.finetune)
@@ -149,7 +164,9 @@ class SegmentWidget(QWidget):
         problems: list[str] = []
         labels = [card["label"] for card in list_models(problems)]
         for problem in problems:
-            show_warning(f"Segment tumour: a model was left out: {problem}")
+            if problem not in self._reported:  # once, not at every opening of the picker
+                self._reported.add(problem)
+                show_warning(f"Segment tumour: a model was left out: {problem}")
         self.model.clear()
         self.model.addItems(labels)
         if current in labels:
@@ -171,8 +188,9 @@ class SegmentWidget(QWidget):
         self.tuner.cancel()
 
     def run(self, scan_layers: dict | None = None):
-        """Start segmenting the picked sequences (or ``scan_layers``: sequence -> layer name);
-        returns the worker (None if nothing to do)."""
+        """Start segmenting the picked sequences (or ``scan_layers``: sequence -> weak
+        reference to a scan layer, those a segmentation was made from); returns the worker
+        (None if nothing to do)."""
         try:
             layers = self._scan_layers(scan_layers)
             exam = Exam(scans=volumes_of(layers), name=self._case_name(layers))
@@ -183,7 +201,7 @@ class SegmentWidget(QWidget):
             self.status.setText(str(exc))
             self._after_finetune = None
             return None
-        self._scan_names = {seq: layer.name for seq, layer in layers.items()}
+        self._scan_refs = {seq: weakref.ref(layer) for seq, layer in layers.items()}
         self._prob_layers, self._reused = {}, {}
         self._last_redraw = 0.0
         missing = [s for s in SEQUENCES if s not in exam.scans]
@@ -242,17 +260,24 @@ class SegmentWidget(QWidget):
             *probability_layer_data(empty, name=f"{probability_layer_name(region)} (running)")
         )
 
-    def _scan_layers(self, names: dict | None) -> dict:
-        """Sequence -> layer: the pickers' choice, or the layers named in ``names`` (the scans
-        a segmentation was made from), which must still be open."""
-        if names is None:
+    def _scan_layers(self, refs: dict | None) -> dict:
+        """Sequence -> layer: the pickers' choice, or the layers of ``refs`` (weak references
+        to the scans a segmentation was made from), which must still be open.
+
+        The layers themselves, not their names: another exam opened under the same layer
+        names (t1, t1ce, ...) must not be taken for this one, and a renamed scan is the
+        same scan."""
+        if refs is None:
             return self.pickers.selected_layers()
-        gone = [name for name in names.values() if name not in self.viewer.layers]
+        layers = {seq: ref() for seq, ref in refs.items()}
+        gone = [seq for seq, layer in layers.items() if layer not in self.viewer.layers]
         if gone:
             raise TumorSegError(
-                f"the scans this segmentation was made from are no longer open ({', '.join(gone)})"
+                f"the {', '.join(gone)} scan{'s' if len(gone) > 1 else ''} this segmentation "
+                "was made from is no longer open (closed, or replaced by another exam's): "
+                "segment the open scans first"
             )
-        return {seq: self.viewer.layers[name] for seq, name in names.items()}
+        return layers
 
     def _discard_probability_layers(self, outcome: str = "cancelled") -> None:
         self._after_finetune = None
@@ -310,7 +335,7 @@ class SegmentWidget(QWidget):
                     result,
                     self._exam_name,
                     self._model,
-                    self._scan_names,
+                    self._scan_refs,
                     run,
                 ),
                 partial(setattr, self, "labels_layer"),
@@ -330,16 +355,16 @@ class SegmentWidget(QWidget):
         layer.name = probability_layer_name(region)
         layer.metadata.setdefault(META_KEY, {})["run"] = run
 
-    def _make_labels_layer(self, result, exam_name: str, model, scan_names: dict, run: str):
+    def _make_labels_layer(self, result, exam_name: str, model, scan_refs: dict, run: str):
         data, kwargs, _ = labels_layer_data(result.labels, name=f"{exam_name} segmentation")
         # Remember what the model said, so edits (the user's corrections) can be told apart.
         kwargs["metadata"][META_KEY].update(
             model=model.label,
             model_labels=result.labels.array.copy(),
             sequences=list(result.used_sequences),
-            # The scan layers it was made from: fine-tuning learns from these, whatever the
-            # pickers show by then.
-            scan_layers=dict(scan_names),
+            # The scan layers it was made from (weak references): fine-tuning learns from
+            # these, whatever the pickers show by then.
+            scan_layers=dict(scan_refs),
             # The rules that made the map (the card's post-processing and the thresholds
             # used), so that new thresholds (Review dock) start from them and apply the rest.
             postprocess=result.postprocess,
@@ -373,8 +398,8 @@ class SegmentWidget(QWidget):
         """Fine-tune the model on the edits of the current segmentation; returns the worker."""
         from .review import edited_voxels, model_output
 
-        layer = self.labels_layer
-        if layer is None or layer not in self.viewer.layers:
+        layer = self._corrected_layer()
+        if layer is None:
             show_warning("Fine-tune: segment the exam first, then correct the label map")
             return None
         edited = edited_voxels(layer)
@@ -383,7 +408,9 @@ class SegmentWidget(QWidget):
             return None
         meta = layer.metadata.get(META_KEY, {})
         try:
-            model = load_model(meta.get("model") or self.model.currentText())
+            # The model the picker shows (after "Revert", the one reverted to), which may not
+            # be the one that made the map: the corrected labels are what it learns.
+            model = load_model(self.model.currentText())
             scans = self._scan_layers(meta.get("scan_layers"))
             exam = Exam(scans=volumes_of(scans), name=self._case_name(scans))
             check_one_grid(exam)  # same grid check as for segmenting
@@ -400,10 +427,15 @@ class SegmentWidget(QWidget):
             "edited": edited,
             "spacing": exam.reference.spacing,
             "parent": model.label,
-            "scan_layers": {seq: scan.name for seq, scan in scans.items()},
+            "scan_layers": {seq: weakref.ref(scan) for seq, scan in scans.items()},
         }
         self.loss_curve.clear()
-        self.changes.setText(f"fine-tuning {model.label} on {int(edited.sum())} corrected voxels")
+        made_by = meta.get("model")
+        self.changes.setText(
+            f"fine-tuning {model.label} on {int(edited.sum())} corrected voxels of "
+            f"{layer.name!r}"
+            + (f" (a map made by {made_by})" if made_by and made_by != model.label else "")
+        )
         generator = finetune_and_save(
             model,
             exam,
@@ -426,6 +458,15 @@ class SegmentWidget(QWidget):
             ),
             on_fail=lambda: self.changes.setText("fine-tuning failed: nothing was saved"),
         )
+
+    def _corrected_layer(self):
+        """The label map to learn from: the selected layer when it is a segmentation of this
+        plugin (the user may have corrected an earlier one), else the latest segmentation."""
+        selected = self.viewer.layers.selection.active
+        if selected is not None and "model_labels" in selected.metadata.get(META_KEY, {}):
+            return selected
+        layer = self.labels_layer
+        return layer if layer is not None and layer in self.viewer.layers else None
 
     def _on_finetune_step(self, progress) -> None:
         if progress.loss is None:  # "adapt": the parent still segments the exam
@@ -481,7 +522,13 @@ class SegmentWidget(QWidget):
         """Select the model that was used before the last fine-tuning (one click)."""
         if self._previous_model is not None:
             self.refresh_models(select=self._previous_model)
-            self.changes.setText(f"reverted to {self._previous_model}")
+            if self.model.currentText() == self._previous_model:
+                self.changes.setText(f"reverted to {self._previous_model}")
+            else:
+                self.changes.setText(
+                    f"{self._previous_model} is no longer installed: pick a model above"
+                )
+                show_warning(f"Segment tumour: {self._previous_model} is no longer installed")
             self.revert_button.setEnabled(False)
 
     def _case_name(self, layers: dict) -> str:
