@@ -9,6 +9,7 @@ import npe2
 import numpy as np
 import pytest
 
+from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.io import read_volume
 
 from .conftest import BRATS, BRATS2023, ROOT, TCGA_RAW
@@ -99,6 +100,14 @@ def test_dropping_exams_together_or_twice_is_said(tmp_path):
     assert any("shown over the scans of exam BraTS-GLI-00001-000" in w for w in warnings)
     _, warnings = read_layers([seg], open_scans=[read_volume(flair)])
     assert warnings == []
+    # The label map too: its edits would be split across two copies. An exam folder opened
+    # twice (a sample, say) is one warning, not one per file.
+    labels = read_volume(seg, kind="labels")
+    _, warnings = read_layers([seg], open_scans=[read_volume(flair)], open_labels=[labels])
+    assert len(warnings) == 1 and str(seg) in warnings[0] and "already open" in warnings[0]
+    scans = [read_volume(p) for p in sorted(BRATS.glob("*.nii.gz")) if p != seg]
+    _, warnings = read_layers([BRATS], open_scans=scans, open_labels=[labels])
+    assert len(warnings) == 1 and "and 4 more files: already open" in warnings[0]
     # An empty folder, or a folder of exam folders, is ours to explain (napari said only
     # "the reader refused the file").
     empty = tmp_path / "empty"
@@ -277,3 +286,13 @@ def test_writer_refuses_labels_the_reader_would_refuse(tmp_path):
     with pytest.raises(TumorSegError, match="values 5"):
         write_labels_layer(str(out), data, attributes)
     assert not out.exists()
+
+
+def test_the_writer_refuses_a_labels_layer_that_is_not_3d(tmp_path):
+    """napari offers our writer for every labels layer: a 2D one got a raw ValueError."""
+    from napari_tumorseg._writer import write_labels_layer
+
+    for data in (np.zeros((4, 4), np.uint8), np.zeros((2, 3, 4, 4), np.uint8)):
+        with pytest.raises(TumorSegError, match="is not a 3D"):
+            write_labels_layer(str(tmp_path / "m.nii.gz"), data, {"name": "drawn"})
+    assert not list(tmp_path.iterdir())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.errors import TumorSegError
-from .core.io import BRATS_LABELS
+from .core.io import BRATS_LABELS, to_brats_labels
 from .core.volume import SourceGeometry, Volume
 
 META_KEY = "tumorseg"
@@ -36,7 +36,7 @@ def volume_from_layer(data: np.ndarray, attributes: dict, name: str = "") -> Vol
     labels layer drawn by hand) it rebuilds the affine from the layer's scale/translate/rotate.
     """
     meta = (attributes.get("metadata") or {}).get(META_KEY)
-    if meta is not None:
+    if meta is not None and "affine" in meta:  # (a layer can carry our key without geometry)
         source = None
         if meta.get("source_header") is not None:
             path = meta.get("source_path")
@@ -80,6 +80,17 @@ def layer_volume(layer) -> Volume:
         "rotate": layer.rotate,
     }
     return volume_from_layer(layer.data, attributes, layer.name)
+
+
+def painted_labels(data, name: str) -> np.ndarray:
+    """A labels layer's data as BraTS labels (`core.io.to_brats_labels`, refusing other values
+    and naming the layer). A 3 in a layer was painted -- the reader turns BraTS 2023's 3 into
+    4 -- so it is enhancing tumour, as the layer shows and measures it (`core.io.REGIONS`),
+    even beside 4s."""
+    data = np.asarray(data)
+    if (data == 3).any():
+        data = np.where(data == 3, np.asarray(4, data.dtype), data)
+    return to_brats_labels(data, f"layer {name!r}")
 
 
 def edit_history(layer, redo: bool = False):
@@ -163,6 +174,7 @@ def brats_colormap():
 
     colors = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
     colors.update({value: rgba for value, (_, _, rgba) in BRATS_LABELS.items()})
+    colors[3] = colors[4]  # a painted 3 is enhancing tumour (`core.io.REGIONS`): shown as such
     return DirectLabelColormap(color_dict=colors)
 
 

@@ -54,7 +54,7 @@ def read_nifti(path) -> list[tuple]:
 
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     try:
-        layers, warnings = read_layers(paths, open_scans=_open_scan_volumes())
+        layers, warnings = read_layers(paths, *open_volumes())
     except TumorSegError as exc:
         show_error(str(exc))
         return _NOTHING
@@ -63,17 +63,19 @@ def read_nifti(path) -> list[tuple]:
     return layers or _NOTHING
 
 
-def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
+def read_layers(paths, open_scans=(), open_labels=()) -> tuple[list[tuple], list[str]]:
     """Layer-data tuples and warnings for files and exam folders (no napari needed).
 
     ``open_scans`` are the scans already in the viewer: a label map read on its own must lie on
-    the grid of one of them or of a scan read alongside it.
+    the grid of one of them or of a scan read alongside it. A file already open among them or
+    ``open_labels`` (the label maps in the viewer) is warned about: a second copy.
     """
     layers: list[tuple | None] = []
     warnings: list[str] = []
     scans = []
     scan_layers = []  # their layer-data tuples, in the same order
     pending_labels = []
+    label_maps = []  # the label maps read, for the "already open" warning
     exams: dict[str, Path] = {}  # exam name -> the first path read of it
     for p in map(Path, paths):
         if p.is_dir():
@@ -85,6 +87,7 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
             scan_layers += read
             layers += read
             if exam.labels is not None:
+                label_maps.append(exam.labels)
                 layers.append(labels_layer_data(exam.labels, name=f"{exam.name} labels"))
             continue
         if holds_region_maps(p):  # what `tumorseg segment --prob` writes
@@ -93,6 +96,7 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
             continue
         volume = read_volume(p)
         if volume.name == "labels":
+            label_maps.append(volume)
             pending_labels.append((len(layers), volume, p))
             layers.append(None)
             continue
@@ -110,7 +114,7 @@ def read_layers(paths, open_scans=()) -> tuple[list[tuple], list[str]]:
             f"these files belong to {len(exams)} exams ({', '.join(exams)}); their scans are "
             "named by sequence only: open one exam at a time to keep them apart"
         )
-    warnings += _already_open(scans, open_scans)
+    warnings += _already_open([*scans, *label_maps], [*open_scans, *open_labels])
     candidates = [*open_scans, *scans]
     for index, volume, p in pending_labels:
         if candidates:
@@ -140,29 +144,40 @@ def _exam_of(volume) -> str | None:
     return None if path is None else case_name(path)
 
 
-def _already_open(scans, open_scans) -> list[str]:
-    """Warnings for scans whose file is open already (a second copy, named " [1]")."""
+def _already_open(volumes, open_volumes) -> list[str]:
+    """A warning for scans and label maps whose file is open already (second copies, named
+    " [1]"): one line for them all (an exam folder opened twice is one mistake)."""
     opened = {
         Path(v.source.path).resolve()
-        for v in open_scans
+        for v in open_volumes
         if v.source is not None and v.source.path is not None
     }
-    return [
-        f"{v.source.path}: already open; this is a second copy of it (napari adds ' [1]' to "
-        "its name) -- edits to one copy do not reach the other"
-        for v in scans
+    again = [
+        str(v.source.path)
+        for v in volumes
         if v.source is not None and v.source.path and Path(v.source.path).resolve() in opened
+    ]
+    if not again:
+        return []
+    what = again[0] if len(again) == 1 else f"{again[0]} and {len(again) - 1} more files"
+    copies = "this is a second copy of it" if len(again) == 1 else "these are second copies"
+    return [
+        f"{what}: already open; {copies} (napari adds ' [1]' to the names) -- edits to one "
+        "copy do not reach the other"
     ]
 
 
-def _open_scan_volumes() -> list:
-    """Scans (3D image layers) open in the current viewer."""
+def open_volumes() -> tuple[list, list]:
+    """Scans (3D image layers) and label maps (3D labels layers) open in the current viewer."""
     try:
         import napari
 
         viewer = napari.current_viewer()
     except Exception:  # no viewer (headless use of the reader)
-        return []
+        return [], []
     if viewer is None:
-        return []
-    return [layer_volume(layer) for layer in viewer.layers if is_volume_layer(layer, "image")]
+        return [], []
+    return tuple(
+        [layer_volume(layer) for layer in viewer.layers if is_volume_layer(layer, kind)]
+        for kind in ("image", "labels")
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from ._reader import read_layers
+from ._reader import open_volumes, read_layers
 
 
 def sample_data_dir() -> Path:
@@ -21,9 +21,19 @@ def sample_exam_dir(name: str) -> Path:
     return sample_data_dir() / name
 
 
+def _read_sample(name: str) -> list[tuple]:
+    """A sample exam's layer data; a sample opened twice is warned about (a second copy)."""
+    from napari.utils.notifications import show_warning
+
+    layers, warnings = read_layers([sample_exam_dir(name)], *open_volumes())
+    for message in warnings:
+        show_warning(message)
+    return layers
+
+
 def labelled_brats2018() -> list[tuple]:
     """Sample (a): the labelled BraTS 2018 exam, four sequences and the expert labels."""
-    return read_layers([sample_exam_dir("brats2018")])[0]
+    return _read_sample("brats2018")
 
 
 def raw_clinical_exam() -> list[tuple]:
@@ -38,7 +48,7 @@ def raw_clinical_exam() -> list[tuple]:
         "t1": {"visible": False},
         "t2": {"visible": False},
     }
-    layers = read_layers([sample_exam_dir("tcga_raw")])[0]
+    layers = _read_sample("tcga_raw")
     for _, kwargs, _ in layers:
         kwargs.update(looks.get(kwargs["name"], {}))
         kwargs["name"] = f"{kwargs['name']} (raw)"
@@ -47,4 +57,4 @@ def raw_clinical_exam() -> list[tuple]:
 
 def brats2023() -> list[tuple]:
     """Sample (c): the BraTS 2023 exam (t1n, t1c, t2w, t2f)."""
-    return read_layers([sample_exam_dir("brats2023")])[0]
+    return _read_sample("brats2023")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layers import META_KEY, is_volume_layer, layer_volume, volume_from_layer
+from ._layers import META_KEY, is_volume_layer, layer_volume, painted_labels, volume_from_layer
 from .core.errors import TumorSegError
-from .core.io import to_brats_labels, write_labels
+from .core.io import write_labels
 from .core.volume import Volume
 
 
@@ -19,6 +19,12 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     replaced atomically, never left half-written.
     """
     name = attributes.get("name", "labels")
+    if np.ndim(data) != 3:
+        shape = "x".join(map(str, np.shape(data)))
+        raise TumorSegError(
+            f"layer {name!r} ({shape}) is not a 3D (Z, Y, X) label map: it cannot be saved as a "
+            "NIfTI mask of a scan"
+        )
     if not path.lower().endswith((".nii", ".nii.gz")):
         path = f"{path}.nii.gz"
     return [str(save_labels(path, volume_from_layer(data, attributes, name), name))]
@@ -62,5 +68,5 @@ def save_labels(path, like: Volume, name: str, viewer=None, outputs=None):
             if scan.same_grid(like):
                 like.source = scan.source
                 break
-    labels = to_brats_labels(np.asarray(like.array), f"layer {name!r}")
+    labels = painted_labels(like.array, name)
     return write_labels(path, labels, like, outputs=outputs)

@@ -146,3 +146,49 @@ def test_layers_that_are_not_3d_maps_are_not_offered(viewer_and_dock):
 
     with pytest.raises(TumorSegError, match="'sketch' .20x20. is not a 3D"):
         layer_volume(flat)
+
+
+def test_a_painted_3_is_shown_measured_and_saved_as_enhancing_tumour(viewer_and_dock, tmp_path):
+    """napari's label spinner passes 3 between 2 and 4: it was drawn invisible, left out of
+    the volumes and report, and yet saved as 4 (or refused beside 4s)."""
+    viewer, widget = viewer_and_dock
+    labels = viewer.layers[-1]
+    assert labels.colormap.map(3).tolist() == labels.colormap.map(4).tolist()
+    et_before, wt_before = _volume(widget, 2), _volume(widget, 4)
+    block = np.zeros(labels.data.shape, bool)
+    block[70, 20:30, 20:30] = True  # outside the tumour: 100 voxels of 1 mm^3
+    labels.data_setitem(np.nonzero(block), 3)
+    widget.update_measurements()
+    assert _volume(widget, 2) == pytest.approx(et_before + 0.1, abs=0.005)
+    assert _volume(widget, 4) == pytest.approx(wt_before + 0.1, abs=0.005)
+    target = tmp_path / "mask.nii.gz"
+    assert widget.save(target)  # beside the map's 4s
+    saved = np.asanyarray(nib.load(str(target)).dataobj)
+    assert set(np.unique(saved).tolist()) <= {0, 1, 2, 4}
+    report = json.loads((tmp_path / "mask_report.json").read_text())
+    assert report["volumes_ml"]["ET"] == pytest.approx(_volume(widget, 2), abs=0.01)
+
+
+def test_scores_are_cleared_when_the_reference_is_edited(viewer_and_dock):
+    viewer, widget = viewer_and_dock
+    expert = viewer.layers[-1]
+    viewer.add_labels(expert.data.copy(), name="mine", metadata=expert.metadata)
+    widget.layer_box.setCurrentText("mine")
+    widget.reference_box.setCurrentText(expert.name)
+    assert widget.evaluate()["ET"]["dice"] == 1.0
+    expert.data_setitem(np.nonzero(expert.data == 4), 0)
+    assert widget.scores is None
+    assert widget.scores_table.item(2, 0).text() == "-"
+
+
+def test_renamed_layers_stay_chosen(viewer_and_dock):
+    viewer, widget = viewer_and_dock
+    expert = viewer.layers[-1]
+    mine = viewer.add_labels(expert.data.copy(), name="mine", metadata=expert.metadata)
+    widget.layer_box.setCurrentText("mine")
+    widget.reference_box.setCurrentText(expert.name)
+    expert.name = "expert"
+    mine.name = "my map"
+    assert widget.reference_box.currentText() == "expert"
+    assert widget.layer_box.currentText() == "my map"
+    assert widget.evaluate()["WT"]["dice"] == 1.0

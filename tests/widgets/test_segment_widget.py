@@ -619,3 +619,42 @@ def test_review_dock_opened_after_a_card_threshold_segmentation_applies_nothing_
     before = labels.data.copy()
     assert review.apply_thresholds() == 0
     np.testing.assert_array_equal(labels.data, before)
+
+
+def test_review_follows_a_renamed_map_and_its_own_uncertainty_layer(make_napari_viewer):
+    """A renamed map stays the one the dock acts on; "Next uncertain slice" finds the dock's
+    own uncertainty map whatever it is called (it raised KeyError once renamed, and moved
+    by a user's layer named "uncertainty" instead)."""
+    from napari.layers import Layer
+
+    from napari_tumorseg._layers import probability_layer_data
+    from napari_tumorseg.core.volume import Volume
+    from napari_tumorseg.widgets.review import UNCERTAINTY
+    from napari_tumorseg.widgets.segment import probability_layer_name
+
+    viewer = make_napari_viewer()
+    shape = (12, 16, 16)
+    volume = Volume(np.zeros(shape, np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    z = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    for index, region in enumerate(("WT", "TC", "ET")):
+        p = np.broadcast_to(np.clip(z / shape[0] - 0.1 * index, 0, 1), shape).copy()
+        data, kwargs, kind = probability_layer_data(
+            volume.with_array(p, name=region), probability_layer_name(region)
+        )
+        viewer.add_layer(Layer.create(data, kwargs, kind))
+    labels = np.zeros(shape, np.uint8)
+    labels[5, 8, 8] = 2  # a stray voxel
+    made = viewer.add_labels(
+        labels.copy(), name="segmentation", metadata={META_KEY: {"model_labels": labels}}
+    )
+    review = ReviewWidget(viewer, confirm=lambda question: True)
+    made.name = "my map"
+    assert review.layer_box.currentText() == "my map" and review.labels_layer is made
+    review.island_ml.setValue(1.0)
+    assert review._remove_islands() == 1 and made.data.max() == 0
+    viewer.add_image(np.zeros((3, 4, 4), np.float32), name=UNCERTAINTY, translate=(40, 0, 0))
+    ours = review.show_uncertainty()
+    assert ours.name != UNCERTAINTY
+    ours.name = "uncertainty (exam 1)"
+    slice_z = review.next_uncertain_slice()
+    assert viewer.dims.point[0] == pytest.approx(2.0 * slice_z)

@@ -42,7 +42,10 @@ BRATS_LABELS: dict[int, tuple[str, str, tuple[float, float, float, float]]] = {
 }
 
 #: Evaluated regions as sets of BraTS label values, in model output order.
-REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+#: 3 counts as enhancing tumour: files in the BraTS 2023 convention are read with 3 as 4, so
+#: a 3 in a layer was painted there (napari's label spinner passes it between 2 and 4), and is
+#: saved as 4 (`to_brats_labels`): measured as it will be saved.
+REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3, 4), "TC": (1, 3, 4), "ET": (3, 4)}
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

@@ -19,6 +19,7 @@ def tumour_volumes_ml(labels: np.ndarray, voxel_volume_ml: float) -> dict[str, f
     ``bincount`` that first widens every voxel to 64 bits): cheap enough for every edit.
     """
     counts = {value: int(np.count_nonzero(labels == value)) for value in BRATS_LABELS}
+    counts[4] += int(np.count_nonzero(labels == 3))  # painted 3: saved as 4 (`io.REGIONS`)
     volumes = {
         short: counts[value] * voxel_volume_ml for value, (short, _, _) in BRATS_LABELS.items()
     }

@@ -25,16 +25,9 @@ class SequencePickers:
         self.boxes = {seq: QComboBox() for seq in SEQUENCES}
         for seq, box in self.boxes.items():
             form.addRow(seq, box)
-        viewer.layers.events.inserted.connect(self._inserted)
+        viewer.layers.events.inserted.connect(self.refresh)
         viewer.layers.events.removed.connect(self.refresh)
-        for layer in viewer.layers:
-            layer.events.name.connect(self.refresh)
-        self.refresh()
-
-    def _inserted(self, event) -> None:
-        # A renamed layer would otherwise stay in the boxes under its old name, and be left
-        # out of the run without a word.
-        event.value.events.name.connect(self.refresh)
+        follow_renames(viewer, self.refresh)
         self.refresh()
 
     def _candidates(self) -> list:
@@ -76,6 +69,15 @@ class SequencePickers:
     def selected_volumes(self) -> dict:
         """Sequence -> Volume of the selected layers (named by sequence)."""
         return volumes_of(self.selected_layers())
+
+
+def follow_renames(viewer, callback) -> None:
+    """Call ``callback`` whenever a layer of ``viewer`` -- open now or added later -- is
+    renamed: a dock's layer lists would otherwise keep the old name, and act on nothing (or
+    on another layer) without a word."""
+    for layer in viewer.layers:
+        layer.events.name.connect(callback)
+    viewer.layers.events.inserted.connect(lambda event: event.value.events.name.connect(callback))
 
 
 def volumes_of(layers: dict) -> dict:

@@ -27,6 +27,7 @@ from ..core.errors import TumorSegError
 from ..core.io import REGIONS, OutputFiles
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from ..pipeline import label_map_report, report_paths, thresholds_text, write_report
+from ._pickers import follow_renames
 from .review import thresholds_in_force
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
@@ -54,7 +55,8 @@ class MeasureWidget(QWidget):
         self.viewer = napari_viewer
         self._layer = None
         self.scores: dict | None = None
-        self._scored_reference: str | None = None
+        self._scored_reference = None  # the reference layer the scores were measured against
+        self._reference = None  # the reference layer chosen
         self._history: tuple = ()
         self.layer_box = QComboBox()
         self.table = QTableWidget(len(ROWS), 1)
@@ -85,10 +87,12 @@ class MeasureWidget(QWidget):
         self._timer = QTimer(self, singleShot=True, interval=DEBOUNCE_MS)
         self._timer.timeout.connect(self.update_measurements)
         self.layer_box.currentTextChanged.connect(self._select_layer)
+        self.reference_box.currentTextChanged.connect(self._select_reference)
         self.evaluate_button.clicked.connect(self.evaluate)
         self.save_button.clicked.connect(self._save_clicked)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
+        follow_renames(self.viewer, self._refresh_choices)
         self._refresh_choices()
 
     # ------------------------------------------------------------------ layers
@@ -97,8 +101,11 @@ class MeasureWidget(QWidget):
 
     def _refresh_choices(self, event=None) -> None:
         names = self._labels_names()
+        # The chosen layers keep their place under a new name (napari's rename).
+        chosen = {self.layer_box: self._layer, self.reference_box: self._reference}
         for box, extra in ((self.layer_box, []), (self.reference_box, [NO_REFERENCE])):
-            current = box.currentText()
+            layer = chosen[box]
+            current = layer.name if layer in self.viewer.layers else box.currentText()
             box.blockSignals(True)
             box.clear()
             box.addItems([*extra, *names])
@@ -107,7 +114,25 @@ class MeasureWidget(QWidget):
             elif box is self.layer_box and names:
                 box.setCurrentText(names[-1])  # the newest map, e.g. a fresh segmentation
             box.blockSignals(False)
+        self._select_reference(self.reference_box.currentText())
         self._select_layer(self.layer_box.currentText())
+
+    def _select_reference(self, name: str) -> None:
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if layer is self._reference:
+            return
+        if self._reference is not None:
+            self._reference.events.paint.disconnect(self._reference_edited)
+            self._reference.events.data.disconnect(self._reference_edited)
+        self._reference = layer
+        if layer is not None:
+            layer.events.paint.connect(self._reference_edited)
+            layer.events.data.connect(self._reference_edited)
+
+    def _reference_edited(self, event=None) -> None:
+        # Dice/HD95 against the reference as it was would go into the report.
+        if self.scores is not None and self._scored_reference is self._reference:
+            self._clear_scores()
 
     def _select_layer(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
@@ -167,11 +192,11 @@ class MeasureWidget(QWidget):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict | None:
         """Dice and HD95 of the selected map against the reference layer (shown in the table)."""
-        name = self.reference_box.currentText()
         self._clear_scores()
-        if self._layer is None or name not in self.viewer.layers:
+        if self._layer is None or self._reference is None:
             return None
-        reference = layer_volume(self.viewer.layers[name])
+        name = self._reference.name
+        reference = layer_volume(self._reference)
         labels = layer_volume(self._layer)
         if not labels.same_grid(reference):
             show_error(f"Evaluate: {self._layer.name} and {name} lie on different grids")
@@ -179,7 +204,7 @@ class MeasureWidget(QWidget):
         self.scores = evaluate_labels(
             np.asarray(labels.array), np.asarray(reference.array), labels.spacing
         )
-        self._scored_reference = name
+        self._scored_reference = self._reference
         for row, region in enumerate(REGIONS):
             s = self.scores[region]
             self.scores_table.setItem(row, 0, QTableWidgetItem(f"{s['dice']:.3f}"))
@@ -229,7 +254,7 @@ class MeasureWidget(QWidget):
                 model=meta.get("model"),
                 thresholds=thresholds,
                 mask_file=str(path),
-                reference=self._scored_reference if self.scores else None,
+                reference=self._scored_reference.name if self.scores else None,
                 metrics=self.scores,
             )
             # The mask and its report replace earlier files together or not at all: a report

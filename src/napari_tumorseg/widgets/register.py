@@ -167,6 +167,9 @@ class RegisterWidget(QWidget):
         for seq, r in result.results.items():
             if seq == result.reference:
                 continue
+            if math.isnan(r.metric):  # "already registered": resampled, not registered
+                lines.append(f"{seq}: resampled onto the reference grid only")
+                continue
             before = "" if math.isnan(r.quality_before) else f" (before {r.quality_before:.2f})"
             lines.append(
                 f"{seq}: MI {r.metric:.3f}, head overlap {r.quality:.2f}{before}, {r.seconds:.1f} s"

@@ -31,6 +31,7 @@ from ..core.postprocess import (
     remove_small_islands,
     uncertain_slices,
 )
+from ._pickers import follow_renames
 from .segment import probability_layer_name
 
 UNCERTAINTY = "uncertainty"
@@ -117,6 +118,7 @@ class ReviewWidget(QWidget):
         self.confirm = confirm or _ask
         self._slice_order: list[int] = []
         self._slice_pos = -1
+        self._chosen = None  # the label map the dock is on (followed through renames)
 
         self.layer_box = QComboBox()
         self.sliders = {}
@@ -167,11 +169,15 @@ class ReviewWidget(QWidget):
         self.layer_box.currentTextChanged.connect(self._on_layer_chosen)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
+        follow_renames(self.viewer, self._refresh_choices)
         self._refresh_choices()
 
     # ------------------------------------------------------------------ layers
     def _refresh_choices(self, event=None) -> None:
-        current = shown = self.layer_box.currentText()
+        shown = self.layer_box.currentText()
+        # The chosen map keeps its place under a new name (napari's rename).
+        chosen = self._chosen
+        current = chosen.name if chosen is not None and chosen in self.viewer.layers else shown
         names = [layer.name for layer in self.viewer.layers if is_volume_layer(layer, "labels")]
         inserted = event.value if getattr(event, "type", None) == "inserted" else None
         if _is_segmentation(inserted):
@@ -188,14 +194,17 @@ class ReviewWidget(QWidget):
         elif names:
             self.layer_box.setCurrentText(names[-1])
         self.layer_box.blockSignals(False)
-        chosen = self.layer_box.currentText()
-        if event is None or chosen != shown or (inserted is not None and chosen == inserted.name):
-            self._on_layer_chosen(chosen)
+        name = self.layer_box.currentText()
+        if event is None or name != current or (inserted is not None and name == inserted.name):
+            self._on_layer_chosen(name)
+        else:
+            self._chosen = self.labels_layer
 
     def _on_layer_chosen(self, name: str) -> None:
         """Set the sliders to the thresholds of the map the dock is on (`thresholds_in_force`),
         so that "Apply thresholds" starts from them; a map no model made leaves them alone."""
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        self._chosen = layer
         if _is_segmentation(layer):
             for region, value in zip(REGIONS, thresholds_in_force(layer)):
                 self.sliders[region].setValue(round(value * 100))
@@ -292,16 +301,7 @@ class ReviewWidget(QWidget):
             return None
         uncertainty = entropy_map(prob)
         source = self.viewer.layers[probability_layer_name("WT")]
-        # Only a map this dock made is refreshed or replaced; a layer the user opened under
-        # the same name is left alone (napari names the new one "uncertainty [1]").
-        layer = next(
-            (
-                layer
-                for layer in self.viewer.layers
-                if layer.metadata.get(META_KEY, {}).get("role") == UNCERTAINTY
-            ),
-            None,
-        )
+        layer = self._uncertainty_layer()
         if layer is not None and layer_volume(layer).same_grid(layer_volume(source)):
             layer.data = uncertainty
         else:
@@ -324,18 +324,31 @@ class ReviewWidget(QWidget):
         self.status.setText(f"{len(self._slice_order)} slices hold uncertain voxels")
         return layer
 
+    def _uncertainty_layer(self):
+        """The uncertainty map this dock made, whatever it is called now: a layer the user
+        opened under the same name is left alone (napari names ours "uncertainty [1]")."""
+        return next(
+            (
+                layer
+                for layer in self.viewer.layers
+                if layer.metadata.get(META_KEY, {}).get("role") == UNCERTAINTY
+            ),
+            None,
+        )
+
     def next_uncertain_slice(self) -> int | None:
         """Move the viewer to the next most uncertain axial slice (cycling); returns it."""
-        if (
-            not self._slice_order or UNCERTAINTY not in self.viewer.layers
-        ) and self.show_uncertainty() is None:
-            return None
+        layer = self._uncertainty_layer()
+        if not self._slice_order or layer is None:
+            layer = self.show_uncertainty()
+            if layer is None:
+                return None
         if not self._slice_order:
             show_info("The model is sure everywhere")
             return None
         self._slice_pos = (self._slice_pos + 1) % len(self._slice_order)
         z = self._slice_order[self._slice_pos]
-        self.viewer.dims.set_point(0, _world_z_of_slice(self.viewer.layers[UNCERTAINTY], z))
+        self.viewer.dims.set_point(0, _world_z_of_slice(layer, z))
         self.status.setText(
             f"slice {z} ({self._slice_pos + 1} of {len(self._slice_order)} uncertain slices)"
         )

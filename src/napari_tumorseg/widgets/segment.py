@@ -24,11 +24,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, labels_layer_data, layer_volume, probability_layer_data
+from .._layers import (
+    META_KEY,
+    labels_layer_data,
+    layer_volume,
+    painted_labels,
+    probability_layer_data,
+)
 from ..core.errors import TumorSegError
 from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import check_one_grid, segment
-from ..core.io import REGIONS, SEQUENCES, Exam, case_name, to_brats_labels
+from ..core.io import REGIONS, SEQUENCES, Exam, case_name
 from ..core.jobs import map_events
 from ..core.models import list_models, load_model
 from ._loss_curve import LossCurve
@@ -416,7 +422,7 @@ class SegmentWidget(QWidget):
             check_one_grid(exam)  # same grid check as for segmenting
             # Values outside the BraTS convention (napari's "new label" button paints 5, 6,
             # ...) would be learnt as background: refused, naming the layer; 3 is read as 4.
-            corrected = to_brats_labels(np.asarray(layer.data), f"layer {layer.name!r}")
+            corrected = painted_labels(layer.data, layer.name)
         except TumorSegError as exc:
             show_warning(f"Fine-tune: {exc}")
             return None
