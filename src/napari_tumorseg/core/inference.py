@@ -975,6 +975,8 @@ class _ModelToInput:
         self.crop = [s.stop - s.start for s in prepared.box]
         self.model = list(prepared.image.shape[1:])
         self.mask = mask
+        # 0 outside the brain on the input grid too, as `Prepared.to_input_grid(mask=True)`.
+        self.input_mask = prepared.input_mask if mask is not None else None
         self.identity = self.crop == self.model
         self.axes = []
         if not self.identity:
@@ -1004,8 +1006,10 @@ class _ModelToInput:
         if self.mask is not None:
             values = values * self.mask[box]
         out_box = self.map_box(box)
-        if self.identity or out_box is None:
-            return out_box, (values if out_box is not None else None)
+        if out_box is None:
+            return None, None
+        if self.identity:
+            return out_box, self._masked(out_box, values)
         for axis, ((low, high, lam), s, o) in enumerate(zip(self.axes, box, self.offset)):
             i0, i1 = out_box[axis].start - o, out_box[axis].stop - o
             matrix = np.zeros((i1 - i0, s.stop - s.start), dtype=np.float32)
@@ -1013,7 +1017,13 @@ class _ModelToInput:
             np.add.at(matrix, (rows, low[i0:i1] - s.start), 1 - lam[i0:i1])
             np.add.at(matrix, (rows, high[i0:i1] - s.start), lam[i0:i1])
             values = np.moveaxis(np.tensordot(matrix, values, axes=([1], [axis + 1])), 0, axis + 1)
-        return out_box, np.ascontiguousarray(values, dtype=np.float32)
+        return out_box, self._masked(out_box, np.ascontiguousarray(values, dtype=np.float32))
+
+    def _masked(self, out_box: Box, values: np.ndarray) -> np.ndarray:
+        if self.input_mask is None:
+            return values
+        crop = tuple(slice(s.start - o, s.stop - o) for s, o in zip(out_box, self.offset))
+        return values * self.input_mask[crop]
 
 
 def check_overlap(overlap: float) -> float:
@@ -1163,7 +1173,7 @@ def segment(
         engine.close()
     if mask is not None:
         maps *= mask
-    probabilities = prepared.to_input_grid(maps)
+    probabilities = prepared.to_input_grid(maps, mask=restrict_to_brain)
     notes: tuple[str, ...] = ()
     rules = card.get("postprocess") if postprocess else None
     if getattr(model, "head", None) is not None:

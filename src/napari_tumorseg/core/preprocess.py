@@ -154,6 +154,8 @@ class Prepared:
         The full input grid's (Z, Y, X).
     skull_stripped : bool
         Whether the exam is zero around the brain, as the bundled models were trained on.
+    input_mask : numpy.ndarray or None
+        bool, the brain mask in the crop ``box`` at the input resolution.
     """
 
     image: np.ndarray
@@ -161,11 +163,17 @@ class Prepared:
     box: tuple[slice, ...]
     input_shape: tuple[int, ...]
     skull_stripped: bool = True
+    input_mask: np.ndarray | None = None
 
-    def to_input_grid(self, maps: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Put (K, z, y, x) maps on the model grid back onto the full input grid (K, Z, Y, X)."""
+    def to_input_grid(self, maps: np.ndarray, fill: float = 0.0, mask: bool = False) -> np.ndarray:
+        """Put (K, z, y, x) maps on the model grid back onto the full input grid (K, Z, Y, X).
+
+        ``mask``: 0 outside the brain on the input grid too (interpolation from the coarser
+        model grid spreads values over the brain's edge)."""
         crop_shape = tuple(s.stop - s.start for s in self.box)
         maps = resample_array(maps, crop_shape)
+        if mask and self.input_mask is not None:
+            maps = maps * self.input_mask
         shape = (maps.shape[0], *self.input_shape)
         # np.zeros takes its pages from the OS already zeroed: no 100 MB fill for a 1 mm exam.
         out = np.zeros(shape, np.float32) if fill == 0 else np.full(shape, fill, np.float32)
@@ -195,7 +203,7 @@ def prepare(
     mask, stripped = _brain_mask(channels, present)
     box = bounding_box(mask, margin)
     cropped = channels[(slice(None), *box)]
-    mask = mask[box]
+    mask = input_mask = mask[box]
     image = zscore(cropped, mask, present)
     if model_spacing is not None and not np.allclose(spacing, model_spacing, atol=1e-3):
         shape = target_shape(mask.shape, spacing, model_spacing)
@@ -207,4 +215,5 @@ def prepare(
         box=box,
         input_shape=tuple(channels.shape[1:]),
         skull_stripped=stripped,
+        input_mask=input_mask,
     )
