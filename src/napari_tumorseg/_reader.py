@@ -16,6 +16,7 @@ from .core.errors import TumorSegError
 from .core.io import (
     SEQUENCES,
     case_name,
+    classify_path,
     file_stem,
     holds_region_maps,
     is_nifti_path,
@@ -177,7 +178,16 @@ def open_volumes() -> tuple[list, list]:
         return [], []
     if viewer is None:
         return [], []
-    return tuple(
-        [layer_volume(layer) for layer in viewer.layers if is_volume_layer(layer, kind)]
-        for kind in ("image", "labels")
-    )
+    scans = [layer_volume(layer) for layer in viewer.layers if is_volume_layer(layer, "image")]
+    # Label maps read from a file: a segmentation carries its scan's source (the geometry it is
+    # saved in), which is not a label map being open.
+    labels = [
+        volume
+        for volume in (
+            layer_volume(layer) for layer in viewer.layers if is_volume_layer(layer, "labels")
+        )
+        if volume.source is not None
+        and volume.source.path is not None
+        and classify_path(volume.source.path) == "labels"
+    ]
+    return scans, labels

@@ -179,12 +179,29 @@ def test_truncated_gz(tmp_path):
 
 def test_corrupt_gz_stream_is_refused_not_read_as_garbage(tmp_path):
     """nibabel stops reading at the last voxel, before the gzip checksum: one flipped byte
-    in the middle of the stream gave a scan with 1.1 M wrong voxels and no error."""
+    near the end of the stream gave a scan with wrong voxels and no error."""
     data = bytearray(T1CE.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[int(0.95 * len(data))] ^= 0xFF
     path = tmp_path / "flipped_t1.nii.gz"
     path.write_bytes(bytes(data))
     _assert_error(path, "corrupt")
+    data = bytearray(T1CE.read_bytes())
+    data[-6] ^= 0xFF  # the CRC itself
+    path.write_bytes(bytes(data))
+    _assert_error(path, "corrupt")
+
+
+def test_gz_files_nibabel_reads_are_still_read(tmp_path):
+    """Several gzip members, and bytes after the last one (padding), are valid files."""
+    original = read_volume(T1CE).array
+    raw = gzip.decompress(T1CE.read_bytes())
+    half = len(raw) // 2
+    members = tmp_path / "members_t1ce.nii.gz"
+    members.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    padded = tmp_path / "padded_t1ce.nii.gz"
+    padded.write_bytes(T1CE.read_bytes() + b"\0" * 64 + b"trailing")
+    for path in (members, padded):
+        np.testing.assert_array_equal(read_volume(path).array, original)
 
 
 def test_header_announcing_more_voxels_than_the_file_holds(tmp_path):

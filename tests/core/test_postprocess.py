@@ -48,9 +48,10 @@ def test_relabel_small_enhancing(min_ml, relabelled):
         np.testing.assert_array_equal(out, labels)
 
 
-def test_fill_holes_in_the_core():
+@pytest.mark.parametrize("enhancing", [4, 3])  # 3: painted in napari, enhancing tumour too
+def test_fill_holes_in_the_core(enhancing):
     labels = np.zeros((9, 9, 9), np.uint8)
-    labels[2:7, 2:7, 2:7] = 4
+    labels[2:7, 2:7, 2:7] = enhancing
     labels[4, 4, 4] = 0
     labels[4, 4, 5] = 0
     out = fill_holes(labels)

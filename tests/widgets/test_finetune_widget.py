@@ -153,6 +153,10 @@ def test_cancelled_finetune_changes_nothing(corrected_dock, qtbot):
     names = [layer.name for layer in viewer.layers]
     data = labels.data.copy()
     worker = widget.finetune()
+    # The model picker, opened meanwhile (its list is read again), keeps Segment disabled.
+    widget.model.showPopup()
+    widget.model.hidePopup()
+    assert not widget.run_button.isEnabled()
     worker.yielded.connect(lambda progress: widget.cancel())
     with qtbot.waitSignal(worker.finished, timeout=120_000):
         pass

@@ -179,6 +179,10 @@ def test_scores_are_cleared_when_the_reference_is_edited(viewer_and_dock):
     expert.data_setitem(np.nonzero(expert.data == 4), 0)
     assert widget.scores is None
     assert widget.scores_table.item(2, 0).text() == "-"
+    # Undo only refreshes the layer: the scores of the edited reference go too.
+    assert widget.evaluate()["ET"]["dice"] == 0.0
+    expert.undo()
+    assert widget.scores is None
 
 
 def test_renamed_layers_stay_chosen(viewer_and_dock):

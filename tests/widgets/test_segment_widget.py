@@ -658,3 +658,34 @@ def test_review_follows_a_renamed_map_and_its_own_uncertainty_layer(make_napari_
     ours.name = "uncertainty (exam 1)"
     slice_z = review.next_uncertain_slice()
     assert viewer.dims.point[0] == pytest.approx(2.0 * slice_z)
+
+
+def test_a_3_painted_over_the_models_4_is_no_correction():
+    from napari.layers import Labels
+
+    model = np.zeros((2, 4, 4), np.uint8)
+    model[0, 1:3, 1:3] = 4
+    data = model.copy()
+    data[0, 1, 1] = 3  # the spinner's 3: enhancing tumour, as the model had it
+    data[1, 0, 0] = 2  # a real correction
+    layer = Labels(data, metadata={META_KEY: {"model_labels": model}})
+    assert np.argwhere(edited_voxels(layer)).tolist() == [[1, 0, 0]]
+
+
+def test_a_segmentation_is_not_an_open_label_map_file(make_napari_viewer):
+    """A segmentation carries its scan's source (the geometry it is saved in): reopening that
+    scan once closed is no "second copy" of a label map."""
+    from napari.layers import Layer
+
+    from napari_tumorseg._layers import labels_layer_data
+    from napari_tumorseg._reader import open_volumes
+    from napari_tumorseg.core.io import read_volume
+
+    viewer = make_napari_viewer()
+    t1 = next(BRATS.glob("*_t1.nii.gz"))
+    scan = read_volume(t1)
+    segmentation = scan.with_array(np.zeros(scan.spatial_shape, np.uint8), name="labels")
+    viewer.add_layer(Layer.create(*labels_layer_data(segmentation, name="segmentation")))
+    assert open_volumes() == ([], [])
+    viewer.open(str(next(BRATS.glob("*_seg.nii.gz"))), plugin="napari-tumorseg")
+    assert len(open_volumes()[1]) == 1

@@ -7,6 +7,7 @@ This is the project's only NIfTI reader and writer: everything that touches a fi
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
 import tempfile
@@ -117,7 +118,13 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         raise TumorSegError(f"is not a NIfTI file ({_short(exc)})", path) from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise TumorSegError(f"is not a NIfTI file (read as {type(image).__name__})", path)
-    image = _with_checked_data(image, path)
+    try:
+        image, buffer = _with_checked_data(image, path)
+    except MemoryError:
+        raise TumorSegError(
+            f"not enough memory to read its {_data_bytes(image.header) / 2**30:.1f} GiB of voxels",
+            path,
+        ) from None
     try:
         proxy = image.dataobj
         scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
@@ -135,6 +142,9 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
             f"not enough memory to read its {_data_bytes(image.header) / 2**30:.1f} GiB of voxels",
             path,
         ) from None
+    finally:
+        if buffer is not None:
+            buffer.close()  # the decompressed copy: the voxels are read (the header is kept)
     return image, data
 
 
@@ -145,32 +155,29 @@ def _data_bytes(header) -> int:
 
 
 def _with_checked_data(image, path: Path):
-    """``image`` with its voxel data checked against the header before it is read.
+    """``(image, buffer)``: ``image`` with its voxel data checked against the header before it
+    is read, and the in-memory copy of a decompressed file to close once it is read (or None).
 
     A header whose dimensions announce more data than the file holds (a truncated file, a
     corrupt header) is refused before memory is allocated for it. A gzip-compressed file is
     decompressed whole here, which checks its CRC: nibabel stops reading at the last voxel, so a
-    corrupt stream whose length is right would otherwise be read as garbage voxels.
+    corrupt stream whose length is right would otherwise be read as garbage voxels. The voxels
+    are then read from that copy (decompressed once).
     """
     needed = int(image.header.get_data_offset()) + _data_bytes(image.header)
+    buffer = None
     if not path.name.lower().endswith(".gz"):
         held = path.stat().st_size
     else:
-        chunks = []
+        buffer = io.BytesIO()
         try:
-            with gzip.open(path, "rb") as stream:
-                # In chunks and to the end (the CRC is checked there): one read of the
-                # announced size would allocate it at once, whatever the file holds.
-                while chunk := stream.read(1 << 24):
-                    chunks.append(chunk)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            _gunzip(path, buffer)
+        except (EOFError, zlib.error) as exc:
             raise TumorSegError(
                 f"file is truncated or corrupt: the voxel data cannot be read ({_short(exc)})",
                 path,
             ) from None
-        raw = b"".join(chunks)
-        del chunks
-        held = len(raw)
+        held = buffer.tell()
     if held < needed:
         shape = "x".join(map(str, image.header.get_data_shape()))
         raise TumorSegError(
@@ -178,9 +185,35 @@ def _with_checked_data(image, path: Path):
             f"({needed:,} bytes with the header), the file holds {held:,}",
             path,
         )
-    if path.name.lower().endswith(".gz"):
-        image = type(image).from_bytes(raw)  # read from memory: decompressed once
-    return image
+    if buffer is not None:
+        buffer.seek(0)
+        kind = type(image)
+        image = kind.from_file_map(kind.make_file_map({"image": buffer, "header": buffer}))
+    return image, buffer
+
+
+def _gunzip(path: Path, out, chunk: int = 1 << 22) -> None:
+    """Decompress a gzip file into ``out`` to its end, checking each member's CRC and length
+    (zlib raises on a mismatch, EOFError on a cut-off stream). Read in chunks: one read of the
+    size a header announces would allocate it at once, whatever the file holds. Bytes after
+    the last member that do not start another one (padding some tools leave) are ignored, as
+    nibabel ignores them."""
+    with open(path, "rb") as stream:
+        decompressor = zlib.decompressobj(wbits=31)
+        pending = stream.read(chunk)
+        while pending:
+            out.write(decompressor.decompress(pending))
+            if not decompressor.eof:
+                pending = stream.read(chunk)
+                continue
+            pending = decompressor.unused_data
+            if len(pending) < 2:
+                pending += stream.read(chunk)
+            if pending[:2] != b"\x1f\x8b":  # no further member
+                return
+            decompressor = zlib.decompressobj(wbits=31)
+        if not decompressor.eof:
+            raise EOFError("the compressed file ends before its end-of-stream marker")
 
 
 def _short(exc: BaseException) -> str:

@@ -260,8 +260,13 @@ def save_model(
         os.chmod(tmp, creation_mode(folder, directory=True))  # mkdtemp: owner only
         if folder.is_dir() and not any(folder.iterdir()):
             # An empty claim (`save_user_model`): replaced in one rename, so that no other save
-            # can claim the number in between.
-            os.replace(tmp, folder)
+            # can claim the number in between (POSIX; Windows renames onto no folder, and
+            # there the claim is given up just before the rename).
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                folder.rmdir()
+                os.replace(tmp, folder)
         elif folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)

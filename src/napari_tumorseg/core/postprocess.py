@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .io import REGIONS
+
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 1)  # 6-connected voxels
 
 
@@ -59,7 +61,7 @@ def fill_holes(labels: np.ndarray, fill_value: int = 1) -> np.ndarray:
     faces, edges and corners, so a pocket open through a diagonal gap is not a hole.
     """
     out = labels.copy()
-    for region, value in ((np.isin(labels, (1, 4)), fill_value), (labels > 0, 2)):
+    for region, value in ((np.isin(labels, REGIONS["TC"]), fill_value), (labels > 0, 2)):
         out[_holes(region) & (out == 0)] = value
     return out
 

@@ -57,6 +57,7 @@ class MeasureWidget(QWidget):
         self.scores: dict | None = None
         self._scored_reference = None  # the reference layer the scores were measured against
         self._reference = None  # the reference layer chosen
+        self._scored_history: tuple = ()
         self._history: tuple = ()
         self.layer_box = QComboBox()
         self.table = QTableWidget(len(ROWS), 1)
@@ -124,15 +125,23 @@ class MeasureWidget(QWidget):
         if self._reference is not None:
             self._reference.events.paint.disconnect(self._reference_edited)
             self._reference.events.data.disconnect(self._reference_edited)
+            self._reference.events.set_data.disconnect(self._reference_refreshed)
         self._reference = layer
         if layer is not None:
             layer.events.paint.connect(self._reference_edited)
             layer.events.data.connect(self._reference_edited)
+            layer.events.set_data.connect(self._reference_refreshed)
 
     def _reference_edited(self, event=None) -> None:
         # Dice/HD95 against the reference as it was would go into the report.
         if self.scores is not None and self._scored_reference is self._reference:
             self._clear_scores()
+
+    def _reference_refreshed(self, event=None) -> None:
+        # Undo and redo only refresh the layer (as every slice change does): its edit
+        # history tells them apart.
+        if self._history_state(self._reference) != self._scored_history:
+            self._reference_edited()
 
     def _select_layer(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
@@ -151,8 +160,8 @@ class MeasureWidget(QWidget):
         self._clear_scores()
         self.update_measurements()
 
-    def _history_state(self) -> tuple:
-        layer = self._layer
+    def _history_state(self, layer=None) -> tuple:
+        layer = self._layer if layer is None else layer
         return (id(layer), edit_depth(layer), edit_depth(layer, redo=True))
 
     def _refreshed(self, event=None) -> None:
@@ -205,6 +214,7 @@ class MeasureWidget(QWidget):
             np.asarray(labels.array), np.asarray(reference.array), labels.spacing
         )
         self._scored_reference = self._reference
+        self._scored_history = self._history_state(self._reference)
         for row, region in enumerate(REGIONS):
             s = self.scores[region]
             self.scores_table.setItem(row, 0, QTableWidgetItem(f"{s['dice']:.3f}"))

@@ -50,7 +50,9 @@ def edited_voxels(layer) -> np.ndarray | None:
     the thresholds applied last), or None when the layer does not come from a segmentation."""
     if layer.metadata.get(META_KEY, {}).get("model_labels") is None:
         return None
-    return np.asarray(layer.data) != model_output(layer)
+    data, model = np.asarray(layer.data), model_output(layer)
+    # A 3 painted over the model's 4 changes nothing: 3 is enhancing tumour (`core.io.REGIONS`).
+    return (data != model) & ~((data == 3) & (model == 4))
 
 
 def model_output(layer) -> np.ndarray:

@@ -177,7 +177,7 @@ class SegmentWidget(QWidget):
         self.model.addItems(labels)
         if current in labels:
             self.model.setCurrentText(current)
-        self.run_button.setEnabled(bool(labels))
+        self._set_running(False)  # Run stays disabled while a job runs
         if not labels:
             self.status.setText("no model installed")
 
