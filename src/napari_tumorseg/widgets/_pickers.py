@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from qtpy.QtWidgets import QComboBox, QFormLayout
 
 from .._layers import is_volume_layer, layer_sequence, layer_volume
@@ -76,8 +78,15 @@ def follow_renames(viewer, callback) -> None:
     renamed: a dock's layer lists would otherwise keep the old name, and act on nothing (or
     on another layer) without a word."""
     for layer in viewer.layers:
-        layer.events.name.connect(callback)
-    viewer.layers.events.inserted.connect(lambda event: event.value.events.name.connect(callback))
+        layer.events.name.connect(callback)  # napari holds a bound method weakly
+    method = weakref.WeakMethod(callback)
+
+    def follow(event) -> None:  # held by the viewer: it must not keep a closed dock alive
+        bound = method()
+        if bound is not None:
+            event.value.events.name.connect(bound)
+
+    viewer.layers.events.inserted.connect(follow)
 
 
 def volumes_of(layers: dict) -> dict:
