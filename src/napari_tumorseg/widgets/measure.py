@@ -122,15 +122,8 @@ class MeasureWidget(QWidget):
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
         if layer is self._reference:
             return
-        if self._reference is not None:
-            self._reference.events.paint.disconnect(self._reference_edited)
-            self._reference.events.data.disconnect(self._reference_edited)
-            self._reference.events.set_data.disconnect(self._reference_refreshed)
+        _rewire(self._reference, layer, self._reference_edited, self._reference_refreshed)
         self._reference = layer
-        if layer is not None:
-            layer.events.paint.connect(self._reference_edited)
-            layer.events.data.connect(self._reference_edited)
-            layer.events.set_data.connect(self._reference_refreshed)
 
     def _reference_edited(self, event=None) -> None:
         # Dice/HD95 against the reference as it was would go into the report.
@@ -147,15 +140,8 @@ class MeasureWidget(QWidget):
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
         if layer is self._layer:
             return
-        if self._layer is not None:
-            self._layer.events.data.disconnect(self._data_changed)
-            self._layer.events.paint.disconnect(self._data_changed)
-            self._layer.events.set_data.disconnect(self._refreshed)
+        _rewire(self._layer, layer, self._data_changed, self._refreshed)
         self._layer = layer
-        if layer is not None:
-            layer.events.data.connect(self._data_changed)
-            layer.events.paint.connect(self._data_changed)
-            layer.events.set_data.connect(self._refreshed)
         self._history = self._history_state()
         self._clear_scores()
         self.update_measurements()
@@ -277,6 +263,16 @@ class MeasureWidget(QWidget):
             return []
         show_info(f"Saved {path.name} and its report")
         return written
+
+
+def _rewire(old, new, edited, refreshed) -> None:
+    """Move a labels layer's edit callbacks from layer ``old`` to ``new`` (either may be None):
+    ``edited`` on paint and data events, ``refreshed`` on set_data (undo and redo only refresh
+    the layer, as every slice change does)."""
+    for layer, method in ((old, "disconnect"), (new, "connect")):
+        if layer is not None:
+            for event, callback in (("paint", edited), ("data", edited), ("set_data", refreshed)):
+                getattr(getattr(layer.events, event), method)(callback)
 
 
 def _ask_overwrite(paths: list[Path]) -> bool:
