@@ -278,10 +278,11 @@ class SegmentWidget(QWidget):
         layers = {seq: ref() for seq, ref in refs.items()}
         gone = [seq for seq, layer in layers.items() if layer not in self.viewer.layers]
         if gone:
+            several = len(gone) > 1
             raise TumorSegError(
-                f"the {', '.join(gone)} scan{'s' if len(gone) > 1 else ''} this segmentation "
-                "was made from is no longer open (closed, or replaced by another exam's): "
-                "segment the open scans first"
+                f"the {', '.join(gone)} scan{'s' if several else ''} this segmentation was made "
+                f"from {'are' if several else 'is'} no longer open (closed, or replaced by "
+                "another exam's): segment the open scans first"
             )
         return layers
 
