@@ -224,6 +224,39 @@ def test_a_transform_is_not_written_for_a_scan_itk_tools_place_elsewhere(tmp_pat
     assert str(fixed) in str(info.value) and not (tmp_path / "out.nii.gz").exists()
 
 
+def test_a_transform_is_written_where_simpleitk_reads_the_sform_too(tmp_path, monkeypatch):
+    """With sform_code 1 SimpleITK (ITK 5.4) places a scan by its sform, as this tool does:
+    the qform's disagreement is then no reason to refuse. Decided by what SimpleITK reads."""
+    import nibabel as nib
+
+    from napari_tumorseg.core import registration
+
+    image = nib.load(str(TCGA_RAW / "TCGA-FG-6692_t2_raw.nii.gz"))
+    qform = image.affine.copy()
+    qform[:3, 3] += (20.0, 0.0, 0.0)
+    image.set_qform(qform, code=1)
+    image.set_sform(image.affine, code=1)
+    fixed = tmp_path / "both_t2.nii.gz"
+    nib.save(image, str(fixed))
+    itk_origin = np.asarray(sitk.ReadImage(str(fixed)).GetOrigin())
+    itk_reads_sform = np.allclose(itk_origin, np.diag([-1, -1, 1]) @ image.affine[:3, 3], atol=0.1)
+
+    class Registered(Exception):
+        """The check let the scan through (no registration is run: the check is tested)."""
+
+    def register(*args, **kwargs):
+        raise Registered
+
+    monkeypatch.setattr(registration, "register", register)
+    moving = TCGA_RAW / "TCGA-FG-6692_flair_raw.nii.gz"
+    expected = (Registered,) if itk_reads_sform else (TumorSegError,)
+    with pytest.raises(*expected):
+        registration.register_files(
+            fixed, moving, tmp_path / "out.nii.gz", transform_out=tmp_path / "t.tfm"
+        )
+    assert itk_reads_sform  # SimpleITK 2.5 (ITK 5.4), as pinned by the install, reads the sform
+
+
 def test_a_tiny_field_of_view_is_a_clear_error(tcga):
     """A 4-voxel scan used to shrink to no voxel in the registration pyramid (an ITK
     "zero-valued spacing" traceback)."""

@@ -737,23 +737,39 @@ def _method(
 
 
 def _check_itk_reads_the_same_space(volume: Volume, tolerance_mm: float = 0.1) -> None:
-    """Refuse a scan whose qform and sform place it differently (e.g. FSL FLIRT outputs): this
-    tool places it by its sform, SimpleITK and other ITK tools by its qform, so a transform
-    written for ITK tools would map the wrong space."""
+    """Refuse a scan that SimpleITK places elsewhere than this tool (e.g. an FSL FLIRT output
+    whose qform and sform disagree, and ITK reads the qform): a transform written for ITK tools
+    would map the wrong space. This tool places a scan by its sform when it has one; ITK's
+    choice between the two depends on the codes and its version, so SimpleITK is asked."""
     header = volume.source.header if volume.source is not None else None
     if header is None or int(header["qform_code"]) <= 0 or int(header["sform_code"]) <= 0:
         return
-    corners = np.array([[i, j, k, 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * np.array(
-        [*np.asarray(header.get_data_shape()[:3]) - 1, 1.0]
+    shape = np.asarray(header.get_data_shape()[:3])
+    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * (shape - 1)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+
+    def placed(affine: np.ndarray) -> np.ndarray:  # the corners in LPS mm
+        return (corners @ affine[:3, :3].T + affine[:3, 3]) @ ras_to_lps
+
+    ours = placed(header.get_best_affine())
+    apart = np.abs(placed(header.get_qform()) - placed(header.get_sform())).max()
+    if apart <= tolerance_mm:
+        return
+    path = volume.source.path
+    if path is not None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        direction = np.asarray(reader.GetDirection()).reshape(3, 3)
+        itk = corners @ (direction * np.asarray(reader.GetSpacing())).T + reader.GetOrigin()
+        if np.abs(itk - ours).max() <= tolerance_mm:
+            return  # SimpleITK reads the sform too
+    raise TumorSegError(
+        f"its qform and sform place it {apart:.1f} mm apart, and SimpleITK reads the qform where "
+        "this tool reads the sform, so a transform written for ITK tools would not apply: make "
+        "the two agree (e.g. fslorient -copysform2qform) or leave out --transform-out",
+        _where(volume),
     )
-    apart = np.abs(corners @ (header.get_qform() - header.get_sform()).T)[:, :3].max()
-    if apart > tolerance_mm:
-        raise TumorSegError(
-            f"its qform and sform place it {apart:.1f} mm apart; ITK tools read one and this "
-            "tool the other, so a transform written for them would not apply: make the two "
-            "agree (e.g. fslorient -copysform2qform) or leave out --transform-out",
-            _where(volume),
-        )
 
 
 def _registration_error(exc: BaseException, moving: Volume, fixed: Volume) -> BaseException:
