@@ -289,14 +289,18 @@ def main(argv=None) -> int:
         cases = [c for c in CASES if not (args.quick and c == "monai-crop")]
         infos = {case: _spawn(case, args, out) for case in cases}
         labels = {case: np.load(out / f"{case}_labels.npy") for case in cases}
+        # Ours are 0 outside the brain on the exam's grid (``restrict_to_brain``): MONAI's get
+        # the same mask, on the whole volume and on our cropped input alike.
+        brain = brain_mask(exam_to_channels(read_exam(EXAM)).array)
+        for case in ("monai", "monai-crop"):
+            if case in labels:
+                labels[case] = labels[case] * brain
         differences = {}
         if "monai-crop" in cases:
-            theirs = np.load(out / "monai-crop_prob.npy")
+            theirs = np.load(out / "monai-crop_prob.npy") * brain
             for case in ("ours", "ours-fp32"):
                 differences[case] = float(np.abs(np.load(out / f"{case}_prob.npy") - theirs).max())
             del theirs
-    brain = brain_mask(exam_to_channels(read_exam(EXAM)).array)
-    labels["monai"] = labels["monai"] * brain
     load_after = os.getloadavg()[0]
 
     def row(name: str, case: str) -> str:
