@@ -67,11 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _exam_from_args(args: argparse.Namespace):
     """The exam's scans from the command line (a label map among them is not read: `segment`
     needs none and `finetune` takes its own, ``--labels``)."""
-    from functools import partial
-
     from .core.io import read_exam
-
-    read_exam = partial(read_exam, read_labels=False)
 
     # In the order given: the first is the reference whose geometry the outputs take.
     order = dict.fromkeys(getattr(args, "sequence_order", []))
@@ -79,15 +75,15 @@ def _exam_from_args(args: argparse.Namespace):
     if explicit and args.inputs:
         raise TumorSegError("give either CASE_DIR_OR_FILES or --t1/--t1ce/--t2/--flair, not both")
     if explicit:
-        return read_exam(explicit)
+        return read_exam(explicit, read_labels=False)
     if not args.inputs:
         raise TumorSegError("no input: give a case folder, files, or --t1/--t1ce/--t2/--flair")
     if len(args.inputs) == 1 and args.inputs[0].is_dir():
-        return read_exam(args.inputs[0])
+        return read_exam(args.inputs[0], read_labels=False)
     if all(path.is_dir() for path in args.inputs):
         batch = "; for a batch give --out-dir DIR" if args.command == "segment" else ""
         raise TumorSegError(f"{len(args.inputs)} case folders: give one exam{batch}")
-    return read_exam(args.inputs)
+    return read_exam(args.inputs, read_labels=False)
 
 
 class _SequenceFile(argparse.Action):
