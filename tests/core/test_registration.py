@@ -202,18 +202,25 @@ def test_register_files_never_overwrites_an_input_nor_half_of_its_output(tmp_pat
     ]
 
 
-def test_a_transform_is_not_written_for_a_scan_itk_tools_place_elsewhere(tmp_path):
-    """qform and sform that disagree (FSL FLIRT outputs): this tool places the scan by its
-    sform, ITK tools by its qform -- the written transform would map the wrong space."""
+def _qform_20mm_off(path, sform_code: int):
+    """The raw T2 saved at ``path`` with a qform 20 mm from its sform (FSL FLIRT outputs);
+    returns its sform (where this tool places it)."""
     import nibabel as nib
 
     image = nib.load(str(TCGA_RAW / "TCGA-FG-6692_t2_raw.nii.gz"))
     qform = image.affine.copy()
     qform[:3, 3] += (20.0, 0.0, 0.0)
     image.set_qform(qform, code=1)
-    image.set_sform(image.affine, code=2)
+    image.set_sform(image.affine, code=sform_code)
+    nib.save(image, str(path))
+    return image.affine
+
+
+def test_a_transform_is_not_written_for_a_scan_itk_tools_place_elsewhere(tmp_path):
+    """qform and sform that disagree (FSL FLIRT outputs): this tool places the scan by its
+    sform, ITK tools by its qform (sform_code 2) -- the transform would map the wrong space."""
     fixed = tmp_path / "flirted_t2.nii.gz"
-    nib.save(image, str(fixed))
+    _qform_20mm_off(fixed, sform_code=2)
     with pytest.raises(TumorSegError, match="qform and sform place it 20.0 mm apart") as info:
         register_files(
             fixed,
@@ -227,19 +234,12 @@ def test_a_transform_is_not_written_for_a_scan_itk_tools_place_elsewhere(tmp_pat
 def test_a_transform_is_written_where_simpleitk_reads_the_sform_too(tmp_path, monkeypatch):
     """With sform_code 1 SimpleITK (ITK 5.4) places a scan by its sform, as this tool does:
     the qform's disagreement is then no reason to refuse. Decided by what SimpleITK reads."""
-    import nibabel as nib
-
     from napari_tumorseg.core import registration
 
-    image = nib.load(str(TCGA_RAW / "TCGA-FG-6692_t2_raw.nii.gz"))
-    qform = image.affine.copy()
-    qform[:3, 3] += (20.0, 0.0, 0.0)
-    image.set_qform(qform, code=1)
-    image.set_sform(image.affine, code=1)
     fixed = tmp_path / "both_t2.nii.gz"
-    nib.save(image, str(fixed))
+    sform = _qform_20mm_off(fixed, sform_code=1)
     itk_origin = np.asarray(sitk.ReadImage(str(fixed)).GetOrigin())
-    itk_reads_sform = np.allclose(itk_origin, np.diag([-1, -1, 1]) @ image.affine[:3, 3], atol=0.1)
+    itk_reads_sform = np.allclose(itk_origin, np.diag([-1, -1, 1]) @ sform[:3, 3], atol=0.1)
 
     class Registered(Exception):
         """The check let the scan through (no registration is run: the check is tested)."""
