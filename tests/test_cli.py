@@ -357,10 +357,11 @@ def test_finetune_stores_a_user_model_that_segment_can_use(tmp_path, tiny_model)
     # "adapt": an exam head, used on this exam only.
     adapt = _run(
         *("finetune", BRATS, "--labels", labels_path, "--edited", edited_path),
-        *("--model", tiny_model, "--name", "here", "--mode", "adapt"),
+        *("--model", tiny_model, "--name", "here", "--mode", "adapt", "--steps", "2"),
     )
     assert adapt.returncode == 0, adapt.stderr
     assert "an exam head" in adapt.stdout and "saved here@v1" in adapt.stdout
+    assert "--seconds and --steps budget --mode keep" in adapt.stderr  # not silently ignored
     assert "adapted to Brats18_TCIA01_378_1" in _run("models").stdout
     same = _run("segment", BRATS, "--out", out, "--model", "here")
     assert "with the exam head fitted on the corrections" in same.stdout + same.stderr

@@ -179,6 +179,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if not edited.any():
             raise TumorSegError("marks no corrected voxel (it is all zeros)", args.edited)
     model = load_model(args.model)
+    if args.mode == "adapt" and (args.seconds is not None or args.steps is not None):
+        print(
+            "tumorseg finetune: note: --seconds and --steps budget --mode keep; adapt fits its "
+            "exam head in a fixed number of iterations (seconds)",
+            file=sys.stderr,
+        )
     last = [0.0]
 
     def report(progress) -> None:
@@ -352,9 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--name", required=True, help="user model to store the new version as")
     tune.add_argument(
-        "--seconds", type=float, help="time budget (default 60, or none when --steps is given)"
+        "--seconds",
+        type=float,
+        help="time budget of --mode keep (default 60, or none when --steps is given)",
     )
-    tune.add_argument("--steps", type=int, help="step budget (with --seconds: whichever first)")
+    tune.add_argument(
+        "--steps", type=int, help="step budget of --mode keep (with --seconds: whichever first)"
+    )
     tune.add_argument(
         "--mode",
         choices=("keep", "adapt"),
