@@ -240,6 +240,8 @@ def test_label_maps_that_are_not_needed_are_not_read(tmp_path):
     shutil.copy(seg, case / "case_corrected_seg.nii.gz")
     with pytest.raises(TumorSegError, match="two label maps"):
         read_exam(case)
+    with pytest.raises(TumorSegError, match="two label maps given"):
+        read_exam(sorted(case.glob("*.nii.gz")))  # the files themselves: the same choice
     exam = read_exam(case, read_labels=False)
     assert exam.labels is None and len(exam.scans) == 4
     assert sorted(p.name for p in exam.unread_labels) == sorted(

@@ -505,11 +505,13 @@ def read_exam(
             if not path.exists():
                 raise TumorSegError("no such file or folder", path)
             kind = classify_path(path)
-            if kind == "labels" and labels is None and read_labels:
-                labels = path
-                continue
             if kind == "labels":
-                unread.append(path)
+                if not read_labels:
+                    unread.append(path)
+                elif labels is None:
+                    labels = path
+                else:
+                    raise TumorSegError(f"two label maps given ({labels} and {path})", path)
                 continue
             seq = sequence_of(path)
             if seq in files:
