@@ -5,15 +5,19 @@
 
 The exams are prepared once into a cache (float16, cropped, z-scored, at the model spacing).
 A checkpoint is written every few minutes into --run-dir; running the same command again resumes
-from it (weights as safetensors, optimiser state loaded with ``weights_only=True``). At the end
-the model is validated on the held-out exams with the full inference pipeline (t1ce present and
-missing) and on the sample exam, and saved with its card into --out.
+from it (weights as safetensors, optimiser state loaded with ``weights_only=True``, and the
+random generators' states, so that the patches and augmentations go on as in one run). A
+resumed run may be given more --minutes, other --threads or --device, but no other training
+setting: the card describes the run that happened (its first command, and the commands that
+resumed it). At the end the model is validated on the held-out exams with the full inference
+pipeline (t1ce present and missing) and on the sample exam, and saved with its card into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate_models import validate  # noqa: E402
 
 from napari_tumorseg.core.augment import JointAugment
+from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.io import SEQUENCES
 from napari_tumorseg.core.models import TumorModel, load_model, save_model
 from napari_tumorseg.core.preprocess import MISSING_POLICY, NORMALIZATION
@@ -107,24 +112,94 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step, synced to disk first."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+#: Settings a resumed run may change: where things are written, the machine's resources, the
+#: time budget (a run is resumed to give it more) and the card's inference window. Any other
+#: change would make the card describe a run that did not happen.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "out",
+        "minutes",
+        "sample",
+        "cache",
+        "run_dir",
+        "threads",
+        "device",
+        "checkpoint_minutes",
+        "window",
+    }
+)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run_training(parse_args(argv))
+    except TumorSegError as exc:
+        print(f"train_bundled: {exc}", file=sys.stderr)
+        return 2
+
+
+def check_resume(state: dict, config: dict, state_path: Path) -> None:
+    """Refuse to resume a checkpoint made with other training settings."""
+    stored = state.get("config")
+    if stored is None:
+        log(f"{state_path} predates stored settings: resuming without checking them")
+        return
+    changed = sorted(
+        k
+        for k in set(stored) | set(config)
+        if k not in RESUMABLE_CHANGES and stored.get(k) != config.get(k)
+    )
+    if changed:
+        details = "; ".join(
+            f"--{k.replace('_', '-')} {stored.get(k)!r} -> {config.get(k)!r}" for k in changed
+        )
+        raise TumorSegError(
+            f"the checkpoint was made with other settings ({details}); resume with the same "
+            "ones, or give another --run-dir to start afresh",
+            state_path,
+        )
+
+
+def run_training(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     features = tuple(int(f) for f in args.features.split(","))
     spacing = [args.spacing] * 3
     validation = [v for v in args.validation.split(",") if v]
-    run_dir = args.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    missing = [v for v in validation if not (args.data / v).is_dir()]
+    if missing:
+        raise TumorSegError(
+            f"no validation case folder {', '.join(missing)} there (--validation)", args.data
+        )
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["features"] = list(features)
+    run_dir = args.run_dir
+    state_path = run_dir / "state.json"
+    state = {"step": 0, "elapsed": 0.0, "losses": [], "config": config, "commands": []}
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        check_resume(state, config, state_path)
+        state.setdefault("config", config)
+    state.setdefault("commands", []).append(" ".join(["python", *sys.argv]))
 
     exams = build_cache(args.data, args.cache, spacing, log=log)
     train = [e for e in exams if e.name not in validation]
+    if not train:
+        raise TumorSegError("no case folder to train on besides the validation ones", args.data)
     log(f"training on {len(train)} exams: {[e.name for e in train]}; validation {validation}")
     patch = (args.patch,) * args.dims
 
@@ -143,6 +218,7 @@ def main(argv=None) -> int:
             k: parent.card["training"].get(k) for k in ("steps", "minutes", "config", "warm_start")
         }
         log(f"warm start from {args.init} ({init_training['steps']} steps)")
+    network.to(args.device)  # before the optimiser: its state lives on the weights' device
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-5)
     intensity = {k: float(v) for k, v in (kv.split("=") for kv in args.intensity.split(",") if kv)}
     augment = JointAugment(
@@ -153,13 +229,22 @@ def main(argv=None) -> int:
         seed=args.seed,
     )
 
-    state_path = run_dir / "state.json"
-    state = {"step": 0, "elapsed": 0.0, "losses": []}
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        network.load_state_dict(load_file(str(run_dir / "weights.safetensors")))
-        optimizer.load_state_dict(torch.load(run_dir / "optimizer.pt", weights_only=True))
-        sampler = make_sampler(args.seed + state["step"])
+    if state["step"]:
+        # Files named in the state (older checkpoints: fixed names).
+        weights = load_file(str(run_dir / state.get("weights", "weights.safetensors")))
+        network.load_state_dict(weights)
+        optimizer.load_state_dict(
+            torch.load(
+                run_dir / state.get("optimizer", "optimizer.pt"),
+                map_location=args.device,
+                weights_only=True,
+            )
+        )
+        if "sampler_rng" in state:  # the draws an uninterrupted run would have made
+            sampler.rng_state = state["sampler_rng"]
+            augment.generator.set_state(torch.tensor(state["augment_rng"], dtype=torch.uint8))
+        else:
+            sampler = make_sampler(args.seed + state["step"])
         log(f"resumed at step {state['step']} after {state['elapsed'] / 60:.1f} min")
 
     budget = args.minutes * 60
@@ -167,17 +252,29 @@ def main(argv=None) -> int:
     last_checkpoint = time.perf_counter()
 
     def checkpoint(step: int, elapsed: float) -> None:
+        """Write the weights and optimiser state of ``step`` under their own names, then the
+        state that points at them (atomically, last): a crash at any moment leaves the previous
+        checkpoint whole."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        names = {"weights": f"weights-{step}.safetensors", "optimizer": f"optimizer-{step}.pt"}
+        tmp = run_dir / "checkpoint.tmp"
         save_file(
-            {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
-            str(run_dir / "weights.tmp"),
+            {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp)
         )
-        torch.save(optimizer.state_dict(), run_dir / "optimizer.tmp")
-        (run_dir / "weights.tmp").replace(run_dir / "weights.safetensors")
-        (run_dir / "optimizer.tmp").replace(run_dir / "optimizer.pt")
-        state.update(step=step, elapsed=elapsed)
-        tmp = run_dir / "state.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(state_path)
+        tmp.replace(run_dir / names["weights"])
+        torch.save(optimizer.state_dict(), tmp)
+        tmp.replace(run_dir / names["optimizer"])
+        state.update(
+            step=step,
+            elapsed=elapsed,
+            sampler_rng=sampler.rng_state,
+            augment_rng=augment.generator.get_state().tolist(),
+            **names,
+        )
+        atomic_write_text(state_path, json.dumps(state))
+        for old in [*run_dir.glob("weights*.safetensors"), *run_dir.glob("optimizer*.pt")]:
+            if old.name not in names.values():
+                old.unlink()
 
     steps = train_steps(
         network,
@@ -224,8 +321,7 @@ def main(argv=None) -> int:
         "parent": None,
         "metrics": {},
         "training": {
-            "data": "BraTS 2018 training cases: 13 expert-labelled exams "
-            "(koriavinash1/DeepBrainSeg sample_volume/brats)",
+            "data": f"{args.data} ({len(exams)} expert-labelled exams)",
             "train_exams": [e.name for e in train],
             "validation_exams": validation,
             "test_exam": args.sample.name if args.sample else None,
@@ -236,8 +332,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
             "precision": "bfloat16 autocast" if uses_bf16(args.device) else "float32",
             "seed": args.seed,
-            "config": config,
-            "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+            "config": {**state["config"], **{k: config[k] for k in RESUMABLE_CHANGES}},
+            "command": state["commands"][0],
+            "resumed_with": state["commands"][1:],
             "loss_curve": state["losses"],
             "warm_start": init_training,
         },

@@ -183,3 +183,16 @@ def test_lesion_contrast_factors_span_low_to_one():
     assert shares.min() >= 0.25 - 1e-4 and shares.max() <= 1
     assert abs(float(shares.mean()) - 0.625) < 0.05
     assert float(shares.min()) < 0.35 and float(shares.max()) > 0.9
+
+
+def test_every_transform_keeps_to_the_images_device():
+    """The generator draws on the CPU; a GPU batch must get its random numbers moved to it.
+    The 'meta' device stands in for CUDA here: mixing it with CPU tensors fails as CUDA does."""
+    image, mask, _ = _brain_with_tumour(3)
+    augment = JointAugment(
+        p_flip=1.0, p_rot90=1.0, p_affine=1.0, p_elastic=1.0, p_lesion_contrast=1.0,
+        p_intensity=1.0, intensity={"noise": 0.1, "bias": 0.3}, seed=0,
+    )  # fmt: skip
+    out_image, out_mask = augment(image.to("meta"), mask.to("meta"))
+    assert out_image.device.type == "meta" and out_image.shape == image.shape
+    assert out_mask.device.type == "meta" and out_mask.shape == mask.shape

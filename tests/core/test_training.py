@@ -1,5 +1,6 @@
 """The training loop, the patch sampler and the exam cache."""
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -186,3 +187,25 @@ def test_training_uses_bfloat16_where_the_device_has_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert not training.uses_bf16("cuda")
     assert not training.uses_bf16("mps")
+
+
+def test_the_cache_is_made_again_when_an_exam_changes(tmp_path):
+    """An exam whose label map (or scans) changed is not trained on stale voxels."""
+    import shutil
+
+    from napari_tumorseg.core.training import build_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(BRATS, data / "case")
+    logged = []
+    first = build_cache(data, tmp_path / "cache", [3.0, 3.0, 3.0], log=logged.append)
+    again = build_cache(data, tmp_path / "cache", [3.0, 3.0, 3.0], log=logged.append)
+    assert len(logged) == 1  # the second call read the cache
+    np.testing.assert_array_equal(again[0].target, first[0].target)
+
+    seg = next((data / "case").glob("*_seg.nii.gz"))
+    image = nib.load(seg)
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), seg)
+    changed = build_cache(data, tmp_path / "cache", [3.0, 3.0, 3.0], log=logged.append)
+    assert len(logged) == 2
+    assert first[0].target.any() and not changed[0].target.any()

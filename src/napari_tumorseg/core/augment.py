@@ -134,8 +134,9 @@ def random_lesion_contrast(image, mask, generator=None, low: float = 0.25, p_cha
     count = normal.flatten(2).sum(dim=2).view(batch, 1, *([1] * spatial))
     reference = (x * normal).flatten(2).sum(dim=2).view(view) / count.clamp_min(1)
     enough = count >= max(1.0, 0.01 * normal[0].numel())
-    chosen = (torch.rand(view, generator=generator) < p_channel) & enough
-    factor = low + (1 - low) * torch.rand(view, generator=generator)
+    # Drawn on the generator's device (the CPU), then moved: a CUDA image would not mix.
+    chosen = (torch.rand(view, generator=generator) < p_channel).to(x.device) & enough
+    factor = low + (1 - low) * torch.rand(view, generator=generator).to(x.device)
     fade = torch.where(chosen, 1 - factor, torch.zeros_like(factor))
     out = x - fade * oedema * (x - reference)
     return torch.where(brain & present, out, x).to(image.dtype)

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inference import cpu_bf16_is_fast
-from .io import REGIONS, SEQUENCES, Exam, read_exam
+from .errors import TumorSegError
+from .inference import cpu_bf16_is_fast, exam_to_channels
+from .io import REGIONS, SEQUENCES, Exam, find_exam_files, read_exam
 from .losses import dice_bce_loss
-from .preprocess import prepare, resample_array
+from .preprocess import NORMALIZATION, prepare, resample_array
 
 
 @dataclass
@@ -74,15 +75,13 @@ def cache_exam(
     corrections: every model voxel overlapping one weighs at least 0.5, so that a thin
     correction, or one on thin slices, stays a correction (weight >= 0.5, see `train_steps`).
     """
-    reference = exam.reference
-    channels = np.zeros((len(SEQUENCES), *reference.spatial_shape), np.float32)
-    present = []
-    for c, seq in enumerate(SEQUENCES):
-        if seq in exam.scans:
-            channels[c] = exam.scans[seq].array
-            present.append(c)
-    prepared = prepare(channels, reference.spacing, spacing_mm, present=present)
-    labels = exam.labels.array if labels is None else labels
+    if labels is None:
+        if exam.labels is None:
+            raise TumorSegError("no label map to train on")
+        labels = exam.labels.array  # `read_exam` checked it lies on a scan's grid
+    channels = exam_to_channels(exam)  # checks that the scans share one grid
+    present = [SEQUENCES.index(s) for s in channels.channels]
+    prepared = prepare(channels.array, channels.spacing, spacing_mm, present=present)
     targets = region_targets(labels[prepared.box]).astype(np.float32)
     shape = prepared.image.shape[1:]
     if weight is None:
@@ -111,26 +110,68 @@ def cache_exam(
     )
 
 
+#: Bumped when `cache_exam` or the preprocessing it calls changes what it makes, so that
+#: caches made before are rebuilt.
+CACHE_VERSION = 2
+
+
+def cache_fingerprint(folder: Path, spacing_mm) -> str:
+    """What a cached exam was made from: its files (names, sizes, modification times), the
+    spacing, the normalisation and `CACHE_VERSION`. A cache whose fingerprint differs is
+    rebuilt -- an exam whose scans or labels changed is not trained on stale voxels."""
+    scans, label_files, _ = find_exam_files(folder)
+    parts = [f"v{CACHE_VERSION}", NORMALIZATION, repr(spacing_mm)]
+    for path in sorted([*scans.values(), *label_files]):
+        info = path.stat()
+        parts.append(f"{path.name}:{info.st_size}:{info.st_mtime_ns}")
+    return "|".join(parts)
+
+
 def build_cache(
     data_dir: Path, cache_dir: Path, spacing_mm, names=None, log: Callable[[str], None] = print
 ) -> list[CachedExam]:
-    """Prepare every case folder of a BraTS-layout ``data_dir`` once; reuse ``cache_dir``."""
+    """Prepare every case folder of a BraTS-layout ``data_dir`` once; reuse ``cache_dir``.
+
+    Raises
+    ------
+    TumorSegError
+        ``data_dir`` is missing or holds no case folder, or a case cannot be trained on (no
+        label map, scans on different grids, unreadable files), naming it.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TumorSegError("no such folder", data_dir)
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir())
+    if names is not None:
+        folders = [f for f in folders if f.name in names]
+    if not folders:
+        raise TumorSegError("no case folder to train on", data_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tag = "x".join(f"{s:g}" for s in spacing_mm) if spacing_mm is not None else "native"
     exams = []
-    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir()):
-        if names is not None and folder.name not in names:
-            continue
+    for folder in folders:
         path = cache_dir / f"{folder.name}_{tag}.npz"
-        if not path.exists():
+        fingerprint = cache_fingerprint(folder, spacing_mm)
+        cached = None
+        if path.exists():
+            with np.load(path) as data:
+                if "fingerprint" in data and str(data["fingerprint"]) == fingerprint:
+                    cached = CachedExam(folder.name, data["image"], data["target"])
+        if cached is None:
             started = time.perf_counter()
-            cached = cache_exam(read_exam(folder), spacing_mm)
+            try:
+                cached = cache_exam(read_exam(folder), spacing_mm)
+            except TumorSegError as exc:
+                if exc.path is not None:  # it names its file already
+                    raise
+                raise TumorSegError(exc.problem, folder) from None
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, image=cached.image, target=cached.target)
+            np.savez(
+                tmp, image=cached.image, target=cached.target, fingerprint=np.str_(fingerprint)
+            )
             tmp.replace(path)
             log(f"cached {folder.name} {cached.shape} in {time.perf_counter() - started:.1f} s")
-        with np.load(path) as data:
-            exams.append(CachedExam(folder.name, data["image"], data["target"]))
+        exams.append(cached)
     return exams
 
 
@@ -175,6 +216,16 @@ class PatchSampler:
     @property
     def spatial_dims(self) -> int:
         return len(self.patch)
+
+    @property
+    def rng_state(self) -> dict:
+        """The random generator's state (JSON-serialisable): a checkpoint stores it, so that a
+        resumed run draws the patches an uninterrupted one would have."""
+        return self._rng.bit_generator.state
+
+    @rng_state.setter
+    def rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
 
     def _centre(self, index: int) -> np.ndarray:
         exam = self.exams[index]
