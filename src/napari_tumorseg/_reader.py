@@ -82,7 +82,7 @@ def read_layers(paths, open_scans=(), open_labels=()) -> tuple[list[tuple], list
         if p.is_dir():
             exam = read_exam(p)
             exams.setdefault(exam.name, p)
-            warnings += exam.skipped
+            warnings += exam.warnings
             scans += exam.scans.values()
             read = [scan_layer_data(v) for v in exam.scans.values()]
             scan_layers += read

@@ -66,7 +66,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _exam_from_args(args: argparse.Namespace):
     """The exam's scans from the command line (a label map among them is not read: `segment`
-    needs none and `finetune` takes its own, ``--labels``)."""
+    needs none and `finetune` takes its own, ``--labels``); its warnings printed on stderr."""
+    exam = _read_exam_from_args(args)
+    for message in exam.warnings:
+        print(f"tumorseg {args.command}: warning: {message}", file=sys.stderr)
+    return exam
+
+
+def _read_exam_from_args(args: argparse.Namespace):
     from .core.io import read_exam
 
     # In the order given: the first is the reference whose geometry the outputs take.
@@ -130,8 +137,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         if value:
             raise TumorSegError(f"{option} goes with --out-dir (a batch of case folders)")
     exam = _exam_from_args(args)
-    for message in exam.skipped:
-        print(f"tumorseg segment: warning: {message}", file=sys.stderr)
     _, written = segment_exam(exam, args.out, prob_out=args.prob, **_segment_options(args))
     for path in written:
         print(f"wrote {path}")

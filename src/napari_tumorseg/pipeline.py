@@ -313,7 +313,7 @@ def segment_folders(
             out = None
         try:
             exam = read_exam(case, read_labels=False)
-            for message in exam.skipped:
+            for message in exam.warnings:
                 log(f"  warning: {message}")
             _, written = segment_exam(
                 exam, out, model=tumour_model, prob_out=prob, log=lambda m: log(f"  {m}"), **options

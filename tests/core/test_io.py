@@ -14,6 +14,7 @@ from napari_tumorseg.core.io import (
     check_output_path,
     classify_path,
     read_exam,
+    read_scan,
     read_volume,
     to_brats_labels,
     write_labels,
@@ -309,6 +310,58 @@ def test_labels_on_no_scan_grid(tmp_path):
     with pytest.raises(TumorSegError) as info:
         read_exam([T1CE], labels=path)
     assert str(path) in str(info.value) and "matches none of the exam" in str(info.value)
+
+
+def test_odd_shapes_and_values_are_named_for_what_they_are(tmp_path):
+    five = tmp_path / "five_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10, 1, 3), np.int16), np.eye(4)), str(five))
+    _assert_error(five, "is a 5D NIfTI (shape 10x10x10x1x3)")
+    thin = tmp_path / "thin_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((64, 64, 2), np.int16), np.eye(4)), str(thin))
+    _assert_error(thin, "has only 2 slices along one axis")
+    huge = tmp_path / "huge_t1.nii.gz"
+    data = np.ones((8, 8, 8), np.float64)
+    data[1, 2, 3] = 1e300
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(huge))
+    _assert_error(huge, "too large to compute with (up to 1e+300")
+    labels = tmp_path / "case_seg.nii.gz"
+    data = np.zeros((8, 8, 8), np.float32)
+    data[1, 1, 1] = 1e20
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(labels))
+    _assert_error(labels, "holds values 1e+20 outside")
+    empty = tmp_path / "blank_flair.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(empty))
+    with pytest.raises(TumorSegError, match="is empty: every voxel is 0"):
+        read_scan(empty)
+
+
+def test_scans_named_after_two_exams_are_warned_about(tmp_path):
+    for name, source in (("caseA_t1.nii.gz", T1CE), ("caseB_flair.nii.gz", T1CE)):
+        shutil.copy(source, tmp_path / name)
+    exam = read_exam([tmp_path / "caseA_t1.nii.gz", tmp_path / "caseB_flair.nii.gz"])
+    assert exam.name == "caseA"
+    assert any("named after 2 exams (caseA, caseB)" in w for w in exam.warnings)
+    assert not read_exam(BRATS).warnings
+
+
+def test_an_output_through_a_link_replaces_the_file_it_points_to(tmp_path):
+    labels = read_volume(SEG)
+    real = tmp_path / "real" / "seg.nii.gz"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "link_seg.nii.gz"
+    link.symlink_to(real)
+    write_labels(link, labels.array, labels)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(read_volume(real).array, labels.array)
+    assert sorted(p.name for p in real.parent.iterdir()) == ["seg.nii.gz"]
+
+
+def test_a_long_file_name_is_written(tmp_path):
+    labels = read_volume(SEG)
+    target = tmp_path / ("x" * 240 + "_seg.nii.gz")  # 251 bytes: the limit is 255
+    write_labels(target, labels.array, labels)
+    np.testing.assert_array_equal(read_volume(target).array, labels.array)
 
 
 def test_write_keeps_existing_file_when_it_fails(tmp_path):

@@ -231,10 +231,20 @@ def _check_3d(data: np.ndarray, path: Path) -> np.ndarray:
             "probability map (one volume per region WT, TC, ET) opens in the viewer",
             path,
         )
-    if data.ndim != 3 or sum(s > 1 for s in data.shape) < 3:
-        shape = "x".join(map(str, data.shape))
+    shape = "x".join(map(str, data.shape))
+    if data.ndim > 4:
+        raise TumorSegError(
+            f"is a {data.ndim}D NIfTI (shape {shape}); a 3D MRI volume is needed", path
+        )
+    if data.ndim < 3 or sum(s > 1 for s in data.shape) < 3:
         raise TumorSegError(
             f"is a 2D image (shape {shape}); a 3D MRI volume with several slices is needed", path
+        )
+    if min(data.shape) < 3:  # as registration needs
+        raise TumorSegError(
+            f"has only {min(data.shape)} slices along one axis (shape {shape}); a 3D MRI volume "
+            "with at least 3 is needed",
+            path,
         )
     return data
 
@@ -253,10 +263,10 @@ def to_brats_labels(data: np.ndarray, path: str | Path | None = None) -> np.ndar
                 "(0 background, 1 NCR/NET, 2 oedema, 4 enhancing tumour)",
                 path,
             )
-    values = set(np.unique(data).astype(np.int64).tolist())
+    values = set(np.unique(data).tolist())  # whole numbers now, but maybe beyond int64
     unknown = sorted(values - {0, 1, 2, 3, 4})
     if unknown:
-        shown = ", ".join(map(str, unknown[:5])) + (
+        shown = ", ".join(f"{v:g}" for v in unknown[:5]) + (
             f", ... ({len(unknown)} values)" if len(unknown) > 5 else ""
         )
         hint = "; is it a scan rather than a label map?" if len(unknown) > 5 else ""
@@ -318,7 +328,14 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
             if not np.isfinite(data).all():
                 bad = int((~np.isfinite(data)).sum())
                 raise TumorSegError(f"holds {bad} NaN or infinite voxels", path)
-            data = data.astype(np.float32, copy=False)
+            single = data.astype(np.float32, copy=False)
+            if single is not data and not np.isfinite(single).all():
+                raise TumorSegError(
+                    f"holds voxel values too large to compute with (up to "
+                    f"{np.abs(data).max():g}; float32 goes to 3.4e+38)",
+                    path,
+                )
+            data = single
         elif data.dtype.kind not in "iub":
             raise TumorSegError(f"has an unsupported voxel type {data.dtype}", path)
         name = named if named not in (None, "labels") else file_stem(path)
@@ -374,6 +391,8 @@ def read_scan(path: str | Path) -> Volume:
     """`read_volume` of a file that must be a scan: a label map or a mask given as one (a BraTS
     segmentation saved under a sequence's name) is refused instead of being segmented."""
     volume = read_volume(path, kind="scan")
+    if not volume.array.any():
+        raise TumorSegError("is empty: every voxel is 0", path)
     if _looks_like_labels(volume.array):
         values = ", ".join(str(v) for v in np.unique(volume.array).tolist())
         raise TumorSegError(
@@ -403,8 +422,9 @@ class Exam:
         Sequence name -> scan, in `SEQUENCES` order.
     labels : Volume or None
         The label map (uint8 BraTS labels) on the grid of one of the scans.
-    skipped : list[str]
-        Messages about files of the folder that were not read (unknown names).
+    warnings : list[str]
+        Messages for the user about the exam's files: files of the folder that were not read
+        (unknown names), scans named after different exams.
     unread_labels : list[Path]
         Label map files of the exam that were not read (``read_exam(read_labels=False)``):
         still the exam's files, which no output may replace.
@@ -412,7 +432,7 @@ class Exam:
 
     scans: dict[str, Volume] = field(default_factory=dict)
     labels: Volume | None = None
-    skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     name: str = ""
     unread_labels: list[Path] = field(default_factory=list)
 
@@ -521,11 +541,17 @@ def read_exam(
         if labels is not None:
             raise TumorSegError("no scan given: this file is a label map (by its name)", labels)
         raise TumorSegError("no scan given")
-    exam = Exam(skipped=skipped, unread_labels=unread)
+    exam = Exam(warnings=skipped, unread_labels=unread)
     for seq, path in files.items():
         exam.scans[seq] = read_scan(path)
         exam.scans[seq].name = seq
     exam.name = case_name(next(iter(files.values())))
+    names = list(dict.fromkeys(case_name(p) for p in files.values()))
+    if len(names) > 1:  # scans of one atlas grid pass every geometry check
+        exam.warnings.append(
+            f"the scans are named after {len(names)} exams ({', '.join(names)}): check that "
+            f"they are one patient's; segmenting them as exam {exam.name}"
+        )
     if labels is not None:
         exam.labels = read_volume(labels, kind="labels")
         check_grid_match(exam.labels, list(exam.scans.values()), labels)
@@ -642,10 +668,14 @@ class OutputFiles:
     def stage(self, path: str | Path) -> Path:
         """A new temporary file beside ``path`` (same suffix) to write ``path``'s content to."""
         path = Path(path)
+        if path.is_symlink() and path.exists():  # replace the file it points to, not the link
+            path = path.resolve()
         suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+            # A short prefix: the name must stay within the 255 bytes a file name may have.
+            prefix = f".{path.name[:64]}."
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
         except OSError as exc:
             raise _write_error(exc, path) from None
         os.close(fd)
@@ -672,6 +702,7 @@ class OutputFiles:
             for tmp, path in staged:
                 # mkstemp creates the file readable by its owner only; the rename would keep that.
                 os.chmod(tmp, creation_mode(path))
+                _sync(tmp)  # on disk before it replaces the user's file, even on a power cut
                 os.replace(tmp, path)
         except OSError as exc:
             self._staged = staged
@@ -692,6 +723,15 @@ class OutputFiles:
             self.commit()
         else:
             self.discard()
+
+
+def _sync(path: Path) -> None:
+    """Flush a written file to disk (`os.fsync`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_volume(
