@@ -112,13 +112,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: The checkpoint's files as `state.json` names them, and their names before it did.
+CHECKPOINT_FILES = {"weights": "weights.safetensors", "optimizer": "optimizer.pt"}
+
+
+def sync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk where the system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    except OSError:  # Windows opens no folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync: durability only
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one step, synced to disk first."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp.write_text(text)
+    sync(tmp)
     tmp.replace(path)
 
 
@@ -185,8 +201,10 @@ def run_training(args: argparse.Namespace) -> int:
         raise TumorSegError(
             f"no validation case folder {', '.join(missing)} there (--validation)", args.data
         )
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config["features"] = list(features)
+    intensity = {k: float(v) for k, v in (kv.split("=") for kv in args.intensity.split(",") if kv)}
+    # Paths absolute and settings parsed, so that a resume names them in any way it likes.
+    config = {k: (str(v.resolve()) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(features=list(features), intensity=dict(sorted(intensity.items())))
     run_dir = args.run_dir
     state_path = run_dir / "state.json"
     state = {"step": 0, "elapsed": 0.0, "losses": [], "config": config, "commands": []}
@@ -200,6 +218,13 @@ def run_training(args: argparse.Namespace) -> int:
     train = [e for e in exams if e.name not in validation]
     if not train:
         raise TumorSegError("no case folder to train on besides the validation ones", args.data)
+    names = [e.name for e in train]
+    if state.setdefault("train_exams", names) != names:
+        raise TumorSegError(
+            f"the checkpoint was trained on other exams ({', '.join(state['train_exams'])}); "
+            "give another --run-dir to start afresh",
+            state_path,
+        )
     log(f"training on {len(train)} exams: {[e.name for e in train]}; validation {validation}")
     patch = (args.patch,) * args.dims
 
@@ -220,7 +245,6 @@ def run_training(args: argparse.Namespace) -> int:
         log(f"warm start from {args.init} ({init_training['steps']} steps)")
     network.to(args.device)  # before the optimiser: its state lives on the weights' device
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=1e-5)
-    intensity = {k: float(v) for k, v in (kv.split("=") for kv in args.intensity.split(",") if kv)}
     augment = JointAugment(
         p_affine=0.25,
         p_elastic=0.0,
@@ -231,15 +255,16 @@ def run_training(args: argparse.Namespace) -> int:
 
     if state["step"]:
         # Files named in the state (older checkpoints: fixed names).
-        weights = load_file(str(run_dir / state.get("weights", "weights.safetensors")))
-        network.load_state_dict(weights)
-        optimizer.load_state_dict(
-            torch.load(
-                run_dir / state.get("optimizer", "optimizer.pt"),
-                map_location=args.device,
-                weights_only=True,
+        files = [run_dir / state.get(k, d) for k, d in CHECKPOINT_FILES.items()]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise TumorSegError(
+                f"the checkpoint's {' and '.join(missing)} are missing; give another --run-dir "
+                "to start afresh",
+                state_path,
             )
-        )
+        network.load_state_dict(load_file(str(files[0])))
+        optimizer.load_state_dict(torch.load(files[1], map_location=args.device, weights_only=True))
         if "sampler_rng" in state:  # the draws an uninterrupted run would have made
             sampler.rng_state = state["sampler_rng"]
             augment.generator.set_state(torch.tensor(state["augment_rng"], dtype=torch.uint8))
@@ -261,8 +286,10 @@ def run_training(args: argparse.Namespace) -> int:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp)
         )
+        sync(tmp)
         tmp.replace(run_dir / names["weights"])
         torch.save(optimizer.state_dict(), tmp)
+        sync(tmp)
         tmp.replace(run_dir / names["optimizer"])
         state.update(
             step=step,
@@ -272,6 +299,7 @@ def run_training(args: argparse.Namespace) -> int:
             **names,
         )
         atomic_write_text(state_path, json.dumps(state))
+        sync(run_dir)  # the renames on disk before the previous checkpoint goes
         for old in [*run_dir.glob("weights*.safetensors"), *run_dir.glob("optimizer*.pt")]:
             if old.name not in names.values():
                 old.unlink()

@@ -1,7 +1,9 @@
 """scripts/train_bundled.py: checked settings on resume, whole checkpoints, clear refusals."""
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -53,7 +55,7 @@ def _args(tmp_path, data, *extra):
     ]  # fmt: skip
 
 
-def test_a_run_resumes_with_its_own_settings_and_the_card_says_so(tmp_path, data):
+def test_a_run_resumes_with_its_own_settings_and_the_card_says_so(tmp_path, data, monkeypatch):
     assert train_bundled.main(_args(tmp_path, data)) == 0
     run = tmp_path / "run"
     state = json.loads((run / "state.json").read_text())
@@ -65,8 +67,9 @@ def test_a_run_resumes_with_its_own_settings_and_the_card_says_so(tmp_path, data
     )
     assert {"sampler_rng", "augment_rng"} <= set(state)
 
-    # More time: a change a resumed run may make.
-    assert train_bundled.main(_args(tmp_path, data, "--minutes", "0.02")) == 0
+    # More time: a change a resumed run may make; the same folder named another way is the same.
+    monkeypatch.chdir(tmp_path)
+    assert train_bundled.main(_args(tmp_path, Path("data"), "--minutes", "0.02")) == 0
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     training = card["training"]
     assert training["steps"] > first_steps
@@ -127,3 +130,17 @@ def test_a_bad_data_folder_is_named_in_one_line(tmp_path, problem, expected, cap
     assert expected in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_with_missing_files_or_other_exams_is_refused(tmp_path, data, capsys):
+    assert train_bundled.main(_args(tmp_path, data)) == 0
+    _case(data, "case3", 3)  # one more exam in the folder: another training set
+    capsys.readouterr()
+    assert train_bundled.main(_args(tmp_path, data)) == 2
+    assert "trained on other exams (case0, case1)" in capsys.readouterr().err
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    (tmp_path / "run" / state["weights"]).unlink()
+    shutil.rmtree(data / "case3")
+    assert train_bundled.main(_args(tmp_path, data)) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint's {state['weights']} are missing" in err and "Traceback" not in err

@@ -342,6 +342,9 @@ def test_scans_named_after_two_exams_are_warned_about(tmp_path):
     assert exam.name == "caseA"
     assert any("named after 2 exams (caseA, caseB)" in w for w in exam.warnings)
     assert not read_exam(BRATS).warnings
+    for seq in ("t1", "flair"):  # named by sequence alone: no exam named, nothing to compare
+        shutil.copy(T1CE, tmp_path / f"{seq}.nii.gz")
+    assert not read_exam([tmp_path / "t1.nii.gz", tmp_path / "flair.nii.gz"]).warnings
 
 
 def test_an_output_through_a_link_replaces_the_file_it_points_to(tmp_path):

@@ -6,6 +6,7 @@ This is the project's only NIfTI reader and writer: everything that touches a fi
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -266,7 +267,7 @@ def to_brats_labels(data: np.ndarray, path: str | Path | None = None) -> np.ndar
     values = set(np.unique(data).tolist())  # whole numbers now, but maybe beyond int64
     unknown = sorted(values - {0, 1, 2, 3, 4})
     if unknown:
-        shown = ", ".join(f"{v:g}" for v in unknown[:5]) + (
+        shown = ", ".join(f"{v:.0f}" if abs(v) < 1e15 else f"{v:g}" for v in unknown[:5]) + (
             f", ... ({len(unknown)} values)" if len(unknown) > 5 else ""
         )
         hint = "; is it a scan rather than a label map?" if len(unknown) > 5 else ""
@@ -328,7 +329,8 @@ def read_volume(path: str | Path, kind: str | None = None) -> Volume:
             if not np.isfinite(data).all():
                 bad = int((~np.isfinite(data)).sum())
                 raise TumorSegError(f"holds {bad} NaN or infinite voxels", path)
-            single = data.astype(np.float32, copy=False)
+            with np.errstate(over="ignore"):
+                single = data.astype(np.float32, copy=False)
             if single is not data and not np.isfinite(single).all():
                 raise TumorSegError(
                     f"holds voxel values too large to compute with (up to "
@@ -546,7 +548,10 @@ def read_exam(
         exam.scans[seq] = read_scan(path)
         exam.scans[seq].name = seq
     exam.name = case_name(next(iter(files.values())))
-    names = list(dict.fromkeys(case_name(p) for p in files.values()))
+    # Only names with an exam part before the sequence ("t1.nii.gz" names no exam).
+    names = list(
+        dict.fromkeys(case_name(p) for p in files.values() if case_name(p) != file_stem(p))
+    )
     if len(names) > 1:  # scans of one atlas grid pass every geometry check
         exam.warnings.append(
             f"the scans are named after {len(names)} exams ({', '.join(names)}): check that "
@@ -615,11 +620,17 @@ def check_output_path(path: str | Path, nifti: bool = True) -> Path:
     return path
 
 
+def _write_target(path: Path) -> Path:
+    """The file an output named ``path`` replaces: through a symbolic link, the file it points
+    to (the link stays), else ``path``."""
+    return path.resolve() if path.is_symlink() and path.exists() else path
+
+
 def check_can_create(path: str | Path) -> None:
     """A `TumorSegError` naming ``path`` unless it can be created: the nearest existing folder
     above it must be a folder one can write in (missing folders are made on the way)."""
     path = Path(path)
-    parent = path.absolute().parent
+    parent = _write_target(path).absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -667,9 +678,7 @@ class OutputFiles:
 
     def stage(self, path: str | Path) -> Path:
         """A new temporary file beside ``path`` (same suffix) to write ``path``'s content to."""
-        path = Path(path)
-        if path.is_symlink() and path.exists():  # replace the file it points to, not the link
-            path = path.resolve()
+        path = _write_target(Path(path))
         suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -701,8 +710,8 @@ class OutputFiles:
         try:
             for tmp, path in staged:
                 # mkstemp creates the file readable by its owner only; the rename would keep that.
-                os.chmod(tmp, creation_mode(path))
                 _sync(tmp)  # on disk before it replaces the user's file, even on a power cut
+                os.chmod(tmp, creation_mode(path))
                 os.replace(tmp, path)
         except OSError as exc:
             self._staged = staged
@@ -726,12 +735,18 @@ class OutputFiles:
 
 
 def _sync(path: Path) -> None:
-    """Flush a written file to disk (`os.fsync`)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a written file to disk (`os.fsync`; Windows needs a handle open for writing). Only
+    durability is at stake: a file system that cannot sync (some network or FUSE ones) is let
+    be."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
 
 
 def write_volume(

@@ -120,7 +120,8 @@ def cache_fingerprint(folder: Path, spacing_mm) -> str:
     spacing, the normalisation and `CACHE_VERSION`. A cache whose fingerprint differs is
     rebuilt -- an exam whose scans or labels changed is not trained on stale voxels."""
     scans, label_files, _ = find_exam_files(folder)
-    parts = [f"v{CACHE_VERSION}", NORMALIZATION, repr(spacing_mm)]
+    grid = None if spacing_mm is None else tuple(float(s) for s in spacing_mm)
+    parts = [f"v{CACHE_VERSION}", NORMALIZATION, repr(grid)]
     for path in sorted([*scans.values(), *label_files]):
         info = path.stat()
         parts.append(f"{path.name}:{info.st_size}:{info.st_mtime_ns}")
