@@ -72,7 +72,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from napari_tumorseg.core.finetune import MODES, UNCORRECTED_WEIGHT, finetune
+    from napari_tumorseg.core.finetune import MODES, UNCORRECTED_WEIGHT, finetune, recipe
     from napari_tumorseg.core.inference import segment
     from napari_tumorseg.core.io import read_exam
     from napari_tumorseg.core.jobs import run_to_end
@@ -81,6 +81,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     base = load_model(args.model)
+    dims = base.card["spatial_dims"]
     exams = {name: read_exam(path) for name, path in EXAMS.items()}
 
     def predict(model, exam):
@@ -183,13 +184,13 @@ def main(argv=None) -> None:
         "slices through the tumour with the expert labels; Dice against the expert labels on "
         "the exam's other (uncorrected) slices, WT / TC / ET.",
         "",
-        f"Recipes (`core.finetune.MODES`, uncorrected voxels weigh {UNCORRECTED_WEIGHT}): "
+        f"Recipes (`core.finetune.recipe`, uncorrected voxels weigh {UNCORRECTED_WEIGHT}): "
         + "; ".join(
             f"{mode}: "
             + ", ".join(
                 f"{k} {v}" if isinstance(v, bool) else f"{k} {v:g}" for k, v in settings.items()
             )
-            for mode, settings in MODES.items()
+            for mode, settings in ((m, recipe(m, dims)) for m in MODES)
         )
         + ".",
         "",
@@ -239,7 +240,9 @@ def main(argv=None) -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_section("Fine-tuning", "\n".join(lines))
+        # The 3D model's section is the one the goals are judged in; others get their own.
+        title = "Fine-tuning" if args.model == "3d" else f"Fine-tuning, the {args.model} model"
+        write_section(title, "\n".join(lines))
 
 
 def _adapt_gain(row) -> float:

@@ -204,3 +204,35 @@ def test_a_new_version_never_replaces_a_folder_it_did_not_make():
     assert make_tiny_model("mine") == "mine@v3"
     assert (stray / "notes.txt").read_text() == "keep"
     assert load_model("mine").card["version"] == 3
+
+
+def test_2d_keep_draws_slices_around_the_corrections_and_elsewhere():
+    """A 2D model's "keep" sees the brain beyond the corrected slices (`MODES_2D`'s
+    ``context``), as a 3D patch does; "adapt" and 3D models are as `MODES` says."""
+    from napari_tumorseg.core.finetune import (
+        MODES,
+        CorrectionExam,
+        _CorrectionSampler,
+        recipe,
+    )
+    from napari_tumorseg.core.training import CachedExam
+
+    image = np.zeros((4, 12, 16, 16), np.float16)
+    image[:, :, 2:14, 2:14] = np.arange(1, 13, dtype=np.float16)[:, None, None]  # z + 1
+    weight = np.full((12, 16, 16), 0.125, np.float32)
+    weight[5] = 1.0  # the one corrected slice
+    cached = CachedExam("toy", image, np.zeros((3, 12, 16, 16), np.uint8), weight)
+    exam = CorrectionExam(cached=cached, focus=np.argwhere(weight >= 0.5))
+
+    def slices_drawn(context):
+        sampler = _CorrectionSampler(exam, (8, 8), batch_size=64, seed=0, context=context)
+        images = next(sampler)[0]
+        return set(images[:, 0].amax(dim=(1, 2)).round().int().tolist())
+
+    assert slices_drawn(0.0) == {6}
+    share = recipe("keep", 2)["context"]
+    assert 0 < share < 1 and len(slices_drawn(share)) > 5
+    assert recipe("keep", 3) == MODES["keep"] and "context" not in recipe("keep", 3)
+    assert recipe("adapt", 2) == MODES["adapt"]
+    with pytest.raises(TumorSegError, match="unknown fine-tuning mode"):
+        recipe("forget", 3)

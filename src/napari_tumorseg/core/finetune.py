@@ -21,7 +21,8 @@ training code, and yields progress between steps. Two outcomes:
   the corrected exam, and hard targets on the changed voxels alone to -0.008, with a larger
   gain. Replaying the user's earlier corrected exams (half the batches) was measured too and
   dropped: in a chain of two "keep" rounds it lowered the unseen exam (0.714-0.717 WT against
-  0.724-0.730 without) and did not protect the earlier exam (0.893 against 0.892).
+  0.724-0.730 without) and did not protect the earlier exam (0.893 against 0.892). A 2D
+  model's "keep" also draws most of its slices away from the corrections (`MODES_2D`).
 
 Nothing is written here: the caller saves the returned network (atomically, `models`) only when
 the generator finished, so a cancelled or failed fine-tune leaves every model file as it was.
@@ -97,6 +98,24 @@ MODES = {
 }
 
 
+#: What differs for a 2D model. Its training samples are single axial slices, so without
+#: ``context`` every one of them is a corrected slice, where a 3D patch of 64 slices holds 2-4
+#: corrected ones among slices distilled from the parent: the corrections weighed ten times
+#: more, and "keep" made on the sample cost another exam 0.120 WT (benchmarks/bench_finetune.py
+#: --model 2d). ``context``: the share of slices drawn anywhere in the brain instead (distilled
+#: from the parent where not corrected), as a 3D patch's surroundings are.
+MODES_2D = {"keep": {"context": 0.9}}
+
+
+def recipe(mode: str, spatial_dims: int) -> dict:
+    """The fine-tuning settings of ``mode`` for a model of ``spatial_dims`` (`MODES`, with
+    `MODES_2D` for 2D models)."""
+    if mode not in MODES:
+        raise TumorSegError(f"unknown fine-tuning mode {mode!r}; use {list(MODES)}")
+    extra = MODES_2D.get(mode, {}) if spatial_dims == 2 else {}
+    return {**MODES[mode], **extra}
+
+
 def correction_weights(
     edited: np.ndarray | None,
     shape,
@@ -149,22 +168,27 @@ def prepare_corrections(
 
 @dataclass
 class _CorrectionSampler:
-    """Patches centred on the corrections (`CorrectionExam.focus`)."""
+    """Patches centred on the corrections (`CorrectionExam.focus`); a share ``context`` of them
+    centred anywhere in the brain instead."""
 
     exam: CorrectionExam
     patch: tuple[int, ...]
     batch_size: int
     seed: int = 0
+    context: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+        self.brain = np.argwhere(self.exam.cached.image.any(axis=0)) if self.context else None
 
     def __next__(self):
         images, targets, weights = [], [], []
         cached, focus = self.exam.cached, self.exam.focus
         weight = self.exam.weight[None]
         for _ in range(self.batch_size):
-            centre = focus[int(self.rng.integers(len(focus)))]
+            anywhere = self.context and len(self.brain) and self.rng.random() < self.context
+            centres = self.brain if anywhere else focus
+            centre = centres[int(self.rng.integers(len(centres)))]
             if len(self.patch) == 2:
                 z = int(centre[0])
                 start = [int(c) - p // 2 for c, p in zip(centre[1:], self.patch)]
@@ -270,8 +294,7 @@ def finetune(
 
     Yields `FinetuneProgress` after every step; returns a `FinetuneResult`.
     """
-    if mode not in MODES:
-        raise TumorSegError(f"unknown fine-tuning mode {mode!r}; use {list(MODES)}")
+    settings = recipe(mode, model.card["spatial_dims"])
     if seconds is None and steps is None:
         raise TumorSegError("give a time (seconds) or step budget")
     if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
@@ -296,7 +319,6 @@ def finetune(
             )
         if not edited.any():
             raise TumorSegError("no corrected voxel: edit the label map before fine-tuning")
-    settings = MODES[mode]
     device = select_device(device)
     if settings.get("exam_head"):
         segmentation = {"device": device, "overlap": overlap, "tta": tta}
@@ -310,10 +332,7 @@ def finetune(
     patch = tuple(card.get("train_patch_size", card["patch_size"]))
     batch_size = batch_size or (2 if card["spatial_dims"] == 3 else 8)
     sampler = _CorrectionSampler(
-        corrections,
-        patch,
-        batch_size,
-        seed=seed,
+        corrections, patch, batch_size, seed=seed, context=settings.get("context", 0.0)
     )
     torch.manual_seed(seed)
     network = copy.deepcopy(model.network).to(device)
@@ -390,7 +409,7 @@ def _finetuned_card(model, exam, edited, labels, mode, steps, elapsed, settings)
 def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
     """The "adapt" mode: the parent network and an exam head fitted on the corrected slices."""
     started = time.perf_counter()
-    settings = MODES[mode]
+    settings = recipe(mode, model.card["spatial_dims"])
     channels = exam_to_channels(exam)
     present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
 
