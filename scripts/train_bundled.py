@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -32,7 +31,7 @@ from evaluate_models import validate  # noqa: E402
 
 from napari_tumorseg.core.augment import JointAugment
 from napari_tumorseg.core.errors import TumorSegError
-from napari_tumorseg.core.io import SEQUENCES
+from napari_tumorseg.core.io import SEQUENCES, fsync_path
 from napari_tumorseg.core.models import TumorModel, load_model, save_model
 from napari_tumorseg.core.preprocess import MISSING_POLICY, NORMALIZATION
 from napari_tumorseg.core.training import (
@@ -116,25 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 CHECKPOINT_FILES = {"weights": "weights.safetensors", "optimizer": "optimizer.pt"}
 
 
-def sync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk where the system allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
-    except OSError:  # Windows opens no folder
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync: durability only
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one step, synced to disk first."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    sync(tmp)
+    fsync_path(tmp)
     tmp.replace(path)
 
 
@@ -286,10 +271,10 @@ def run_training(args: argparse.Namespace) -> int:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp)
         )
-        sync(tmp)
+        fsync_path(tmp)
         tmp.replace(run_dir / names["weights"])
         torch.save(optimizer.state_dict(), tmp)
-        sync(tmp)
+        fsync_path(tmp)
         tmp.replace(run_dir / names["optimizer"])
         state.update(
             step=step,
@@ -299,7 +284,7 @@ def run_training(args: argparse.Namespace) -> int:
             **names,
         )
         atomic_write_text(state_path, json.dumps(state))
-        sync(run_dir)  # the renames on disk before the previous checkpoint goes
+        fsync_path(run_dir)  # the renames on disk before the previous checkpoint goes
         for old in [*run_dir.glob("weights*.safetensors"), *run_dir.glob("optimizer*.pt")]:
             if old.name not in names.values():
                 old.unlink()

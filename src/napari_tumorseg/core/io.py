@@ -710,7 +710,7 @@ class OutputFiles:
         try:
             for tmp, path in staged:
                 # mkstemp creates the file readable by its owner only; the rename would keep that.
-                _sync(tmp)  # on disk before it replaces the user's file, even on a power cut
+                fsync_path(tmp)  # on disk before it replaces the user's file, even on a power cut
                 os.chmod(tmp, creation_mode(path))
                 os.replace(tmp, path)
         except OSError as exc:
@@ -734,18 +734,20 @@ class OutputFiles:
             self.discard()
 
 
-def _sync(path: Path) -> None:
-    """Flush a written file to disk (`os.fsync`; Windows needs a handle open for writing). Only
-    durability is at stake: a file system that cannot sync (some network or FUSE ones) is let
-    be."""
+def fsync_path(path: str | Path) -> None:
+    """Flush a written file, or a folder's entries (renames), to disk (`os.fsync`; Windows
+    needs a file open for writing and opens no folder). Only durability is at stake: what the
+    system or file system cannot sync (some network or FUSE ones) is let be."""
+    path = Path(path)
+    folder = path.is_dir()
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, (os.O_RDONLY if folder else os.O_RDWR) | getattr(os, "O_BINARY", 0))
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+        if not folder and exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
             raise
 
 
