@@ -197,6 +197,30 @@ def test_segment_out_dir_runs_a_batch_past_a_bad_case(tmp_path, tiny_model, caps
     assert "0 segmented; 2 skipped (outputs already there); 1 failed: broken" in (
         capsys.readouterr().err
     )
+    # A probability map that is there is not replaced either when its label map is missing.
+    (out / "a_seg.nii.gz").unlink()
+    prob_a = (probs / "a_prob.nii.gz").read_bytes()
+    assert main(argv) == 2
+    assert "a_prob.nii.gz is already there and is left as it is" in capsys.readouterr().err
+    assert (out / "a_seg.nii.gz").exists() and (probs / "a_prob.nii.gz").read_bytes() == prob_a
+
+
+def test_a_case_that_fails_unexpectedly_does_not_stop_the_batch(tmp_path, capsys, monkeypatch):
+    import napari_tumorseg.pipeline as pipeline
+
+    def segment_exam(exam, out, **kwargs):
+        if exam.name == "a":
+            raise ValueError("autodetected range of [inf, inf] is not finite")
+        out.write_bytes(b"map")
+        return None, [out]
+
+    monkeypatch.setattr(pipeline, "segment_exam", segment_exam)
+    monkeypatch.setattr(pipeline, "load_model", lambda name: None)
+    cases = [str(_case(tmp_path, name)) for name in ("a", "b")]
+    assert main(["segment", *cases, "--out-dir", str(tmp_path / "seg")]) == 2
+    err = capsys.readouterr().err
+    assert "error: unexpected ValueError: autodetected range" in err
+    assert "1 segmented; 1 failed: a" in err and "Traceback" not in err
 
 
 def test_segment_batch_arguments_are_checked_before_any_work(tmp_path, capsys):

@@ -304,13 +304,16 @@ def segment_folders(
         out = out_dir / f"{name}_seg.nii.gz"
         prob = prob_dir / f"{name}_prob.nii.gz" if prob_dir is not None else None
         log(f"[{index}/{len(by_name)}] {case}")
-        if skip_existing and out.exists():
-            if prob is None or prob.exists():
-                log(f"  skipped: {out.name} is already there")
+        if skip_existing:  # an output that is there is never replaced, whichever it is
+            there = [p for p in (out, prob) if p is not None and p.exists()]
+            if len(there) == len([p for p in (out, prob) if p is not None]):
+                log(f"  skipped: {' and '.join(p.name for p in there)} already there")
                 outcome.skipped.append(case)
                 continue
-            log(f"  {out.name} is already there and is left as it is: only {prob.name}")
-            out = None
+            for path in there:
+                log(f"  {path.name} is already there and is left as it is")
+            out = None if out in there else out
+            prob = None if prob in there else prob
         try:
             exam = read_exam(case, read_labels=False)
             for message in exam.warnings:
@@ -318,12 +321,14 @@ def segment_folders(
             _, written = segment_exam(
                 exam, out, model=tumour_model, prob_out=prob, log=lambda m: log(f"  {m}"), **options
             )
-        except (TumorSegError, OSError, MemoryError) as exc:
+        except Exception as exc:  # one case never stops the batch
             reason = str(exc)
             if isinstance(exc, OSError):  # a full disk, a folder that became unwritable
                 reason = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else reason
             elif isinstance(exc, MemoryError):
                 reason = "not enough memory for this exam"
+            elif not isinstance(exc, TumorSegError):  # a bug of ours: say what it was
+                reason = f"unexpected {type(exc).__name__}: {exc}"
             log(f"  error: {reason}")
             outcome.failed.append((case, reason))
             continue

@@ -591,3 +591,18 @@ def test_an_exam_with_the_skull_on_is_flagged(tiny_model):
     assert run_to_end(segment(raw, model, device="cpu")).warnings == (SKULL_ON_WARNING,)
     stripped = read_exam([BRATS / "Brats18_TCIA01_378_1_t1ce.nii.gz"])
     assert run_to_end(segment(stripped, model, device="cpu")).warnings == ()
+
+
+def test_a_scan_at_the_edge_of_float32_is_normalised_as_any_other():
+    """A corrupt scaling slope (1e34) put a scan's values near float32's limit: its sums
+    overflowed, the channel turned NaN and the segmentation came out empty, without a word."""
+    from napari_tumorseg.core.preprocess import brain_mask, zscore
+
+    rng = np.random.default_rng(0)
+    channels = np.zeros((4, 20, 20, 20), np.float32)
+    channels[:, 4:16, 4:16, 4:16] = rng.uniform(100, 3000, (4, 12, 12, 12))
+    huge = channels.copy()
+    huge[0] *= np.float32(1e34)  # up to 3e37; the brain's sum goes past 3.4e38
+    mask = brain_mask(channels)
+    np.testing.assert_array_equal(brain_mask(huge), mask)
+    np.testing.assert_allclose(zscore(huge, mask), zscore(channels, mask), atol=1e-4)

@@ -89,3 +89,26 @@ def test_checkerboard_alternates_the_two_scans():
     assert corr(board[:, :16, :16], b[:, :16, :16]) > 0.99  # even squares: second scan
     assert corr(board[:, :16, 16:], a[:, :16, 16:]) > 0.99  # odd squares: first scan
     assert corr(board[:, 16:, :16], a[:, 16:, :16]) > 0.99
+
+
+def test_pickers_take_the_scans_added_last(make_napari_viewer):
+    """A second registration (or another exam) used to leave the boxes on the first layers,
+    and Segment ran on them without a word."""
+    from qtpy.QtWidgets import QFormLayout, QWidget
+
+    from napari_tumorseg.widgets._pickers import SequencePickers
+
+    viewer = make_napari_viewer()
+    holder = QWidget()
+    pickers = SequencePickers(viewer, QFormLayout(holder), prefer="(registered)")
+    volume = np.ones((8, 8, 8), np.float32)
+    for seq in ("t1", "flair"):
+        viewer.add_image(volume, name=seq)
+    assert pickers.boxes["t1"].currentText() == "t1"
+    for _ in range(2):  # registered twice: napari names the second set "... [1]"
+        for seq in ("t1", "flair"):
+            viewer.add_image(volume, name=f"{seq} (registered)")
+    picked = {seq: layer.name for seq, layer in pickers.selected_layers().items()}
+    assert picked == {"t1": "t1 (registered) [1]", "flair": "flair (registered) [1]"}
+    viewer.add_image(volume, name="t1")  # a raw scan does not displace a registered one
+    assert pickers.boxes["t1"].currentText() == "t1 (registered) [1]"

@@ -63,9 +63,8 @@ def _brain_mask(channels: np.ndarray, present=None) -> tuple[np.ndarray, bool]:
     if _border_share(nonzero) < SKULL_STRIPPED_BELOW:
         return nonzero, True
     mean = np.zeros(channels.shape[1:], np.float32)
-    for c in present:
-        mean += channels[c]
-    mean /= len(present)
+    for c in present:  # each share first: a sum could leave float32's range
+        mean += channels[c] / np.float32(len(present))
     threshold = otsu_threshold(mean)
     mask = ndimage.binary_opening(mean > threshold, iterations=1)
     labels, n = ndimage.label(mask)
@@ -109,7 +108,9 @@ def zscore(channels: np.ndarray, mask: np.ndarray, present=None) -> np.ndarray:
     out = np.zeros(channels.shape, dtype=np.float32)
     present = range(channels.shape[0]) if present is None else present
     for c in present:
-        values = channels[c][mask].astype(np.float32)
+        # float64: the sums of a scan whose values reach float32's range (a corrupt scaling
+        # slope) would overflow, and the whole channel turn NaN.
+        values = channels[c][mask].astype(np.float64)
         if values.size == 0:
             continue
         mean, std = float(values.mean()), float(values.std())

@@ -44,6 +44,9 @@ class SequencePickers:
     def refresh(self, event=None) -> None:
         layers = self._candidates()
         names = [layer.name for layer in layers]
+        # A scan just added (another exam, a second registration) takes its sequence's box:
+        # the boxes would otherwise stay on the older layers, and a run use them silently.
+        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
         for seq, box in self.boxes.items():
             current = box.currentText()
             matches = [lay.name for lay in layers if layer_sequence(lay) == seq]
@@ -51,7 +54,13 @@ class SequencePickers:
             box.blockSignals(True)
             box.clear()
             box.addItems([NONE, *names])
-            if preferred and current not in preferred:
+            if (
+                added is not None
+                and added.name in matches
+                and (not preferred or added.name in preferred)
+            ):
+                choice = added.name
+            elif preferred and current not in preferred:
                 choice = preferred[-1]
             elif current in names:
                 choice = current
