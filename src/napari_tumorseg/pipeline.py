@@ -248,9 +248,9 @@ def segment_folders(
     given among the cases (``exams/*`` with ``--out-dir exams/seg``) is left out. A case that
     fails (unreadable scans, no common grid, ...) is logged with its reason and the batch goes
     on; its earlier outputs, if any, stay as they were. ``skip_existing`` never replaces an
-    output that is there: a case whose outputs are all there is skipped, one whose label map
-    is there but not its probability map gets only the probability map (an interrupted batch
-    resumes; ``--prob-dir`` added later fills in what is missing).
+    output that is there: a case whose outputs are all there is skipped, one with some of them
+    there gets only the missing ones (an interrupted batch resumes; ``--prob-dir`` added later
+    fills in what is missing).
     """
     out_dir = Path(out_dir)
     prob_dir = Path(prob_dir) if prob_dir is not None else None

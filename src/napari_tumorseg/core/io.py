@@ -122,10 +122,7 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
         image, buffer = _with_checked_data(image, path)
     except MemoryError:
-        raise TumorSegError(
-            f"not enough memory to read its {_data_bytes(image.header) / 2**30:.1f} GiB of voxels",
-            path,
-        ) from None
+        raise _no_memory(image, path) from None
     try:
         proxy = image.dataobj
         scaled = getattr(proxy, "slope", 1.0) != 1.0 or getattr(proxy, "inter", 0.0) != 0.0
@@ -139,14 +136,16 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     except (OSError, ValueError) as exc:
         raise TumorSegError(f"the voxel data cannot be read ({_short(exc)})", path) from None
     except MemoryError:
-        raise TumorSegError(
-            f"not enough memory to read its {_data_bytes(image.header) / 2**30:.1f} GiB of voxels",
-            path,
-        ) from None
+        raise _no_memory(image, path) from None
     finally:
         if buffer is not None:
             buffer.close()  # the decompressed copy: the voxels are read (the header is kept)
     return image, data
+
+
+def _no_memory(image, path: Path) -> TumorSegError:
+    gib = _data_bytes(image.header) / 2**30
+    return TumorSegError(f"not enough memory to read its {gib:.1f} GiB of voxels", path)
 
 
 def _data_bytes(header) -> int:
