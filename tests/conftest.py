@@ -44,3 +44,24 @@ def make_tiny_model(name: str = "tiny", spatial_dims: int = 3, seed: int = 0) ->
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()
+
+
+DOCKS = {
+    "register": "Register sequences",
+    "segment": "Segment tumour",
+    "review": "Review and correct",
+    "measure": "Tumour volumes",
+}
+
+
+def open_dock(viewer, which: str):
+    """A dock opened as napari's Plugins menu opens it: napari hands it a `PublicOnlyProxy` of
+    the viewer (and so of every layer it reaches), not the objects themselves."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-tumorseg", DOCKS[which])
+    return widget
+
+
+def finished(qtbot, dock, worker, timeout: int = 60_000) -> None:
+    """Wait until a dock's button work (``worker``, run off the main thread) is in place."""
+    assert worker is not None, "the dock started no work"
+    qtbot.waitUntil(lambda: not dock.busy, timeout=timeout)

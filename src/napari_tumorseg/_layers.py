@@ -55,6 +55,28 @@ def volume_from_layer(data: np.ndarray, attributes: dict, name: str = "") -> Vol
     return Volume(np.asarray(data), affine, name)
 
 
+def layer_key(layer) -> str:
+    """A layer's identity, kept across the proxies napari hands a plugin.
+
+    A dock opened from the Plugins menu sees each layer through a `PublicOnlyProxy` made
+    afresh at every access: ``is`` never matches, and a weak reference to one dies at once (a
+    fine-tune was refused as "scans no longer open" right after Segment). napari's public
+    ``unique_id`` is the same through any proxy, and holds no layer alive."""
+    return str(layer.unique_id)
+
+
+def find_layer(layers, key: str | None):
+    """The layer of ``layers`` whose `layer_key` is ``key``, or None (closed)."""
+    if key is None:
+        return None
+    return next((layer for layer in layers if layer_key(layer) == key), None)
+
+
+def same_layer(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same napari layer, either seen through a proxy."""
+    return a is not None and b is not None and layer_key(a) == layer_key(b)
+
+
 def is_volume_layer(layer, kind: str) -> bool:
     """Whether ``layer`` is a 3D (Z, Y, X) ``kind`` ("image" or "labels") layer -- what the
     docks can measure, segment or register (not a 2D picture, a 4D stack or an RGB image)."""
@@ -149,8 +171,22 @@ def scan_layer_data(volume: Volume, name: str | None = None, **kwargs) -> tuple:
     return volume.array, layer_kwargs, "image"
 
 
-#: Colormap of each region's probability layer (translucent, additive, over the scan).
-REGION_COLORMAPS = {"WT": "green", "TC": "red", "ET": "yellow"}
+#: Colour of each region's probability map (RGB, 0-1). In additive blending WT's green and TC's
+#: red made yellow, the colour of enhancing tumour; these three are told apart where they
+#: overlap too, and none is a label colour but ET's own yellow (NCR/NET red, oedema green).
+REGION_COLORS = {"WT": (0.15, 0.55, 1.0), "TC": (1.0, 0.2, 0.85), "ET": (1.0, 0.9, 0.0)}
+
+
+def region_colormap(region: str):
+    """A napari colormap for a probability map: transparent at 0, the region's colour at 1, so
+    that the maps drawn over one another (ET over TC over WT, as they nest) cover the scan
+    only where they hold probability."""
+    from napari.utils.colormaps import Colormap
+
+    r, g, b = REGION_COLORS[region]
+    return Colormap(
+        colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"tumorseg {region}", display_name=region
+    )
 
 
 def probability_layer_data(volume: Volume, name: str) -> tuple:
@@ -158,9 +194,9 @@ def probability_layer_data(volume: Volume, name: str) -> tuple:
     region: WT, TC or ET)."""
     layer_kwargs = {
         "name": name,
-        "colormap": REGION_COLORMAPS[volume.name],
-        "blending": "additive",
-        "opacity": 0.6,
+        "colormap": region_colormap(volume.name),
+        "blending": "translucent",
+        "opacity": 0.7,
         "contrast_limits": (0.0, 1.0),
         "metadata": geometry_metadata(volume, region=volume.name),
         **volume.layer_transform(),

@@ -7,9 +7,17 @@ import pytest
 
 from napari_tumorseg.core.models import user_models_dir
 from napari_tumorseg.core.refine import ITERATIONS
-from napari_tumorseg.widgets.segment import SegmentWidget
 
-from ..conftest import BRATS, BRATS2023
+from ..conftest import BRATS, BRATS2023, open_dock
+
+
+def _recorder(messages):
+    """Stands in for `_notify.notify`: records the message a user would read."""
+    from napari_tumorseg._notify import problem_text
+
+    return lambda problem, title=None, severity="error": messages.append(
+        problem_text(problem, title)[0]
+    )
 
 
 def _digest(root):
@@ -21,10 +29,12 @@ def _digest(root):
 
 
 @pytest.fixture
-def corrected_dock(make_napari_viewer, tiny_model, qtbot):
+def corrected_dock(make_napari_viewer, tiny_model, qtbot, monkeypatch):
+    # "keep" makes at least MIN_KEEP_STEPS steps whatever its budget: a few suffice here.
+    monkeypatch.setattr("napari_tumorseg.core.finetune.MIN_KEEP_STEPS", 3)
     viewer = make_napari_viewer()
     viewer.open(str(BRATS), plugin="napari-tumorseg")
-    widget = SegmentWidget(viewer)
+    widget = open_dock(viewer, "segment")
     widget.refresh_models(select=tiny_model)
     widget.run()
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
@@ -59,7 +69,7 @@ def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
     assert len(widget.loss_curve.losses) >= 1
     assert widget.labels_layer is not labels
     assert len(viewer.layers) == n_layers + 1  # a new label map; the edited one stays
-    assert "Dice vs your labels" in widget.changes.text()
+    assert "slices you did not correct, the new map keeps" in widget.changes.text()
     assert set(widget.last_changes["changes"]) == {"WT", "TC", "ET"}
     widget.revert_model()
     assert widget.model.currentText() == parent
@@ -82,7 +92,7 @@ def test_scans_are_known_by_their_layers_not_their_names(corrected_dock, qtbot, 
 
     viewer, widget, labels = corrected_dock
     warnings = []
-    monkeypatch.setattr(segment_module, "show_warning", warnings.append)
+    monkeypatch.setattr(segment_module, "notify", _recorder(warnings))
     viewer.layers["t1"].name = "T1 native"
     worker = widget.finetune()
     assert worker is not None, warnings
@@ -170,7 +180,7 @@ def test_cancelled_finetune_changes_nothing(corrected_dock, qtbot):
 def test_finetune_without_corrections_is_refused(make_napari_viewer, tiny_model, qtbot):
     viewer = make_napari_viewer()
     viewer.open(str(BRATS), plugin="napari-tumorseg")
-    widget = SegmentWidget(viewer)
+    widget = open_dock(viewer, "segment")
     assert widget.finetune() is None
 
 
@@ -185,11 +195,11 @@ def test_label_values_outside_the_brats_convention_are_refused_naming_the_layer(
     warnings = []
     import napari_tumorseg.widgets.segment as segment_module
 
-    original = segment_module.show_warning
-    segment_module.show_warning = warnings.append
+    original = segment_module.notify
+    segment_module.notify = _recorder(warnings)
     try:
         assert widget.finetune() is None
     finally:
-        segment_module.show_warning = original
+        segment_module.notify = original
     assert len(warnings) == 1 and labels.name in warnings[0] and "values 5" in warnings[0]
     assert _digest(root) == before

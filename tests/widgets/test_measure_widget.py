@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from napari_tumorseg._layers import META_KEY
-from napari_tumorseg.widgets.measure import MeasureWidget
 
-from ..conftest import BRATS
+from ..conftest import BRATS, finished, open_dock
 
 SEG = BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"
 
@@ -19,7 +18,13 @@ SEG = BRATS / "Brats18_TCIA01_378_1_seg.nii.gz"
 def viewer_and_dock(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open(str(BRATS), plugin="napari-tumorseg")
-    return viewer, MeasureWidget(viewer)
+    return viewer, open_dock(viewer, "measure")
+
+
+def _evaluated(qtbot, widget):
+    """Evaluate (computed off the main thread) and the scores it shows."""
+    finished(qtbot, widget, widget.evaluate())
+    return widget.scores
 
 
 def _volume(widget, row):
@@ -42,7 +47,7 @@ def test_volumes_follow_edits(viewer_and_dock, qtbot):
     qtbot.waitUntil(lambda: _volume(widget, 4) == pytest.approx(wt_before, abs=0.01), timeout=3000)
 
 
-def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
+def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path, qtbot):
     viewer, widget = viewer_and_dock
     name = viewer.layers[-1].name
     viewer.add_labels(
@@ -50,7 +55,7 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path):
     )
     widget.layer_box.setCurrentText(name)
     widget.reference_box.setCurrentText("reference")
-    scores = widget.evaluate()
+    scores = _evaluated(qtbot, widget)
     assert all(s == {"dice": 1.0, "hd95_mm": 0.0} for s in scores.values())
 
     target = tmp_path / "mask.nii.gz"
@@ -117,7 +122,7 @@ def test_a_mask_is_never_saved_over_an_open_scan(make_napari_viewer, tmp_path):
     shutil.copytree(BRATS, case)
     viewer = make_napari_viewer()
     viewer.open(str(case), plugin="napari-tumorseg")
-    widget = MeasureWidget(viewer)
+    widget = open_dock(viewer, "measure")
     flair = next(case.glob("*_flair.nii.gz"))
     before = flair.read_bytes()
     assert widget.save(flair, confirm_overwrite=lambda paths: True) == []
@@ -169,23 +174,23 @@ def test_a_painted_3_is_shown_measured_and_saved_as_enhancing_tumour(viewer_and_
     assert report["volumes_ml"]["ET"] == pytest.approx(_volume(widget, 2), abs=0.01)
 
 
-def test_scores_are_cleared_when_the_reference_is_edited(viewer_and_dock):
+def test_scores_are_cleared_when_the_reference_is_edited(viewer_and_dock, qtbot):
     viewer, widget = viewer_and_dock
     expert = viewer.layers[-1]
     viewer.add_labels(expert.data.copy(), name="mine", metadata=expert.metadata)
     widget.layer_box.setCurrentText("mine")
     widget.reference_box.setCurrentText(expert.name)
-    assert widget.evaluate()["ET"]["dice"] == 1.0
+    assert _evaluated(qtbot, widget)["ET"]["dice"] == 1.0
     expert.data_setitem(np.nonzero(expert.data == 4), 0)
     assert widget.scores is None
     assert widget.scores_table.item(2, 0).text() == "-"
     # Undo only refreshes the layer: the scores of the edited reference go too.
-    assert widget.evaluate()["ET"]["dice"] == 0.0
+    assert _evaluated(qtbot, widget)["ET"]["dice"] == 0.0
     expert.undo()
     assert widget.scores is None
 
 
-def test_renamed_layers_stay_chosen(viewer_and_dock):
+def test_renamed_layers_stay_chosen(viewer_and_dock, qtbot):
     viewer, widget = viewer_and_dock
     expert = viewer.layers[-1]
     mine = viewer.add_labels(expert.data.copy(), name="mine", metadata=expert.metadata)
@@ -195,4 +200,4 @@ def test_renamed_layers_stay_chosen(viewer_and_dock):
     mine.name = "my map"
     assert widget.reference_box.currentText() == "expert"
     assert widget.layer_box.currentText() == "my map"
-    assert widget.evaluate()["WT"]["dice"] == 1.0
+    assert _evaluated(qtbot, widget)["WT"]["dice"] == 1.0

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from napari_tumorseg.widgets.register import REGISTERED, RegisterWidget, checkerboard
+from napari_tumorseg.widgets.register import REGISTERED, checkerboard
+
+from ..conftest import open_dock
 
 PLUGIN = "napari-tumorseg"
 
@@ -10,7 +12,7 @@ PLUGIN = "napari-tumorseg"
 def _raw_exam(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample(PLUGIN, "tcga_raw")
-    return viewer, RegisterWidget(viewer)
+    return viewer, open_dock(viewer, "register")
 
 
 def test_pickers_are_filled_from_layer_names(make_napari_viewer):
@@ -61,7 +63,7 @@ def test_registers_the_raw_exam_into_new_layers(make_napari_viewer, qtbot):
     for seq in ("t2", "flair"):
         r = result.results[seq]
         assert r.quality >= 0.9 and r.quality > r.quality_before
-    assert "head overlap" in widget.status.text()
+    assert "heads overlap" in widget.status.text()
     widget.check_sequence.setCurrentText("flair")
     widget.show_checkerboard()
     assert viewer.layers[-1].name == "checkerboard t1ce/flair"

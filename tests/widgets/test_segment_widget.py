@@ -6,10 +6,10 @@ from qtpy.QtCore import QTimer
 
 from napari_tumorseg._layers import META_KEY
 from napari_tumorseg.core.postprocess import remove_small_islands
-from napari_tumorseg.widgets.review import UNCERTAINTY, ReviewWidget, edited_voxels
-from napari_tumorseg.widgets.segment import SegmentWidget, probability_layer_name
+from napari_tumorseg.widgets._segmentation import edited_voxels, probability_layer_name
+from napari_tumorseg.widgets.review import UNCERTAINTY
 
-from ..conftest import BRATS
+from ..conftest import BRATS, finished, open_dock
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -18,7 +18,7 @@ REGIONS = ("WT", "TC", "ET")
 def segment_dock(make_napari_viewer, tiny_model):
     viewer = make_napari_viewer()
     viewer.open(str(BRATS), plugin="napari-tumorseg")
-    widget = SegmentWidget(viewer)
+    widget = open_dock(viewer, "segment")
     widget.refresh_models(select=tiny_model)
     assert widget.model.currentText() == tiny_model
     return viewer, widget
@@ -52,7 +52,7 @@ def test_segment_fills_probability_layers_and_adds_labels(segment_dock, qtbot):
         assert layer.data.shape == (155, 240, 240) and layer.data.dtype == np.float32
         assert 0.0 <= layer.data.min() and layer.data.max() <= 1.0
     labels = widget.labels_layer
-    assert labels.name == "Brats18_TCIA01_378_1 segmentation"
+    assert labels.name == f"{widget.model.currentText()} seg Brats18_TCIA01_378_1"  # model first
     assert labels.data.shape == (155, 240, 240)
     assert set(np.unique(labels.data)) <= {0, 1, 2, 4}
     assert labels.metadata[META_KEY]["model"] == widget.model.currentText()
@@ -114,7 +114,8 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     viewer, widget = segment_dock
     answers = []
     # The dock is open before the segmentation, on the expert labels ...
-    review = ReviewWidget(viewer, confirm=lambda q: answers.append(q) or False)
+    review = open_dock(viewer, "review")
+    review.confirm = lambda q: answers.append(q) or False
     expert = review.labels_layer
     assert expert is not None and expert.name.endswith("labels")
     expert_data = expert.data.copy()
@@ -123,16 +124,16 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
         pass
     labels = widget.labels_layer
     # ... and turns to the new segmentation.
-    assert review.labels_layer is labels
+    assert review.labels_layer == labels
     # Thresholds never overwrite a map the model did not make (here: the expert labels).
     review.layer_box.setCurrentText(expert.name)
-    assert review.apply_thresholds() == 0 and not answers
+    assert review.apply_thresholds() is None and not answers
     np.testing.assert_array_equal(expert.data, expert_data)
     review.layer_box.setCurrentText(labels.name)
 
     # Thresholds on an unedited map apply without asking.
     review.sliders["WT"].setValue(5)
-    review.apply_thresholds()
+    finished(qtbot, review, review.apply_thresholds())
     assert not answers
     wt = (labels.data > 0).sum()
     expected = (
@@ -156,14 +157,14 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     # Thresholds are applied only with the probabilities of the run that made the map.
     run = labels.metadata[META_KEY]["run"]
     labels.metadata[META_KEY]["run"] = "another run"
-    assert review.apply_thresholds() == 0
+    assert review.apply_thresholds() is None
     labels.metadata[META_KEY]["run"] = run
 
     # After a manual edit, thresholds ask first; "no" keeps the edit.
     labels.data_setitem((np.array([70]), np.array([100]), np.array([100])), 1)
     before = labels.data.copy()
     review.sliders["WT"].setValue(90)
-    assert review.apply_thresholds() == 0
+    assert review.apply_thresholds() is None
     assert answers and "edited by hand" in answers[0]
     np.testing.assert_array_equal(labels.data, before)
 
@@ -171,7 +172,8 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     labels.data_setitem((np.array([10]), np.array([10]), np.array([10])), 2)  # a stray voxel
     before = labels.data.copy()
     review.island_ml.setValue(0.5)
-    review._remove_islands()
+    finished(qtbot, review, review._remove_islands())
+    assert review.status.text().startswith("Remove islands under 0.5 mL: ")
     np.testing.assert_array_equal(labels.data, remove_small_islands(before, 0.5, 0.001))
     assert labels.data[10, 10, 10] == 0
     labels.undo()
@@ -180,10 +182,10 @@ def test_review_thresholds_cleanup_and_uncertainty(segment_dock, qtbot):
     # Uncertainty layer and the next uncertain slice; a layer the user opened under that
     # name is neither refilled nor removed.
     mine = viewer.add_image(np.ones((4, 5, 6), np.float32), name=UNCERTAINTY)
-    review.show_uncertainty()
+    finished(qtbot, review, review.show_uncertainty())
     assert mine in viewer.layers and np.all(mine.data == 1)
     ours = viewer.layers[f"{UNCERTAINTY} [1]"]
-    review.show_uncertainty()  # refreshed in place, not a third layer
+    finished(qtbot, review, review.show_uncertainty())  # refreshed in place, not a third layer
     assert [layer.name for layer in viewer.layers if UNCERTAINTY in layer.name] == [
         UNCERTAINTY,
         ours.name,
@@ -504,7 +506,7 @@ def test_thresholds_stay_the_baseline_without_an_edit_history(monkeypatch):
     from napari.layers import Labels
 
     from napari_tumorseg.widgets import review
-    from napari_tumorseg.widgets.review import apply_labels, record_thresholds
+    from napari_tumorseg.widgets._segmentation import apply_labels, record_thresholds
 
     monkeypatch.setattr(review, "edit_history", lambda layer, redo=False: None)
     model = np.zeros((4, 10, 10), np.uint8)
@@ -526,7 +528,7 @@ def test_edits_after_undone_thresholds_count_against_the_models_map():
     back as the baseline once the strokes refilled that depth)."""
     from napari.layers import Labels
 
-    from napari_tumorseg.widgets.review import apply_labels, record_thresholds
+    from napari_tumorseg.widgets._segmentation import apply_labels, record_thresholds
 
     model = np.zeros((4, 10, 10), np.uint8)
     model[1:3, 2:6, 2:6] = 2
@@ -555,15 +557,15 @@ def test_edits_after_undone_thresholds_count_against_the_models_map():
 def test_review_sliders_start_from_the_thresholds_that_made_the_map(make_napari_viewer):
     """A model card may cut a region above 0.5 (the bundled models' tumour core): the Review
     dock shows the thresholds of the map it is on, so "Apply thresholds" starts there."""
-    from napari_tumorseg.widgets.review import apply_labels, record_thresholds
+    from napari_tumorseg.widgets._segmentation import apply_labels, record_thresholds
 
     viewer = make_napari_viewer()
     data = np.zeros((4, 8, 8), np.uint8)
     metadata = {META_KEY: {"model_labels": data, "postprocess": {"thresholds": [0.5, 0.7, 0.6]}}}
     made = viewer.add_labels(data.copy(), name="segmentation", metadata=metadata)
     # A dock opened after the segmentation shows its thresholds at once.
-    review = ReviewWidget(viewer)
-    assert review.labels_layer is made and review.thresholds() == (0.5, 0.7, 0.6)
+    review = open_dock(viewer, "review")
+    assert review.labels_layer == made and review.thresholds() == (0.5, 0.7, 0.6)
     other = viewer.add_labels(data.copy(), name="expert labels")
     review.layer_box.setCurrentText(other.name)
     review.sliders["TC"].setValue(40)
@@ -571,14 +573,14 @@ def test_review_sliders_start_from_the_thresholds_that_made_the_map(make_napari_
     assert review.thresholds() == (0.5, 0.4, 0.6)
     old = {META_KEY: {"model_labels": data}}  # made at 0.5 (no thresholds recorded)
     older = viewer.add_labels(data.copy(), name="older segmentation", metadata=old)
-    assert review.labels_layer is older and review.thresholds() == (0.5, 0.5, 0.5)
+    assert review.labels_layer == older and review.thresholds() == (0.5, 0.5, 0.5)
     # Removing the layer the dock is on: the sliders follow the map it turns to.
     review.layer_box.setCurrentText(made.name)
     assert review.thresholds() == (0.5, 0.7, 0.6)
     viewer.layers.remove(made)
-    assert review.labels_layer is not made
+    assert review.labels_layer != made
     viewer.layers.remove(other)
-    assert review.labels_layer is older and review.thresholds() == (0.5, 0.5, 0.5)
+    assert review.labels_layer == older and review.thresholds() == (0.5, 0.5, 0.5)
     # Thresholds applied (and in force) are what the sliders show when the map is chosen
     # again; undone with Ctrl+Z, the segmentation's own are.
     new = data.copy()
@@ -614,14 +616,15 @@ def test_review_dock_opened_after_a_card_threshold_segmentation_applies_nothing_
         pass
     labels = widget.labels_layer
     assert labels.metadata[META_KEY]["postprocess"]["thresholds"] == [0.5, 0.7, 0.5]
-    review = ReviewWidget(viewer)
-    assert review.labels_layer is labels and review.thresholds() == (0.5, 0.7, 0.5)
+    review = open_dock(viewer, "review")
+    assert review.labels_layer == labels and review.thresholds() == (0.5, 0.7, 0.5)
     before = labels.data.copy()
-    assert review.apply_thresholds() == 0
+    finished(qtbot, review, review.apply_thresholds())
+    assert review.status.text().endswith(": 0 voxels changed")
     np.testing.assert_array_equal(labels.data, before)
 
 
-def test_review_follows_a_renamed_map_and_its_own_uncertainty_layer(make_napari_viewer):
+def test_review_follows_a_renamed_map_and_its_own_uncertainty_layer(make_napari_viewer, qtbot):
     """A renamed map stays the one the dock acts on; "Next uncertain slice" finds the dock's
     own uncertainty map whatever it is called (it raised KeyError once renamed, and moved
     by a user's layer named "uncertainty" instead)."""
@@ -629,8 +632,8 @@ def test_review_follows_a_renamed_map_and_its_own_uncertainty_layer(make_napari_
 
     from napari_tumorseg._layers import probability_layer_data
     from napari_tumorseg.core.volume import Volume
+    from napari_tumorseg.widgets._segmentation import probability_layer_name
     from napari_tumorseg.widgets.review import UNCERTAINTY
-    from napari_tumorseg.widgets.segment import probability_layer_name
 
     viewer = make_napari_viewer()
     shape = (12, 16, 16)
@@ -647,13 +650,16 @@ def test_review_follows_a_renamed_map_and_its_own_uncertainty_layer(make_napari_
     made = viewer.add_labels(
         labels.copy(), name="segmentation", metadata={META_KEY: {"model_labels": labels}}
     )
-    review = ReviewWidget(viewer, confirm=lambda question: True)
+    review = open_dock(viewer, "review")
+    review.confirm = lambda question: True
     made.name = "my map"
-    assert review.layer_box.currentText() == "my map" and review.labels_layer is made
+    assert review.layer_box.currentText() == "my map" and review.labels_layer == made
     review.island_ml.setValue(1.0)
-    assert review._remove_islands() == 1 and made.data.max() == 0
+    finished(qtbot, review, review._remove_islands())
+    assert review.status.text().endswith(": 1 voxels changed") and made.data.max() == 0
     viewer.add_image(np.zeros((3, 4, 4), np.float32), name=UNCERTAINTY, translate=(40, 0, 0))
-    ours = review.show_uncertainty()
+    finished(qtbot, review, review.show_uncertainty())
+    ours = review._uncertainty_layer()
     assert ours.name != UNCERTAINTY
     ours.name = "uncertainty (exam 1)"
     slice_z = review.next_uncertain_slice()

@@ -23,3 +23,12 @@ class TumorSegError(ValueError):
         self.problem = problem
         self.path = None if path is None else Path(path)
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+    @property
+    def headline(self) -> str:
+        """The message for a notification: the file's name and the problem, without the
+        folders (a toast showed ".../bad/" and cut the problem off); the full path is the
+        message as a whole (``str(error)``)."""
+        if self.path is None:
+            return self.problem
+        return f"{self.path.name or self.path}: {self.problem}"

@@ -14,7 +14,7 @@ class LossCurve(QWidget):
         super().__init__(parent)
         self.losses: list[float] = []
         self.step = 0
-        self.setMinimumHeight(80)
+        self.setMinimumHeight(70)
 
     def clear(self) -> None:
         self.losses = []
@@ -43,6 +43,9 @@ class LossCurve(QWidget):
             )
             painter.setPen(QPen(QColor(255, 190, 60), 1.5))
             painter.drawPolyline(points)
+        elif self.losses:  # the first step: a point, so the curve shows from the start
+            painter.setPen(QPen(QColor(255, 190, 60), 4))
+            painter.drawPoint(QPointF(4, 4))
         painter.setPen(QColor(200, 200, 200))
         text = f"loss {self.losses[-1]:.3f}  (step {self.step})" if self.losses else "loss"
         painter.drawText(self.rect().adjusted(4, 0, -4, -2), Qt.AlignBottom | Qt.AlignLeft, text)

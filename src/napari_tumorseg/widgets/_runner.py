@@ -14,10 +14,10 @@ from functools import partial
 
 from napari.qt.threading import create_worker
 from napari.utils import progress
-from napari.utils.notifications import show_error
 from qtpy.QtCore import QEvent, QObject, QTimer
-from qtpy.QtWidgets import QLabel
+from qtpy.QtWidgets import QLabel, QProgressBar
 
+from .._notify import notify
 from ..core.errors import TumorSegError
 
 #: Milliseconds between two steps of `run_in_turns` (and before the first): time for the viewer
@@ -71,9 +71,9 @@ def result_not_shown(title: str, status: QLabel) -> Callable[[Exception], None]:
     in a notification headed ``title`` and in the dock's ``status`` label."""
 
     def on_error(exc: Exception) -> None:
-        reason = str(exc) if isinstance(exc, TumorSegError) else f"{type(exc).__name__}: {exc}"
+        reason = exc.headline if isinstance(exc, TumorSegError) else f"{type(exc).__name__}: {exc}"
         text = f"the result could not be shown: {reason}"
-        show_error(f"{title}: {text}")
+        notify(text, title)
         status.setText(text)
 
     return on_error
@@ -274,10 +274,25 @@ class Runner:
         Label of napari's progress bar (Activity dock).
     on_start_stop : callable(bool)
         Called with True when a job starts and False when it ends (enable/disable buttons).
+    owner : QWidget, optional
+        The dock: its window's spinner is slowed while a job runs, and closing it cancels.
+    bar : QProgressBar, optional
+        A progress bar in the dock, moved with napari's (which sits in the Activity panel,
+        folded away by default); shown while a job runs.
     """
 
-    def __init__(self, description: str, on_start_stop: Callable[[bool], None], owner=None) -> None:
+    def __init__(
+        self,
+        description: str,
+        on_start_stop: Callable[[bool], None],
+        owner=None,
+        bar: QProgressBar | None = None,
+    ) -> None:
         self.description = description
+        self.bar = bar
+        self.cancelling = False
+        if bar is not None:
+            bar.hide()
         self.on_start_stop = self._quiet(on_start_stop)
         self.owner = owner  # the dock widget: its window's spinner is slowed while a job runs
         if owner is not None:
@@ -347,6 +362,12 @@ class Runner:
         worker.errored.connect(lambda exc: self._failed(exc, on_fail))
         worker.finished.connect(lambda: self._finished(job, outcome, on_return))
         self.worker = worker
+        self.cancelling = False
+        if self.bar is not None:
+            self.bar.setRange(0, total)
+            self.bar.setValue(0)
+            self.bar.setFormat(f"{self.description} ...")
+            self.bar.show()
         self.on_start_stop(True)
 
         def prepare_failed(exc: Exception) -> None:
@@ -375,7 +396,7 @@ class Runner:
     def set_progress(self, done: int, total: int | None = None, text: str | None = None) -> None:
         """Move napari's progress bar (call from a ``yielded`` callback)."""
         bar = self._progress
-        if bar is None:
+        if bar is None or self.cancelling:
             return
         if total is not None and total != bar.total:
             bar.total = total
@@ -383,12 +404,26 @@ class Runner:
         if text:
             bar.set_description(f"{self.description}: {text}")
         bar.refresh()
+        if self.bar is not None:
+            if total is not None and total != self.bar.maximum():
+                self.bar.setRange(0, total)
+            self.bar.setValue(min(done, self.bar.maximum()))
+            self.bar.setFormat(f"{text}  %p%" if text else "%p%")
 
     def cancel(self) -> None:
-        """Ask the job to stop; it stops at its next yield (between batches or iterations)."""
-        if self.worker is not None:
+        """Ask the job to stop; it stops at its next yield (a convolution, a training step,
+        a registration iteration: within a second or two). Until it has, the progress bars
+        say "cancelling..." and no longer move."""
+        worker = self.worker
+        if worker is not None:
             self._job = None
-            self.worker.quit()
+            self.cancelling = True
+            # Asked first: what follows may run the event loop (napari's progress bar).
+            worker.quit()
+            if self._progress is not None:
+                self._progress.set_description(f"{self.description}: cancelling...")
+            if self.bar is not None:
+                self.bar.setFormat("cancelling...")
 
     def _close_generator(self) -> None:
         # The worker left its loop at a yield: the generator is suspended and can be closed
@@ -404,9 +439,9 @@ class Runner:
         if isinstance(exc, JobError):
             exc = exc.__cause__
         if isinstance(exc, TumorSegError):
-            show_error(str(exc))
+            notify(exc, self.description)
         else:
-            show_error(f"{self.description} failed: {type(exc).__name__}: {exc}")
+            notify(f"{self.description} failed: {type(exc).__name__}: {exc}")
         if on_fail is not None:
             on_fail()
 
@@ -424,4 +459,74 @@ class Runner:
         self._progress = None
         self._generator = None
         self.worker = None
+        self.cancelling = False
+        if self.bar is not None:
+            try:
+                self.bar.hide()
+            except RuntimeError:  # the dock was deleted (its window closed)
+                pass
         self.on_start_stop(False)
+
+
+class Background:
+    """One short computation at a time off the main thread, for a dock's buttons.
+
+    Clean-up, thresholds, the uncertainty map and evaluation each held the viewer for 1-4 s on
+    2 cores. Here ``compute()`` runs in a worker thread and ``done(result)`` on the main thread,
+    which only puts the result in place; the dock's ``buttons`` are disabled meanwhile, so
+    that a second click cannot apply a result twice, and ``status`` says what runs.
+    """
+
+    def __init__(self, title: str, buttons: Iterable, status: QLabel) -> None:
+        self.title = title
+        self.buttons = list(buttons)
+        self.status = status
+        self.worker = None
+
+    @property
+    def busy(self) -> bool:
+        return self.worker is not None
+
+    def start(self, what: str, compute: Callable[[], object], done: Callable[[object], None]):
+        """Run ``compute`` in a worker thread, then ``done`` with its result; returns the
+        worker, or None while another computation runs."""
+        if self.worker is not None:
+            return None
+        worker = create_worker(compute, _start_thread=False, _ignore_errors=True)
+        self.worker = worker
+        self._enable(False)
+        self.status.setText(f"{what} ...")
+
+        def returned(result) -> None:
+            try:
+                done(result)
+            except TumorSegError as exc:
+                self._failed(exc)
+            except RuntimeError as exc:
+                if "has been deleted" not in str(exc):
+                    raise
+
+        worker.returned.connect(returned)
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._finished)
+        worker.start()
+        return worker
+
+    def _failed(self, exc: Exception) -> None:
+        text = exc.headline if isinstance(exc, TumorSegError) else f"{type(exc).__name__}: {exc}"
+        notify(text, self.title)
+        try:
+            self.status.setText(text)
+        except RuntimeError:  # the dock was deleted
+            pass
+
+    def _finished(self) -> None:
+        self.worker = None
+        try:
+            self._enable(True)
+        except RuntimeError:  # the dock was deleted
+            pass
+
+    def _enable(self, enabled: bool) -> None:
+        for button in self.buttons:
+            button.setEnabled(enabled)

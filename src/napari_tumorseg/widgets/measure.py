@@ -3,15 +3,15 @@ reference label map, and saving the mask with a report."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QLabel,
     QMessageBox,
@@ -21,14 +21,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, edit_depth, is_volume_layer, layer_volume
+from .._layers import META_KEY, edit_depth, is_volume_layer, layer_key, layer_volume, same_layer
+from .._notify import notify
 from .._writer import save_labels
 from ..core.errors import TumorSegError
-from ..core.io import REGIONS, OutputFiles
+from ..core.io import REGIONS, OutputFiles, case_name
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from ..pipeline import label_map_report, report_paths, thresholds_text, write_report
+from ._layout import scrolling_form
+from ._orientation import show_orientation
 from ._pickers import follow_renames
-from .review import thresholds_in_force
+from ._runner import Background
+from ._segmentation import is_segmentation, thresholds_in_force
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"
@@ -70,10 +74,13 @@ class MeasureWidget(QWidget):
         self.scores_table.setHorizontalHeaderLabels(["Dice", "HD95 (mm)"])
         self.scores_table.setVerticalHeaderLabels(list(REGIONS))
         self.save_button = QPushButton("Save mask and report...")
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
         _fit_table(self.table)
         _fit_table(self.scores_table)
+        self.background = Background("Evaluate", [self.evaluate_button], self.status)
 
-        form = QFormLayout(self)
+        form = scrolling_form(self)
         form.addRow("Label map", self.layer_box)
         form.addRow(self.table)
         form.addRow("Tumour slices (Z)", self.slices)
@@ -82,6 +89,7 @@ class MeasureWidget(QWidget):
         row.addWidget(self.evaluate_button)
         form.addRow("Reference", row)
         form.addRow(self.scores_table)
+        form.addRow(self.status)
         form.addRow(self.save_button)
 
         # Edits arrive as bursts of paint events: recompute once the burst is over.
@@ -95,6 +103,7 @@ class MeasureWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._refresh_choices)
         follow_renames(self.viewer, self._refresh_choices)
         self._refresh_choices()
+        show_orientation(napari_viewer)
 
     # ------------------------------------------------------------------ layers
     def _labels_names(self) -> list[str]:
@@ -104,9 +113,14 @@ class MeasureWidget(QWidget):
         names = self._labels_names()
         # The chosen layers keep their place under a new name (napari's rename).
         chosen = {self.layer_box: self._layer, self.reference_box: self._reference}
+        inserted = event.value if getattr(event, "type", None) == "inserted" else None
         for box, extra in ((self.layer_box, []), (self.reference_box, [NO_REFERENCE])):
             layer = chosen[box]
             current = layer.name if layer in self.viewer.layers else box.currentText()
+            if box is self.layer_box and is_segmentation(inserted):
+                # A new segmentation (a run, a fine-tune's): the volumes are its own, not the
+                # expert's map or an earlier run's, which a user would read as the model's.
+                current = inserted.name
             box.blockSignals(True)
             box.clear()
             box.addItems([*extra, *names])
@@ -120,14 +134,14 @@ class MeasureWidget(QWidget):
 
     def _select_reference(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is self._reference:
+        if same_layer(layer, self._reference) or layer is self._reference:
             return
         _rewire(self._reference, layer, self._reference_edited, self._reference_refreshed)
         self._reference = layer
 
     def _reference_edited(self, event=None) -> None:
         # Dice/HD95 against the reference as it was would go into the report.
-        if self.scores is not None and self._scored_reference is self._reference:
+        if self.scores is not None and same_layer(self._scored_reference, self._reference):
             self._clear_scores()
 
     def _reference_refreshed(self, event=None) -> None:
@@ -138,7 +152,7 @@ class MeasureWidget(QWidget):
 
     def _select_layer(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is self._layer:
+        if same_layer(layer, self._layer) or layer is self._layer:
             return
         _rewire(self._layer, layer, self._data_changed, self._refreshed)
         self._layer = layer
@@ -148,7 +162,8 @@ class MeasureWidget(QWidget):
 
     def _history_state(self, layer=None) -> tuple:
         layer = self._layer if layer is None else layer
-        return (id(layer), edit_depth(layer), edit_depth(layer, redo=True))
+        key = None if layer is None else layer_key(layer)
+        return (key, edit_depth(layer), edit_depth(layer, redo=True))
 
     def _refreshed(self, event=None) -> None:
         # Undo and redo only refresh the layer (``set_data``), as every slice change does: the
@@ -185,34 +200,58 @@ class MeasureWidget(QWidget):
         self.slices.setText("-" if span is None else f"{span[0]} - {span[1]}")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict | None:
-        """Dice and HD95 of the selected map against the reference layer (shown in the table)."""
+    @property
+    def busy(self) -> bool:
+        """Whether an evaluation is still running."""
+        return self.background.busy
+
+    def evaluate(self):
+        """Dice and HD95 of the selected map against the reference layer, computed in a
+        worker thread and shown in the table (``scores``); returns the worker."""
         self._clear_scores()
         if self._layer is None or self._reference is None:
             return None
-        name = self._reference.name
-        reference = layer_volume(self._reference)
-        labels = layer_volume(self._layer)
+        layer, reference_layer = self._layer, self._reference
+        reference = layer_volume(reference_layer)
+        labels = layer_volume(layer)
         if not labels.same_grid(reference):
-            show_error(f"Evaluate: {self._layer.name} and {name} lie on different grids")
+            notify(f"{layer.name} and {reference_layer.name} lie on different grids", "Evaluate")
             return None
-        self.scores = evaluate_labels(
-            np.asarray(labels.array), np.asarray(reference.array), labels.spacing
-        )
-        self._scored_reference = self._reference
-        self._scored_history = self._history_state(self._reference)
-        for row, region in enumerate(REGIONS):
-            s = self.scores[region]
-            self.scores_table.setItem(row, 0, QTableWidgetItem(f"{s['dice']:.3f}"))
-            self.scores_table.setItem(row, 1, QTableWidgetItem(f"{s['hd95_mm']:.1f}"))
-        return self.scores
+        history = (self._history_state(layer), self._history_state(reference_layer))
+
+        def compute():
+            return evaluate_labels(
+                np.asarray(labels.array), np.asarray(reference.array), labels.spacing
+            )
+
+        def show(scores) -> None:
+            # Scores of maps edited meanwhile, or of other layers, would be wrong: dropped.
+            now = (self._history_state(self._layer), self._history_state(self._reference))
+            if now != history:
+                self.status.setText("Evaluate: the maps changed meanwhile; press again")
+                return
+            self.scores = scores
+            self._scored_reference = reference_layer
+            self._scored_history = history[1]
+            for row, region in enumerate(REGIONS):
+                s = scores[region]
+                self.scores_table.setItem(row, 0, QTableWidgetItem(f"{s['dice']:.3f}"))
+                self.scores_table.setItem(row, 1, QTableWidgetItem(f"{s['hd95_mm']:.1f}"))
+            self.status.setText(f"{layer.name} against {reference_layer.name}")
+
+        return self.background.start("Evaluating", compute, show)
 
     # ------------------------------------------------------------------ saving
     def _save_clicked(self) -> None:
         if self._layer is None:
             return
+        # Qt's own "replace?" question is off: `save` asks once, for the mask and its reports.
         path, _ = QFileDialog.getSaveFileName(
-            self, "Save mask", f"{self._layer.name}.nii.gz", "NIfTI (*.nii.gz *.nii)"
+            self,
+            "Save mask",
+            str(default_save_path(self._layer)),
+            "NIfTI (*.nii.gz *.nii)",
+            options=QFileDialog.DontConfirmOverwrite,
         )
         if path:
             self.save(Path(path), confirm_overwrite=_ask_overwrite)
@@ -259,10 +298,24 @@ class MeasureWidget(QWidget):
                 written = [save_labels(path, volume, self._layer.name, self.viewer, outputs)]
                 written += write_report(report_base, report, outputs)
         except (TumorSegError, OSError) as exc:
-            show_error(f"Save mask: {exc}")
+            notify(exc, "Save mask")
             return []
         show_info(f"Saved {path.name} and its report")
         return written
+
+
+def default_save_path(layer) -> Path:
+    """Where the save dialog starts: the exam's folder (that of the scan the map belongs to,
+    else the working folder) and a file name without spaces, e.g. ``<case>_seg_3d.nii.gz``."""
+    meta = layer.metadata.get(META_KEY, {})
+    source = meta.get("source_path")
+    folder = Path(source).parent if source else Path.cwd()
+    if source and meta.get("model"):
+        stem = f"{case_name(source)}_seg_{meta['model']}"
+    else:
+        stem = layer.name
+    stem = re.sub(r"[^\w.@-]+", "_", stem).strip("_") or "mask"
+    return folder / f"{stem}.nii.gz"
 
 
 def _rewire(old, new, edited, refreshed) -> None:

@@ -12,20 +12,31 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFormLayout,
     QHBoxLayout,
     QLabel,
+    QProgressBar,
     QPushButton,
     QWidget,
 )
 
 from .._layers import geometry_metadata, scan_layer_data
 from ..core.io import SEQUENCES
-from ..core.registration import stack_sequences
+from ..core.registration import POOR_QUALITY_DICE, stack_sequences
+from ._layout import Section, scrolling_form
+from ._orientation import show_orientation
 from ._pickers import SequencePickers
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
 
 REGISTERED = "(registered)"
+
+
+def overlap_verdict(quality: float) -> str:
+    """How well two heads overlap after registration (Dice of their masks), in words."""
+    if quality >= 0.95:
+        return "good"
+    if quality >= POOR_QUALITY_DICE:
+        return "fair: check by eye"
+    return "poor: check by eye"
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, block: int = 16) -> np.ndarray:
@@ -65,32 +76,40 @@ class RegisterWidget(QWidget):
         self.run_button = QPushButton("Register")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.check_sequence = QComboBox()
-        self.check_button = QPushButton("Show checkerboard with reference")
+        self.check_button = QPushButton("Checkerboard")
+        self.check_button.setToolTip("Interleave the reference and a registered sequence")
         self.check_button.setEnabled(False)
 
-        form = QFormLayout(self)
-        self.pickers = SequencePickers(napari_viewer, form, exclude=REGISTERED)
-        form.addRow("Reference", self.reference)
-        form.addRow("Transform", self.transform)
-        form.addRow(self.already)
-        form.addRow(self.isotropic)
+        form = scrolling_form(self)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         form.addRow(buttons)
+        form.addRow(self.progress_bar)
         form.addRow(self.status)
         check = QHBoxLayout()
         check.addWidget(self.check_sequence)
         check.addWidget(self.check_button)
         form.addRow("Check", check)
+        self.options = Section("Scans and options")
+        self.pickers = SequencePickers(napari_viewer, self.options.form, exclude=REGISTERED)
+        self.options.form.addRow("Reference", self.reference)
+        self.options.form.addRow("Transform", self.transform)
+        self.options.form.addRow(self.already)
+        self.options.form.addRow(self.isotropic)
+        form.addRow(self.options)
 
-        self.runner = Runner("Registering sequences", self._set_running, owner=self)
+        self.runner = Runner(
+            "Registering sequences", self._set_running, owner=self, bar=self.progress_bar
+        )
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.runner.cancel)
         self.check_button.clicked.connect(self.show_checkerboard)
+        show_orientation(napari_viewer)
 
     # ------------------------------------------------------------------ running
     def _set_running(self, running: bool) -> None:
@@ -123,7 +142,7 @@ class RegisterWidget(QWidget):
     def _on_progress(self, event) -> None:
         text = f"{event.sequence} ({event.step + 1}/{event.steps}) {event.stage}"
         if event.stage == "optimise":
-            text += f", level {event.level + 1}/{event.levels}, MI {event.metric:.3f}"
+            text += f", level {event.level + 1}/{event.levels}"
         self.runner.set_progress(int(100 * event.fraction), text=text)
 
     def _on_done(self, result) -> None:
@@ -170,9 +189,11 @@ class RegisterWidget(QWidget):
             if math.isnan(r.metric):  # "already registered": resampled, not registered
                 lines.append(f"{seq}: resampled onto the reference grid only")
                 continue
-            before = "" if math.isnan(r.quality_before) else f" (before {r.quality_before:.2f})"
+            # Mutual information ("MI -0.732") means nothing to a clinician: how well the two
+            # heads overlap does (Dice of their masks, before and after).
+            before = "" if math.isnan(r.quality_before) else f", {r.quality_before:.0%} before"
             lines.append(
-                f"{seq}: MI {r.metric:.3f}, head overlap {r.quality:.2f}{before}, {r.seconds:.1f} s"
+                f"{seq}: heads overlap {r.quality:.0%} ({overlap_verdict(r.quality)}{before})"
             )
         lines += [f"WARNING {w}" for w in result.warnings]
         self.status.setText("\n".join(lines))
