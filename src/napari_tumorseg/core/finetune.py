@@ -106,6 +106,12 @@ MODES = {
 #: from the parent where not corrected), as a 3D patch's surroundings are.
 MODES_2D = {"keep": {"context": 0.9}}
 
+#: The fewest steps "keep" makes, whatever its time budget: about half of what its recipe
+#: made in 60 s when it was measured (72-81 steps, docs/BENCHMARKS.md). On a busy 2-core
+#: machine 60 s once made 2 steps, and a version that had learnt nothing was saved as if it
+#: had; now the budget stretches until this many, and the progress says how long that takes.
+MIN_KEEP_STEPS = 40
+
 
 def recipe(mode: str, spatial_dims: int) -> dict:
     """The fine-tuning settings of ``mode`` for a model of ``spatial_dims`` (`MODES`, with
@@ -209,13 +215,32 @@ class _CorrectionSampler:
 @dataclass(frozen=True)
 class FinetuneProgress:
     """One fine-tuning step: ``step``, ``loss``, ``elapsed`` seconds, and the budget (for the
-    exam head: ``steps`` its L-BFGS iterations, ``seconds`` None)."""
+    exam head: ``steps`` its L-BFGS iterations, ``seconds`` None).
+
+    ``loss`` is None before the first step: while the corrections are prepared ("keep"), or
+    while the parent segments the exam ("adapt"; ``fraction`` says how far it is).
+    ``min_steps``: the fewest steps the run makes whatever ``seconds`` (`MIN_KEEP_STEPS`)."""
 
     step: int
-    loss: float | None  # None while the "adapt" head's parent segmentation runs
+    loss: float | None
     elapsed: float
     seconds: float | None
     steps: int | None
+    min_steps: int = 0
+    fraction: float | None = None
+
+    def remaining_seconds(self) -> float | None:
+        """Seconds left, estimated from the pace so far (None before the first step)."""
+        if self.loss is None or self.step < 1:
+            return None
+        per_step = self.elapsed / self.step
+        left = []
+        if self.steps:
+            left.append((self.steps - self.step) * per_step)
+        if self.seconds is not None:
+            by_time = max(self.seconds - self.elapsed, (self.min_steps - self.step) * per_step)
+            left.append(by_time)
+        return max(0.0, min(left)) if left else None
 
 
 @dataclass
@@ -268,6 +293,7 @@ def finetune(
     seed: int = 0,
     overlap: float = 0.5,
     tta: bool = False,
+    min_steps: int | None = None,
 ) -> Generator[FinetuneProgress, None, FinetuneResult]:
     """Fine-tune a copy of ``model`` on an exam's corrected label map.
 
@@ -286,6 +312,9 @@ def finetune(
     seconds, steps : optional
         Budget: stop after this many seconds and/or steps (at least one must be given). The
         "adapt" exam head takes its `refine.ITERATIONS` whatever the budget (seconds).
+    min_steps : int, optional
+        "keep": the time budget ends the run only after this many steps (default
+        `MIN_KEEP_STEPS`, or ``steps`` if that is fewer).
     device : str
         Where to train (``"auto"``: as `inference.select_device`).
     overlap, tta : optional
@@ -343,15 +372,25 @@ def finetune(
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings["lr"], weight_decay=0.0)
     augment = JointAugment(p_affine=0.2, p_intensity=0.5, seed=seed)
     budget_steps = steps
+    floor = MIN_KEEP_STEPS if min_steps is None else int(min_steps)
+    if steps is not None:
+        floor = min(floor, steps)
 
     def lr_at(step: int, elapsed: float) -> float:
-        done = step / budget_steps if budget_steps else elapsed / seconds
-        if seconds is not None and budget_steps:
-            done = max(done, elapsed / seconds)
+        # The share of the run done: it ends at the step budget, or once both the time budget
+        # and the fewest steps are reached -- whichever of these two lags behind.
+        done = 0.0
+        if seconds is not None:
+            done = elapsed / seconds
+            if floor:
+                done = min(done, step / floor)
+        if budget_steps:
+            done = max(done, step / budget_steps)
         return cosine_lr(step, done, settings["lr"], warmup=5, floor=0.1)
 
     started = time.perf_counter()
     losses: list[float] = []
+    yield FinetuneProgress(0, None, 0.0, seconds, steps, floor)  # before the first step's wait
     run = train_steps(
         network,
         sampler,
@@ -359,6 +398,7 @@ def finetune(
         lr_at,
         max_steps=steps,
         seconds=seconds,
+        min_steps=floor,
         augment=augment,
         loss_fn=dice_bce_loss,
         regulariser=regulariser,
@@ -369,7 +409,9 @@ def finetune(
     for progress in run:
         losses.append(progress.loss)
         last = progress.step
-        yield FinetuneProgress(progress.step, progress.loss, progress.elapsed, seconds, steps)
+        yield FinetuneProgress(
+            progress.step, progress.loss, progress.elapsed, seconds, steps, floor
+        )
     if settings["interpolate"] < 1.0:
         interpolate_weights(network, parent, settings["interpolate"])
     network.eval().cpu()
@@ -415,7 +457,9 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
 
     def waiting(event) -> FinetuneProgress:
         elapsed = time.perf_counter() - started
-        return FinetuneProgress(0, None, elapsed, None, settings["iterations"])
+        return FinetuneProgress(
+            0, None, elapsed, None, settings["iterations"], fraction=event.fraction
+        )
 
     # The head's features are the network's own output (a parent's head stays out of them),
     # from the segmentation the re-segmentation will repeat (its device, overlap and TTA).

@@ -37,7 +37,7 @@ import itertools
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ import torch
 
 from .errors import TumorSegError
 from .io import SEQUENCES, Exam
+from .jobs import run_to_end
 from .postprocess import relabel_small_enhancing, remove_small_islands
 from .preprocess import SKULL_ON_WARNING, Prepared, prepare
 from .volume import Volume
@@ -417,6 +418,9 @@ class InferenceProgress:
         ``window``. Read from the running engine: only values inside final boxes are exact.
     device : str
         The device the network ran on (``"cpu"`` after an out-of-memory fallback).
+    part : float
+        Fraction of the batch after ``done`` computed so far, in [0, 1): events in the middle
+        of a batch (``box`` and ``window`` None) say how far its forward pass has got.
     """
 
     done: int
@@ -426,6 +430,7 @@ class InferenceProgress:
     window: Box | None = None
     current: Callable[[Box], np.ndarray] | None = field(default=None, repr=False)
     device: str = "cpu"
+    part: float = 0.0
 
     @functools.cached_property
     def partial(self) -> np.ndarray | None:
@@ -466,24 +471,49 @@ class _Predictor:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) CPU batch -> (B, K, *S) float32 logits on ``self.device``."""
+        return run_to_end(self.steps(batch))
+
+    def steps(self, batch: torch.Tensor) -> Generator[float, None, torch.Tensor]:
+        """`__call__` as a generator: yields the fraction of the batch computed, a convolution
+        at a time where the network can (`UNet.forward_steps`), and returns the logits."""
         while True:
             try:
-                return self._forward(batch)
+                return (yield from self._forward(batch))
             except Exception as exc:  # torch raises several types for device memory
                 if self.device.type == "cpu" or not _is_out_of_memory(exc):
                     raise
                 self._fall_back_to_cpu(exc)
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
+    @contextmanager
+    def _step(self):
+        """Inference mode and autocast, entered for each step only: the caller's code between
+        two steps runs outside them."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         )
-        with autocast:
-            total = None
-            for dims in self.flips:
+        with torch.inference_mode(), autocast:
+            yield
+
+    def _forward(self, batch: torch.Tensor) -> Generator[float, None, torch.Tensor]:
+        x = batch.to(self.device, non_blocking=True)
+        stepwise = hasattr(self.network, "forward_steps")
+        total = None
+        for index, dims in enumerate(self.flips):
+            with self._step():
                 xi = torch.flip(x, dims) if dims else x
-                y = self.network(xi)
+                if not stepwise:
+                    y = self.network(xi)
+            if stepwise:
+                steps = self.network.forward_steps(xi, self._step)
+                while True:
+                    try:
+                        part = next(steps)
+                    except StopIteration as stop:
+                        y = stop.value
+                        break
+                    if part < 1.0:
+                        yield (index + part) / len(self.flips)
+            with self._step():
                 y = (torch.flip(y, dims) if dims else y).float()
                 total = y if total is None else total.add_(y)
         return total / len(self.flips) if len(self.flips) > 1 else total
@@ -622,8 +652,15 @@ def sliding_window(
     for first in range(0, total, batch_size):
         batch = plan.kept[first : first + batch_size]
         windows = torch.stack([_crop_window(data, start, plan.patch) for _, start in batch])
+        steps = predictor.steps(windows)
+        while True:
+            try:
+                part = next(steps)
+            except StopIteration as stop:
+                logits = stop.value
+                break
+            yield InferenceProgress(first, total, None, part=part, device=predictor.device.type)
         with torch.inference_mode():
-            logits = predictor(windows)
             if blender is None:
                 blender = WindowBlender(logits.shape[1], shape, activation, logits.device)
             if on_device.device != logits.device:
@@ -905,6 +942,13 @@ class SegmentationProgress:
     preview : callable or None
         ``preview() -> (box, (3, *box) float32)``: the blend so far over ``window``, mapped to
         the input grid. Only values inside final boxes are exact.
+    part : float
+        Fraction of the batch after ``done`` computed so far (`InferenceProgress.part`): a
+        3D window takes seconds, and progress moves within it.
+    warnings : tuple of str
+        Doubts about the input known before the network runs (e.g. a skull still on), on the
+        first event only, so that a user hears of them before waiting for the result (they
+        are in the result's ``warnings`` too).
     """
 
     done: int
@@ -916,6 +960,15 @@ class SegmentationProgress:
         default=None, repr=False
     )
     final: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
+    part: float = 0.0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        """The share of the work done, in [0, 1]."""
+        if not self.total:
+            return 1.0
+        return min(1.0, (self.done + self.part) / self.total)
 
     @functools.cached_property
     def probabilities(self) -> np.ndarray | None:
@@ -1072,7 +1125,9 @@ def segment(
     tta : bool
         Mirroring test-time augmentation (8x the compute in 3D, 4x in 2D).
     batch_size : int, optional
-        Windows (default 2) or slices (default 16) per forward pass.
+        Windows (default 1 on a CPU, where a batch is no faster than its windows one after
+        the other and the first window's map shows sooner; 2 elsewhere) or slices (default
+        16) per forward pass.
     threshold : float, optional
         Probability above which a voxel belongs to a region (default: the model card's
         ``postprocess`` thresholds, else 0.5; 0.5 where an exam head is applied: its
@@ -1131,7 +1186,7 @@ def segment(
             prepared.image,
             card["patch_size"],
             overlap=overlap,
-            batch_size=batch_size or 2,
+            batch_size=batch_size or (1 if torch_device.type == "cpu" else 2),
             mask=prepared.mask,
             device=torch_device,
             tta=tta,
@@ -1150,6 +1205,7 @@ def segment(
     else:
         raise TumorSegError(f"model card says spatial_dims={spatial_dims}; expected 2 or 3")
     last_device = torch_device.type
+    early = doubts
     try:
         while True:
             try:
@@ -1167,8 +1223,16 @@ def segment(
                 window = to_input.map_box(event.window)
                 preview = functools.partial(_preview, to_input, event.window, event.current)
             yield SegmentationProgress(
-                event.done, event.total, box, window=window, preview=preview, final=final
+                event.done,
+                event.total,
+                box,
+                window=window,
+                preview=preview,
+                final=final,
+                part=event.part,
+                warnings=early,
             )
+            early = ()  # on the first event only (the result repeats them)
     finally:
         engine.close()
     if mask is not None:

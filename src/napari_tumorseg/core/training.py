@@ -312,6 +312,7 @@ def train_steps(
     max_steps: int | None = None,
     seconds: float | None = None,
     start_step: int = 0,
+    min_steps: int = 0,
     augment: Callable | None = None,
     loss_fn: Callable = dice_bce_loss,
     regulariser: Callable[[], torch.Tensor] | None = None,
@@ -320,6 +321,7 @@ def train_steps(
     teacher: torch.nn.Module | None = None,
 ) -> Generator[TrainProgress, None, int]:
     """Train ``network`` until ``max_steps`` steps or ``seconds`` have passed, yielding progress.
+    The time budget ends a run only once it has made ``min_steps`` steps.
 
     ``batches`` yields (image, target) or (image, target, weight); ``augment(image, mask)``
     transforms them jointly (the weight travels with the mask). ``lr_at(step, elapsed)`` gives
@@ -342,7 +344,7 @@ def train_steps(
     try:
         while max_steps is None or step < max_steps:
             elapsed = time.perf_counter() - started
-            if seconds is not None and elapsed >= seconds:
+            if seconds is not None and elapsed >= seconds and step >= min_steps:
                 break
             batch = next(batches)
             image, target = batch[0].to(device), batch[1].to(device)

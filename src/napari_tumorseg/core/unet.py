@@ -7,6 +7,10 @@ concatenated with the matching contracting features (skip connections), and a 1x
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Generator
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 
@@ -59,11 +63,26 @@ class ConvBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.norm1(self.conv1(x)))
+        return self.second(x, self.first(x))
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first convolution (normalised, activated): half of `forward`."""
+        return self.act(self.norm1(self.conv1(x)))
+
+    def second(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The rest of `forward`, from the block's input ``x`` and ``first(x)``."""
         y = self.norm2(self.conv2(y))
         if self.shortcut is not None:
             y = y + self.shortcut(x)
         return self.act(y)
+
+    def step_costs(self, out_voxels: float) -> list[float]:
+        """Multiply-adds of `first` and `second` for ``out_voxels`` output voxels."""
+        kernel = math.prod(self.conv1.kernel_size)
+        return [
+            float(conv.in_channels * conv.out_channels * kernel * out_voxels)
+            for conv in (self.conv1, self.conv2)
+        ]
 
 
 class UNet(nn.Module):
@@ -145,6 +164,59 @@ class UNet(nn.Module):
             x = upsample(x)
             x = decoder(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)
+
+    def forward_steps(
+        self, x: torch.Tensor, context: Callable[[], AbstractContextManager] = nullcontext
+    ) -> Generator[float, None, torch.Tensor]:
+        """`forward` a convolution at a time: yields the fraction of the work (multiply-adds)
+        done after each, and returns the logits.
+
+        On 2 CPU cores one 112^3 window takes 5-20 s in one call, which no progress bar can
+        show and no Cancel can interrupt; its longest convolution here takes a sixth of that.
+        Each step runs inside ``context()`` (inference mode, autocast), left between steps so
+        that the caller's code between yields runs outside it.
+        """
+        costs = self.step_costs(x.shape[2:])
+        total = sum(costs)
+        done = 0.0
+
+        def advance() -> float:
+            nonlocal done
+            done += costs.pop(0)
+            return done / total
+
+        skips = []
+        for encoder in self.encoders:
+            with context():
+                y = encoder.first(x)
+            yield advance()
+            with context():
+                x = encoder.second(x, y)
+            skips.append(x)
+            yield advance()
+        skips.pop()  # the bottleneck output is x itself
+        for upsample, decoder in zip(self.upsamplers, self.decoders):
+            with context():
+                joined = torch.cat([upsample(x), skips.pop()], dim=1)
+                y = decoder.first(joined)
+            yield advance()
+            with context():
+                x = decoder.second(joined, y)
+            yield advance()
+        with context():
+            return self.head(x)
+
+    def step_costs(self, spatial_shape) -> list[float]:
+        """Relative cost of each step of `forward_steps` for an input of ``spatial_shape``."""
+        voxels = math.prod(int(s) for s in spatial_shape)
+        levels = len(self.encoders)
+        at = [voxels / (2**self.spatial_dims) ** level for level in range(levels)]
+        costs = []
+        for level, encoder in enumerate(self.encoders):
+            costs += encoder.step_costs(at[level])
+        for index, decoder in enumerate(self.decoders):
+            costs += decoder.step_costs(at[levels - 2 - index])
+        return costs
 
 
 def build_network(config: dict) -> UNet:
