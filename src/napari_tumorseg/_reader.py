@@ -12,6 +12,7 @@ from ._layers import (
     probability_layer_data,
     scan_layer_data,
 )
+from ._notify import notify
 from .core.errors import TumorSegError
 from .core.io import (
     SEQUENCES,
@@ -51,16 +52,14 @@ def get_reader(path):
 
 def read_nifti(path) -> list[tuple]:
     """Layer data for NIfTI files or one exam folder; errors become napari notifications."""
-    from napari.utils.notifications import show_error, show_warning
-
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     try:
         layers, warnings = read_layers(paths, *open_volumes())
     except TumorSegError as exc:
-        show_error(str(exc))
+        notify(exc)  # the file's name and the problem first; the full path in the details
         return _NOTHING
     for message in warnings:
-        show_warning(message)
+        notify(message, severity="warning")
     return layers or _NOTHING
 
 
@@ -103,7 +102,7 @@ def read_layers(paths, open_scans=(), open_labels=()) -> tuple[list[tuple], list
             continue
         if volume.name not in SEQUENCES:
             warnings.append(
-                f"{p}: unknown sequence name; opened as '{volume.name}'. Name the file "
+                f"{p.name}: unknown sequence name; opened as '{volume.name}'. Name the file "
                 "*_t1, *_t1ce, *_t2 or *_flair so the plugin knows which sequence it is"
             )
         exams.setdefault(case_name(p), p)
@@ -154,7 +153,7 @@ def _already_open(volumes, open_volumes) -> list[str]:
         if v.source is not None and v.source.path is not None
     }
     again = [
-        str(v.source.path)
+        Path(v.source.path).name
         for v in volumes
         if v.source is not None and v.source.path and Path(v.source.path).resolve() in opened
     ]

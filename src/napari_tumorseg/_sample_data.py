@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ._notify import notify
 from ._reader import open_volumes, read_layers
 
 
@@ -23,11 +24,9 @@ def sample_exam_dir(name: str) -> Path:
 
 def _read_sample(name: str) -> list[tuple]:
     """A sample exam's layer data; a sample opened twice is warned about (a second copy)."""
-    from napari.utils.notifications import show_warning
-
     layers, warnings = read_layers([sample_exam_dir(name)], *open_volumes())
     for message in warnings:
-        show_warning(message)
+        notify(message, severity="warning")
     return layers
 
 

@@ -236,3 +236,23 @@ def test_2d_keep_draws_slices_around_the_corrections_and_elsewhere():
     assert recipe("adapt", 2) == MODES["adapt"]
     with pytest.raises(TumorSegError, match="unknown fine-tuning mode"):
         recipe("forget", 3)
+
+
+def test_keep_makes_its_fewest_steps_whatever_the_time_budget(exam):
+    """On a busy 2-core machine 60 s once made 2 steps and a version that had learnt nothing
+    was saved: the time budget ends a run only after `min_steps`, and the progress says how
+    long is left."""
+    model = load_model(make_tiny_model("busy"))
+    prediction = np.zeros(exam.reference.spatial_shape, np.uint8)
+    corrected, edited, _ = _three_corrected_slices(exam, prediction)
+    events = []
+    result = run_to_end(
+        finetune(model, exam, corrected, edited, seconds=0.01, min_steps=4), events.append
+    )
+    assert result.steps == 4
+    assert events[0].loss is None and events[0].step == 0  # before the first step's wait
+    trained = [e for e in events if e.loss is not None]
+    assert [e.step for e in trained] == [1, 2, 3, 4]
+    assert all(e.min_steps == 4 for e in trained)
+    left = [e.remaining_seconds() for e in trained]
+    assert left[0] > 0 and left[-1] == 0

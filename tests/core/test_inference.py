@@ -606,3 +606,65 @@ def test_a_scan_at_the_edge_of_float32_is_normalised_as_any_other():
     mask = brain_mask(channels)
     np.testing.assert_array_equal(brain_mask(huge), mask)
     np.testing.assert_allclose(zscore(huge, mask), zscore(channels, mask), atol=1e-4)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_unet_forward_steps_is_forward_a_convolution_at_a_time(spatial_dims, residual):
+    torch.manual_seed(0)
+    network = UNet(spatial_dims, features=(4, 8, 16), residual=residual).eval()
+    x = torch.randn(1, 4, *[16] * spatial_dims)
+    fractions = []
+    with torch.no_grad():
+        expected = network(x)
+        steps = run_to_end(network.forward_steps(x), fractions.append)
+    torch.testing.assert_close(steps, expected)
+    # Two convolutions per block (3 encoder, 2 decoder blocks), the work done growing to 1.
+    assert len(fractions) == 10 and fractions[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(fractions, fractions[1:]))
+
+
+def test_progress_moves_inside_a_3d_window_and_closing_stops_within_it():
+    """A 112^3 window takes seconds on 2 cores: the engine yields between the network's
+    convolutions (``part``), so progress moves and a closed job stops within one of them."""
+    torch.manual_seed(0)
+    network = UNet(3, features=(4, 8, 16)).eval()
+    image = _random_image((4, 24, 24, 24))
+    events = list(_drain(sliding_window(network, image, 16, overlap=0.5, batch_size=1)))
+    windows = events[0].total
+    parts = [e.part for e in events if e.part > 0]
+    assert windows > 1 and len(parts) >= 9 * windows  # nine inside each of the windows
+    assert all(0 < p < 1 for p in parts)
+    fractions = [(e.done + e.part) / e.total for e in events]
+    assert fractions == sorted(fractions)
+    calls = []
+    network.encoders[1].register_forward_hook(lambda *args: calls.append(1))
+    engine = sliding_window(network, image, 16, overlap=0.5, batch_size=1)
+    next(engine)
+    assert next(engine).part > 0
+    engine.close()  # inside the first window: the convolutions after it never run
+    assert calls == []
+
+
+def _drain(engine):
+    while True:
+        try:
+            yield next(engine)
+        except StopIteration:
+            return
+
+
+def test_the_skull_warning_comes_with_the_first_event_before_the_network_runs(tiny_model):
+    """A user hears that the exam still has its skull before the wait, not after it."""
+    from napari_tumorseg.core.preprocess import SKULL_ON_WARNING
+
+    raw = read_exam(TCGA_RAW)
+    t1ce = raw.scans["t1ce"]
+    exam = Exam(scans={"t1ce": t1ce}, name="raw")
+    engine = inference.segment(exam, tiny_model)
+    first = next(engine)
+    engine.close()
+    assert first.done == 0 and SKULL_ON_WARNING in first.warnings
+    stripped = inference.segment(read_exam(BRATS), tiny_model)
+    assert next(stripped).warnings == ()
+    stripped.close()

@@ -398,17 +398,19 @@ class Runner:
         bar = self._progress
         if bar is None or self.cancelling:
             return
+        # The dock's bar first: napari's may run the event loop (its Activity panel), and a
+        # later event handled in there must not be overwritten by this one.
+        if self.bar is not None:
+            if total is not None and total != self.bar.maximum():
+                self.bar.setRange(0, total)
+            self.bar.setValue(min(done, self.bar.maximum()))
+            self.bar.setFormat(f"{text}  %p%" if text else "%p%")
         if total is not None and total != bar.total:
             bar.total = total
         bar.n = done
         if text:
             bar.set_description(f"{self.description}: {text}")
         bar.refresh()
-        if self.bar is not None:
-            if total is not None and total != self.bar.maximum():
-                self.bar.setRange(0, total)
-            self.bar.setValue(min(done, self.bar.maximum()))
-            self.bar.setFormat(f"{text}  %p%" if text else "%p%")
 
     def cancel(self) -> None:
         """Ask the job to stop; it stops at its next yield (a convolution, a training step,
