@@ -26,6 +26,26 @@ def test_root_manifest_is_valid_and_is_the_one_napari_loads():
     assert npe2.PluginManifest.from_distribution(PLUGIN).display_name == manifest.display_name
 
 
+def test_reader_and_samples_import_no_model_code():
+    """napari imports the package, then the reader or the sample exams, on its main thread:
+    torch, SciPy's image code and SimpleITK (seconds) wait until a model or a registration
+    is used; the API's names still import from the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, napari_tumorseg._reader, napari_tumorseg._sample_data\n"
+        "heavy = sorted(m for m in ('torch', 'SimpleITK', 'napari_tumorseg.core.models') "
+        "if m in sys.modules)\n"
+        "from napari_tumorseg import TumorSegError, read_exam, segment, __all__\n"
+        "import napari_tumorseg\n"
+        "assert all(getattr(napari_tumorseg, name) is not None for name in __all__)\n"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_npe2_read_write_round_trip(tmp_path):
     npe2.PluginManager.instance().discover()
     layers = npe2.read(
@@ -94,7 +114,7 @@ def test_dropping_exams_together_or_twice_is_said(tmp_path):
     _, warnings = read_layers([flair, other])
     assert any("belong to 2 exams" in w for w in warnings)
     _, warnings = read_layers([flair], open_scans=[read_volume(flair)])
-    assert any("already open" in w and str(flair) in w for w in warnings)
+    assert any("already open" in w and flair.name in w for w in warnings)
     seg = next(BRATS.glob("*_seg.nii.gz"))
     _, warnings = read_layers([seg], open_scans=[read_volume(other)])
     assert any("shown over the scans of exam BraTS-GLI-00001-000" in w for w in warnings)
@@ -104,7 +124,7 @@ def test_dropping_exams_together_or_twice_is_said(tmp_path):
     # twice (a sample, say) is one warning, not one per file.
     labels = read_volume(seg, kind="labels")
     _, warnings = read_layers([seg], open_scans=[read_volume(flair)], open_labels=[labels])
-    assert len(warnings) == 1 and str(seg) in warnings[0] and "already open" in warnings[0]
+    assert len(warnings) == 1 and seg.name in warnings[0] and "already open" in warnings[0]
     scans = [read_volume(p) for p in sorted(BRATS.glob("*.nii.gz")) if p != seg]
     _, warnings = read_layers([BRATS], open_scans=scans, open_labels=[labels])
     assert len(warnings) == 1 and "and 4 more files: already open" in warnings[0]
@@ -137,7 +157,14 @@ def test_a_probability_map_written_by_segment_opens_as_three_layers(tmp_path):
     assert [kwargs["name"] for _, kwargs, _ in layers] == [
         f"case_prob {r}" for r in "WT TC ET".split()
     ]
-    assert [kwargs["colormap"] for _, kwargs, _ in layers] == ["green", "red", "yellow"]
+    # Colours that stay apart where the maps overlap (additive green + red made ET's
+    # yellow): translucent, transparent at 0, each region's own colour at 1.
+    colormaps = [kwargs["colormap"] for _, kwargs, _ in layers]
+    assert [c.display_name for c in colormaps] == ["WT", "TC", "ET"]
+    assert all(kwargs["blending"] == "translucent" for _, kwargs, _ in layers)
+    ends = [c.map(np.array([0.0, 1.0])) for c in colormaps]
+    assert all(end[0, 3] == 0 and end[1, 3] == 1 for end in ends)
+    assert len({tuple(np.round(end[1, :3], 2)) for end in ends}) == 3
     _, scan_kwargs, _ = scan_layer_data(flair)
     for index, (data, kwargs, _) in enumerate(layers):
         np.testing.assert_allclose(data, maps[index], atol=1e-6)

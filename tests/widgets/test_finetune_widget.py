@@ -80,9 +80,8 @@ def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
     assert worker is not None
     assert widget._finetune_context["parent"] == parent
     np.testing.assert_array_equal(widget._finetune_context["corrected"], labels.data)
-    widget.cancel()
     with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+        widget.cancel()
 
 
 def test_scans_are_known_by_their_layers_not_their_names(corrected_dock, qtbot, monkeypatch):
@@ -96,9 +95,8 @@ def test_scans_are_known_by_their_layers_not_their_names(corrected_dock, qtbot, 
     viewer.layers["t1"].name = "T1 native"
     worker = widget.finetune()
     assert worker is not None, warnings
-    widget.cancel()
     with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+        widget.cancel()
     for name in ("T1 native", "t1ce", "t2", "flair"):
         viewer.layers.remove(name)
     viewer.open(str(BRATS2023), plugin="napari-tumorseg")

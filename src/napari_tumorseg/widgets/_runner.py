@@ -420,10 +420,9 @@ class Runner:
         if worker is not None:
             self._job = None
             self.cancelling = True
-            # Asked first: what follows may run the event loop (napari's progress bar).
             worker.quit()
-            if self._progress is not None:
-                self._progress.set_description(f"{self.description}: cancelling...")
+            # The dock's bar only: napari's may run the event loop when it changes, and a
+            # caller of cancel() must not see the job end inside the call.
             if self.bar is not None:
                 self.bar.setFormat("cancelling...")
 

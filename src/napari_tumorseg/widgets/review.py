@@ -6,7 +6,10 @@ Painting, filling and erasing stay napari's own label tools. Every change made h
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
+from napari.layers import Layer
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -40,7 +43,7 @@ from ..core.postprocess import (
 from ._layout import scrolling_form
 from ._orientation import show_orientation
 from ._pickers import follow_renames
-from ._runner import Background
+from ._runner import Background, add_layer_in_turns, result_not_shown, run_in_turns
 from ._segmentation import (
     edited_voxels,
     is_segmentation,
@@ -65,6 +68,7 @@ class ReviewWidget(QWidget):
         self._slice_order: list[int] = []
         self._slice_pos = -1
         self._chosen_key = None  # the label map the dock is on (followed through renames)
+        self._adding = False  # the uncertainty layer is being added (over event-loop turns)
 
         self.layer_box = QComboBox()
         self.sliders = {}
@@ -136,7 +140,7 @@ class ReviewWidget(QWidget):
     @property
     def busy(self) -> bool:
         """Whether a button's work is still running (its result not yet in place)."""
-        return self.background.busy
+        return self.background.busy or self._adding
 
     # ------------------------------------------------------------------ layers
     def _refresh_choices(self, event=None) -> None:
@@ -308,33 +312,54 @@ class ReviewWidget(QWidget):
             uncertainty = entropy_map(_stacked(maps))
             return uncertainty, [int(z) for z in uncertain_slices(uncertainty)]
 
-        def done(result) -> None:
-            uncertainty, order = result
-            layer = self._uncertainty_layer()
-            if layer is not None and layer_volume(layer).same_grid(layer_volume(source)):
-                layer.data = uncertainty
-            else:
-                if layer is not None:  # an earlier exam's map, on another grid
-                    self.viewer.layers.remove(layer)
-                self.viewer.add_image(
-                    uncertainty,
-                    name=UNCERTAINTY,
-                    colormap="magma",
-                    blending="additive",
-                    contrast_limits=(0.0, 1.0),
-                    opacity=0.7,
-                    metadata={
+        def make(uncertainty):
+            return Layer.create(
+                uncertainty,
+                {
+                    "name": UNCERTAINTY,
+                    "colormap": "magma",
+                    "blending": "additive",
+                    "contrast_limits": (0.0, 1.0),
+                    "opacity": 0.7,
+                    "metadata": {
                         META_KEY: {**source.metadata.get(META_KEY, {}), "role": UNCERTAINTY}
                     },
-                    scale=source.scale,
-                    translate=source.translate,
-                    rotate=source.rotate,
-                )
+                    "scale": source.scale,
+                    "translate": source.translate,
+                    "rotate": source.rotate,
+                },
+                "image",
+            )
+
+        def shown(order) -> None:
+            self._adding = False
             self._slice_order = order
             self._slice_pos = -1
             self.status.setText(f"{len(order)} slices hold uncertain voxels")
             if then is not None:
                 then()
+
+        def done(result) -> None:
+            uncertainty, order = result
+            layer = self._uncertainty_layer()
+            if layer is not None and layer_volume(layer).same_grid(layer_volume(source)):
+                layer.data = uncertainty
+                shown(order)
+                return
+            if layer is not None:  # an earlier exam's map, on another grid
+                self.viewer.layers.remove(layer)
+            # A layer add stalls the viewer: split over event-loop turns (`add_layer_in_turns`).
+            self._adding = True
+            run_in_turns(
+                [
+                    add_layer_in_turns(self, partial(make, uncertainty), lambda layer: None),
+                    partial(shown, order),
+                ],
+                on_error=lambda exc: (
+                    setattr(self, "_adding", False),
+                    result_not_shown("Show uncertainty", self.status)(exc),
+                ),
+            )
 
         return self.background.start("Computing the uncertainty", compute, done)
 
