@@ -205,6 +205,75 @@ def test_gz_files_nibabel_reads_are_still_read(tmp_path):
         np.testing.assert_array_equal(read_volume(path).array, original)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-inflater", "zlib"])
+def test_gz_errors_and_reads_are_the_same_with_or_without_the_fast_inflater(
+    tmp_path, monkeypatch, fast
+):
+    """zlib-ng or python-isal (the optional ``fast`` extra) only decompresses: the voxels,
+    and every message for a corrupt, cut or padded file, are zlib's."""
+    from napari_tumorseg.core import io as core_io
+
+    if fast and core_io._FAST_ZLIB is None:
+        pytest.skip("no fast inflater installed (pip install napari-tumorseg[fast])")
+    if not fast:
+        monkeypatch.setattr(core_io, "_FAST_ZLIB", None)
+    data = T1CE.read_bytes()
+    cut, flipped, crc = (tmp_path / f"{name}_t1.nii.gz" for name in ("cut", "flipped", "crc"))
+    cut.write_bytes(data[: len(data) // 2])
+    for path, at in ((flipped, int(0.95 * len(data))), (crc, len(data) - 6)):
+        changed = bytearray(data)
+        changed[at] ^= 0xFF
+        path.write_bytes(bytes(changed))
+    messages = [_assert_error(path, "corrupt") for path in (cut, flipped, crc)]
+    monkeypatch.setattr(core_io, "_FAST_ZLIB", None)
+    assert messages == [_assert_error(path, "corrupt") for path in (cut, flipped, crc)]
+    assert "incorrect data check" in messages[2]  # zlib's own words for a wrong CRC
+
+
+def test_exam_read_in_parallel_fails_as_read_in_order(tmp_path, monkeypatch):
+    """The scans and label map of an exam are read side by side; the error is the one of the
+    first file in reading order (scans t1, t1ce, t2, flair, then the label map)."""
+    from napari_tumorseg.core import io as core_io
+
+    for path in BRATS.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / SEG.name).write_bytes(b"not a label map")
+    t2 = tmp_path / "Brats18_TCIA01_378_1_t2.nii.gz"
+    t2.write_bytes(t2.read_bytes()[:5000])
+    for workers in (4, 1):
+        monkeypatch.setattr(core_io.os, "cpu_count", lambda workers=workers: workers)
+        with pytest.raises(TumorSegError, match="truncated") as info:
+            read_exam(tmp_path)
+        assert str(t2) in str(info.value)
+    shutil.copy(BRATS / t2.name, t2)
+    with pytest.raises(TumorSegError, match="NIfTI") as info:
+        read_exam(tmp_path)
+    assert str(tmp_path / SEG.name) in str(info.value)
+    calls = [lambda: 1, lambda: 1 / 0, lambda: [][0]]
+    with pytest.raises(ZeroDivisionError):
+        core_io.read_in_parallel(calls)
+    assert core_io.read_in_parallel([lambda: 1, lambda: 2]) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[0], [4, 0, 2], [1, 1], [3, 4, 0], [-1, 2], [0, 7], [2**40, 0], [], [0.0, 2.0], [True]],
+)
+def test_distinct_values_are_those_of_unique(values):
+    from napari_tumorseg.core.io import _distinct_values
+
+    for dtype in (None, np.uint8, np.int16):
+        try:
+            array = np.array(values, dtype=dtype)
+        except OverflowError:
+            continue
+        if dtype is not None and not np.array_equal(array, np.array(values)):
+            continue  # not representable in this dtype
+        found = _distinct_values(array)
+        assert found == set(np.unique(array).tolist())
+        assert {type(v) for v in found} == {type(v) for v in np.unique(array).tolist()}
+
+
 def test_header_announcing_more_voxels_than_the_file_holds(tmp_path):
     """A corrupt header's dimensions (30000^3) are refused before any memory is allocated."""
     for name in ("huge_t1.nii", "huge_t2.nii.gz"):
