@@ -1,9 +1,11 @@
 """Take the README's and the closing notes' screenshots under Xvfb.
 
-    xvfb-run -a -s "-screen 0 1280x1024x24" python scripts/screenshots.py [--model 3d] [--out docs]
+    xvfb-run -a -s "-screen 0 1920x1080x24" python scripts/screenshots.py [--model 3d] [--out docs]
 
-Writes demo.png (the labelled sample segmented, with the docks), segment_running.png (the
-probability maps filling in, 2D model), register_before.png / register_after.png (the raw exam) and
+Every picture is the whole napari window at 1920 x 1080 with the four docks open, as from the
+Plugins menu. Writes demo.png (the labelled sample segmented, with the docks), segment_running.png
+(the probability maps filling in, halfway through the 3D model's first window),
+register_before.png / register_after.png (the raw exam) and
 finetune_done.png (3 slices corrected with the expert labels, "Fine-tune on my corrections"
 pressed, the exam segmented again; the fine-tuned version goes to a temporary user folder) and
 finetune_adapt.png (the same slices corrected on that map, then "adapt to this exam").
@@ -22,6 +24,16 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 PLUGIN = "napari-tumorseg"
+DOCKS = ("Register sequences", "Segment tumour", "Review and correct", "Tumour volumes")
+SCREEN = (1920, 1080)
+
+
+def _viewer(title: str):
+    """A napari window filling the screen, every dock of the plugin open."""
+    viewer = napari.Viewer(title=title)
+    docks = {name: viewer.window.add_plugin_dock_widget(PLUGIN, name)[1] for name in DOCKS}
+    viewer.window._qt_window.setGeometry(0, 0, *SCREEN)
+    return viewer, docks
 
 
 def _wait(signal, app) -> None:
@@ -38,6 +50,17 @@ def _settle(app, seconds: float = 1.0) -> None:
         time.sleep(0.01)
 
 
+def _shoot(viewer, app, path: Path) -> None:
+    """The whole window, without the notification toasts (napari's own PyQt5 deprecation
+    notice among them) that would hide the canvas."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    _settle(app, 0.3)
+    viewer.screenshot(path=str(path), canvas_only=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="3d")
@@ -47,12 +70,11 @@ def main() -> None:
     app = QApplication.instance() or QApplication([])
 
     # Registration of the raw clinical exam, before and after.
-    viewer = napari.Viewer(title="napari-tumorseg: register")
-    viewer.window.resize(1280, 900)
+    viewer, docks = _viewer("napari-tumorseg: register")
     viewer.open_sample(PLUGIN, "tcga_raw")
-    _, register = viewer.window.add_plugin_dock_widget(PLUGIN, "Register sequences")
+    register = docks["Register sequences"]
     viewer.dims.set_point(0, viewer.layers["t1ce (raw)"].data_to_world((13, 0, 0))[0])
-    viewer.screenshot(path=str(args.out / "register_before.png"), canvas_only=False)
+    _shoot(viewer, app, args.out / "register_before.png")
     register.run()
     _wait(register.registered, app)
     _settle(app)  # the dock's status lines are laid out on the next turns
@@ -62,50 +84,37 @@ def main() -> None:
         layer = viewer.layers[name]
         layer.visible, layer.colormap, layer.blending = True, colormap, "additive"
     viewer.reset_view()
-    viewer.screenshot(path=str(args.out / "register_after.png"), canvas_only=False)
+    _shoot(viewer, app, args.out / "register_after.png")
     viewer.close()
 
     # Segmentation of the labelled sample with all docks.
-    viewer = napari.Viewer(title="napari-tumorseg demo")
-    viewer.window.resize(1400, 950)
+    viewer, docks = _viewer("napari-tumorseg demo")
     viewer.open_sample(PLUGIN, "brats2018")
-    docks = {}
-    for name in ("Segment tumour", "Tumour volumes"):
-        docks[name] = viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
     expert = viewer.layers[-1]
     z = int(np.argmax((expert.data > 0).sum(axis=(1, 2))))
     viewer.dims.set_point(0, z)
     expert.visible = False
     segment = docks["Segment tumour"]
-    # The live view: the bundled 3D model covers this exam's brain with 2 windows in
-    # one batch (one progress event, then the finished map), so the 2D model shows the filling
-    # in, slice batch by slice batch.
-    segment.model.setCurrentText("2d")
+    # The live view: halfway through the second of the 3D model's windows, the first one's
+    # map is in and the progress bar is past the middle.
+    segment.model.setCurrentText(args.model)
     worker = segment.run()
     shots = []
 
     def grab(item):
         event = item[0]
-        # Three quarters through the slices from the bottom: the tumour's largest slice (shown)
-        # is done, the slices above it are still empty.
-        if not shots and event.total and event.done >= 0.75 * event.total:
-            app.processEvents()
-            viewer.screenshot(path=str(args.out / "segment_running.png"), canvas_only=False)
+        if not shots and event.total > 1 and event.done >= 1 and event.part >= 0.5:
+            _settle(app, 0.5)
+            _shoot(viewer, app, args.out / "segment_running.png")
             shots.append(1)
 
     worker.yielded.connect(grab)
     _wait(segment.segmented, app)
-    viewer.layers.remove(segment.labels_layer)
-    segment.model.setCurrentText(args.model)
-    segment.run()
-    _wait(segment.segmented, app)
-    for name in ("WT probability", "TC probability", "ET probability"):
-        viewer.layers[name].visible = False
     measure = docks["Tumour volumes"]
-    measure.layer_box.setCurrentText(segment.labels_layer.name)
     measure.reference_box.setCurrentText(expert.name)
-    measure.evaluate()
-    viewer.screenshot(path=str(args.out / "demo.png"), canvas_only=False)
+    _wait(measure.evaluate().finished, app)
+    _settle(app)
+    _shoot(viewer, app, args.out / "demo.png")
 
     # Fine-tune on 3 corrected slices (the expert labels painted in), then re-segmentation.
     os.environ["TUMORSEG_USER_DIR"] = tempfile.mkdtemp(prefix="tumorseg_screenshots_")
@@ -120,10 +129,9 @@ def main() -> None:
         segment.ft_mode.setCurrentIndex(mode)
         _wait(segment.finetune().finished, app)
         _wait(segment.segmented, app)
-        measure.layer_box.setCurrentText(segment.labels_layer.name)
-        measure.evaluate()
-        labels.visible = False
-        viewer.screenshot(path=str(args.out / picture), canvas_only=False)
+        _wait(measure.evaluate().finished, app)
+        _settle(app)
+        _shoot(viewer, app, args.out / picture)
         print(segment.status.text())
         print(segment.changes.text())
 

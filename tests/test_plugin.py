@@ -160,7 +160,7 @@ def test_a_probability_map_written_by_segment_opens_as_three_layers(tmp_path):
     # Colours that stay apart where the maps overlap (additive green + red made ET's
     # yellow): translucent, transparent at 0, each region's own colour at 1.
     colormaps = [kwargs["colormap"] for _, kwargs, _ in layers]
-    assert [c.display_name for c in colormaps] == ["WT", "TC", "ET"]
+    assert [c.name for c in colormaps] == ["tumorseg WT", "tumorseg TC", "tumorseg ET"]
     assert all(kwargs["blending"] == "translucent" for _, kwargs, _ in layers)
     ends = [c.map(np.array([0.0, 1.0])) for c in colormaps]
     assert all(end[0, 3] == 0 and end[1, 3] == 1 for end in ends)

@@ -184,9 +184,7 @@ def region_colormap(region: str):
     from napari.utils.colormaps import Colormap
 
     r, g, b = REGION_COLORS[region]
-    return Colormap(
-        colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"tumorseg {region}", display_name=region
-    )
+    return Colormap(colors=[[r, g, b, 0.0], [r, g, b, 1.0]], name=f"tumorseg {region}")
 
 
 def probability_layer_data(volume: Volume, name: str) -> tuple:

@@ -630,7 +630,7 @@ def test_progress_moves_inside_a_3d_window_and_closing_stops_within_it():
     torch.manual_seed(0)
     network = UNet(3, features=(4, 8, 16)).eval()
     image = _random_image((4, 24, 24, 24))
-    events = list(_drain(sliding_window(network, image, 16, overlap=0.5, batch_size=1)))
+    events, _ = _drain(sliding_window(network, image, 16, overlap=0.5, batch_size=1))
     windows = events[0].total
     parts = [e.part for e in events if e.part > 0]
     assert windows > 1 and len(parts) >= 9 * windows  # nine inside each of the windows
@@ -644,14 +644,6 @@ def test_progress_moves_inside_a_3d_window_and_closing_stops_within_it():
     assert next(engine).part > 0
     engine.close()  # inside the first window: the convolutions after it never run
     assert calls == []
-
-
-def _drain(engine):
-    while True:
-        try:
-            yield next(engine)
-        except StopIteration:
-            return
 
 
 def test_the_skull_warning_comes_with_the_first_event_before_the_network_runs(tiny_model):

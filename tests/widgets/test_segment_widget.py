@@ -505,10 +505,10 @@ def test_thresholds_stay_the_baseline_without_an_edit_history(monkeypatch):
     thresholds count as the baseline, and later strokes as the corrections."""
     from napari.layers import Labels
 
-    from napari_tumorseg.widgets import review
+    from napari_tumorseg.widgets import _segmentation
     from napari_tumorseg.widgets._segmentation import apply_labels, record_thresholds
 
-    monkeypatch.setattr(review, "edit_history", lambda layer, redo=False: None)
+    monkeypatch.setattr(_segmentation, "edit_history", lambda layer, redo=False: None)
     model = np.zeros((4, 10, 10), np.uint8)
     model[1:3, 2:6, 2:6] = 2
     thresholds = model.copy()

@@ -33,6 +33,7 @@ from ._orientation import show_orientation
 from ._pickers import follow_renames
 from ._runner import Background
 from ._segmentation import is_segmentation, thresholds_in_force
+from ._warmup import warm_up_layers
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"
@@ -104,6 +105,7 @@ class MeasureWidget(QWidget):
         follow_renames(self.viewer, self._refresh_choices)
         self._refresh_choices()
         show_orientation(napari_viewer)
+        warm_up_layers()
 
     # ------------------------------------------------------------------ layers
     def _labels_names(self) -> list[str]:

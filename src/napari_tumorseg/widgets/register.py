@@ -26,6 +26,7 @@ from ._layout import Section, scrolling_form
 from ._orientation import show_orientation
 from ._pickers import SequencePickers
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
+from ._warmup import warm_up_layers
 
 REGISTERED = "(registered)"
 
@@ -110,6 +111,7 @@ class RegisterWidget(QWidget):
         self.cancel_button.clicked.connect(self.runner.cancel)
         self.check_button.clicked.connect(self.show_checkerboard)
         show_orientation(napari_viewer)
+        warm_up_layers()
 
     # ------------------------------------------------------------------ running
     def _set_running(self, running: bool) -> None:

@@ -51,6 +51,7 @@ from ._segmentation import (
     record_thresholds,
     thresholds_in_force,
 )
+from ._warmup import warm_up_layers
 
 UNCERTAINTY = "uncertainty"
 
@@ -136,6 +137,7 @@ class ReviewWidget(QWidget):
         follow_renames(self.viewer, self._refresh_choices)
         self._refresh_choices()
         show_orientation(napari_viewer)
+        warm_up_layers()
 
     @property
     def busy(self) -> bool:

@@ -48,6 +48,7 @@ from ._orientation import show_orientation
 from ._pickers import SequencePickers, volumes_of
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
 from ._segmentation import edited_voxels, model_output, probability_layer_name
+from ._warmup import warm_up_layers
 
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
 REDRAW_INTERVAL = 0.3
@@ -203,6 +204,7 @@ class SegmentWidget(QWidget):
         self.revert_button.clicked.connect(self.revert_model)
         self.refresh_models()
         show_orientation(napari_viewer)
+        warm_up_layers()
 
     def _mode_changed(self, index: int) -> None:
         self.ft_seconds.setEnabled(index == 0)
