@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812 -- torch's own name
 
 
 def _conv(spatial_dims: int):
@@ -63,15 +64,16 @@ class ConvBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(x, self.first(x))
+        return self.after_conv2(x, self.conv2(self.after_conv1(self.conv1(x))))
 
-    def first(self, x: torch.Tensor) -> torch.Tensor:
-        """The first convolution (normalised, activated): half of `forward`."""
-        return self.act(self.norm1(self.conv1(x)))
+    def after_conv1(self, y: torch.Tensor) -> torch.Tensor:
+        """What follows the first convolution: normalisation and activation."""
+        return self.act(self.norm1(y))
 
-    def second(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The rest of `forward`, from the block's input ``x`` and ``first(x)``."""
-        y = self.norm2(self.conv2(y))
+    def after_conv2(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What follows the second convolution ``y``: normalisation, the shortcut of the
+        block's input ``x``, activation."""
+        y = self.norm2(y)
         if self.shortcut is not None:
             y = y + self.shortcut(x)
         return self.act(y)
@@ -168,55 +170,99 @@ class UNet(nn.Module):
     def forward_steps(
         self, x: torch.Tensor, context: Callable[[], AbstractContextManager] = nullcontext
     ) -> Generator[float, None, torch.Tensor]:
-        """`forward` a convolution at a time: yields the fraction of the work (multiply-adds)
-        done after each, and returns the logits.
+        """`forward` in small steps: yields the fraction of the work (multiply-adds) done after
+        each, and returns the logits (the same, up to float rounding).
 
         On 2 CPU cores one 112^3 window takes 5-20 s in one call, which no progress bar can
-        show and no Cancel can interrupt; its longest convolution here takes a sixth of that.
-        Each step runs inside ``context()`` (inference mode, autocast), left between steps so
-        that the caller's code between yields runs outside it.
+        show and no Cancel can interrupt. Here each convolution is a step, and one that costs
+        more than 1/`MIN_STEPS` of the whole is computed in parts (slices of its output
+        channels, each its own sum: `_conv_in_parts`), so no step takes more than about
+        1/`MIN_STEPS` of the window. Each step runs inside ``context()`` (inference mode,
+        autocast), left between steps so that the caller's code runs outside it.
         """
-        costs = self.step_costs(x.shape[2:])
-        total = sum(costs)
+        plan = self._step_plan(x.shape[2:])
+        total = sum(cost for _, cost, _ in plan)
+        parts = {id(conv): n for conv, _, n in plan}
+        costs = {id(conv): cost / n for conv, cost, n in plan}
         done = 0.0
 
-        def advance() -> float:
+        def convolution(conv: nn.Module, x: torch.Tensor):
             nonlocal done
-            done += costs.pop(0)
-            return done / total
+            steps = _conv_in_parts(conv, x, parts[id(conv)], context)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                done += costs[id(conv)]
+                yield done / total
+
+        def block(module: ConvBlock, x: torch.Tensor):
+            y = yield from convolution(module.conv1, x)
+            with context():
+                y = module.after_conv1(y)
+            y = yield from convolution(module.conv2, y)
+            with context():
+                return module.after_conv2(x, y)
 
         skips = []
         for encoder in self.encoders:
-            with context():
-                y = encoder.first(x)
-            yield advance()
-            with context():
-                x = encoder.second(x, y)
+            x = yield from block(encoder, x)
             skips.append(x)
-            yield advance()
         skips.pop()  # the bottleneck output is x itself
         for upsample, decoder in zip(self.upsamplers, self.decoders):
             with context():
                 joined = torch.cat([upsample(x), skips.pop()], dim=1)
-                y = decoder.first(joined)
-            yield advance()
-            with context():
-                x = decoder.second(joined, y)
-            yield advance()
+            x = yield from block(decoder, joined)
         with context():
             return self.head(x)
 
-    def step_costs(self, spatial_shape) -> list[float]:
-        """Relative cost of each step of `forward_steps` for an input of ``spatial_shape``."""
+    def _step_plan(self, spatial_shape) -> list[tuple[nn.Module, float, int]]:
+        """``(convolution, multiply-adds, parts)`` of every 3x3(x3) convolution of
+        `forward_steps` for an input of ``spatial_shape``, in the order they run."""
         voxels = math.prod(int(s) for s in spatial_shape)
         levels = len(self.encoders)
         at = [voxels / (2**self.spatial_dims) ** level for level in range(levels)]
-        costs = []
-        for level, encoder in enumerate(self.encoders):
-            costs += encoder.step_costs(at[level])
-        for index, decoder in enumerate(self.decoders):
-            costs += decoder.step_costs(at[levels - 2 - index])
-        return costs
+        blocks = [(e, at[level]) for level, e in enumerate(self.encoders)]
+        blocks += [(d, at[levels - 2 - index]) for index, d in enumerate(self.decoders)]
+        convs = [
+            (conv, cost)
+            for module, out_voxels in blocks
+            for conv, cost in zip((module.conv1, module.conv2), module.step_costs(out_voxels))
+        ]
+        largest = sum(cost for _, cost in convs) / MIN_STEPS
+        return [
+            (conv, cost, max(1, min(conv.out_channels, math.ceil(cost / largest - 1e-9))))
+            for conv, cost in convs
+        ]
+
+
+#: The fewest steps `UNet.forward_steps` splits a forward pass into (its largest convolutions
+#: in parts): on 2 CPU cores a 112^3 window's step then takes well under a second.
+MIN_STEPS = 24
+
+
+def _conv_in_parts(
+    conv: nn.Module, x: torch.Tensor, parts: int, context: Callable[[], AbstractContextManager]
+) -> Generator[None, None, torch.Tensor]:
+    """``conv(x)`` computed ``parts`` slices of output channels at a time, yielding after each;
+    each output channel is its own sum over the input, so the result is ``conv(x)``'s."""
+    if parts <= 1:
+        with context():
+            y = conv(x)
+        yield
+        return y
+    function = F.conv3d if x.dim() == 5 else F.conv2d
+    biases = conv.bias.chunk(parts) if conv.bias is not None else [None] * parts
+    outputs = []
+    for weight, bias in zip(conv.weight.chunk(parts), biases):
+        with context():
+            outputs.append(
+                function(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            )
+        yield
+    with context():
+        return torch.cat(outputs, dim=1)
 
 
 def build_network(config: dict) -> UNet:

@@ -129,7 +129,7 @@ class ReviewWidget(QWidget):
         )
         self.holes_button.clicked.connect(lambda: self._clean("Fill holes", fill_holes))
         self.islands_button.clicked.connect(self._remove_islands)
-        self.uncertainty_button.clicked.connect(self.show_uncertainty)
+        self.uncertainty_button.clicked.connect(lambda: self.show_uncertainty())
         self.next_button.clicked.connect(self.next_uncertain_slice)
         self.layer_box.currentTextChanged.connect(self._on_layer_chosen)
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
