@@ -129,3 +129,18 @@ def test_the_save_dialog_starts_in_the_exams_folder_with_a_name_without_spaces(s
         metadata={"tumorseg": {**expert.metadata["tumorseg"], "model": "mine@v2"}},
     )
     assert default_save_path(made).name == "Brats18_TCIA01_378_1_seg_mine@v2.nii.gz"
+
+
+def test_a_dock_starts_the_warm_up_of_napari_imports_once(make_napari_viewer):
+    import sys
+    import threading
+
+    from napari_tumorseg.widgets import _warmup
+
+    viewer = make_napari_viewer()
+    open_dock(viewer, "review")
+    assert _warmup._started.is_set() and _warmup.warm_up_layers() is None  # once a session
+    for thread in threading.enumerate():
+        if thread.name == "tumorseg-warm-up":
+            thread.join(timeout=60)
+    assert all(name in sys.modules for name in _warmup.MODULES)

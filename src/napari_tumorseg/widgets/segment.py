@@ -125,7 +125,8 @@ class SegmentWidget(QWidget):
         self.result = None
         self.labels_layer = None
         self._prob_layers: dict = {}
-        self._reused: dict = {}  # region -> the data of a reused layer, restored on cancel
+        # region -> (data, visible) of a reused layer, restored on cancel
+        self._reused: dict = {}
         self._last_redraw = 0.0
         self._painted = False
 
@@ -320,7 +321,7 @@ class SegmentWidget(QWidget):
         if previous is not None and layer_volume(previous).same_grid(grid):
             # The previous run's map is refilled: adding a napari layer stalls the viewer, and
             # the user's display settings (visibility, opacity, colormap) stay. Cancel restores it.
-            self._reused[region] = previous.data
+            self._reused[region] = (previous.data, previous.visible)
             previous.data = np.zeros(grid.spatial_shape, np.float32)
             previous.name = f"{name} (running)"
             previous.visible = True  # hidden after the last run: this one fills in live
@@ -355,7 +356,7 @@ class SegmentWidget(QWidget):
         self._after_finetune = None
         for region, layer in self._prob_layers.items():
             if region in self._reused:
-                layer.data = self._reused[region]
+                layer.data, layer.visible = self._reused[region]
                 layer.name = probability_layer_name(region)
             elif layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
