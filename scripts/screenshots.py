@@ -50,6 +50,12 @@ def _settle(app, seconds: float = 1.0) -> None:
         time.sleep(0.01)
 
 
+def _show_scores(measure) -> None:
+    """Scroll the Tumour volumes dock to its Dice / HD95 table."""
+    bar = measure.scroll_area.verticalScrollBar()
+    bar.setValue(bar.maximum())
+
+
 def _shoot(viewer, app, path: Path) -> None:
     """The whole window, without the notification toasts (napari's own PyQt5 deprecation
     notice among them) that would hide the canvas."""
@@ -98,22 +104,19 @@ def main() -> None:
     # The live view: halfway through the second of the 3D model's windows, the first one's
     # map is in and the progress bar is past the middle.
     segment.model.setCurrentText(args.model)
-    worker = segment.run()
-    shots = []
-
-    def grab(item):
-        event = item[0]
-        if not shots and event.total > 1 and event.done >= 1 and event.part >= 0.5:
-            _settle(app, 0.5)
-            _shoot(viewer, app, args.out / "segment_running.png")
-            shots.append(1)
-
-    worker.yielded.connect(grab)
-    _wait(segment.segmented, app)
+    done = []
+    segment.segmented.connect(lambda layer: done.append(1))
+    segment.run()
+    while segment.progress_bar.value() < 0.7 * segment.progress_bar.maximum() and not done:
+        app.processEvents()
+    _shoot(viewer, app, args.out / "segment_running.png")
+    while not done:
+        app.processEvents()
     measure = docks["Tumour volumes"]
     measure.reference_box.setCurrentText(expert.name)
     _wait(measure.evaluate().finished, app)
     _settle(app)
+    _show_scores(measure)
     _shoot(viewer, app, args.out / "demo.png")
 
     # Fine-tune on 3 corrected slices (the expert labels painted in), then re-segmentation.
@@ -131,6 +134,7 @@ def main() -> None:
         _wait(segment.segmented, app)
         _wait(measure.evaluate().finished, app)
         _settle(app)
+        _show_scores(measure)
         _shoot(viewer, app, args.out / picture)
         print(segment.status.text())
         print(segment.changes.text())
