@@ -608,6 +608,22 @@ def test_a_scan_at_the_edge_of_float32_is_normalised_as_any_other():
     np.testing.assert_allclose(zscore(huge, mask), zscore(channels, mask), atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [3, 5, 8])
+def test_a_convolution_in_more_parts_than_output_slices_is_the_convolution(size):
+    """A small field of view: fewer output slices than the parts asked for."""
+    from contextlib import nullcontext
+
+    from napari_tumorseg.core.unet import _conv_in_parts
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, size, 6, 5)
+    for stride in (1, 2):
+        conv = nn.Conv3d(4, 8, 3, stride=stride, padding=1)
+        with torch.no_grad():
+            parts = run_to_end(_conv_in_parts(conv, x, 7, nullcontext))
+            torch.testing.assert_close(parts, conv(x))
+
+
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_unet_forward_steps_is_forward_in_small_steps(spatial_dims, residual):

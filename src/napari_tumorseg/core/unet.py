@@ -267,7 +267,8 @@ def _conv_in_parts(
     rest = (0, *conv.padding[1:])  # the other axes are padded by the convolution itself
     with context():
         padded = F.pad(x, (0, 0) * (x.dim() - 3) + (pad, pad)) if pad else x
-    bounds = [round(i * out_size / parts) for i in range(min(parts, out_size) + 1)]
+    parts = min(parts, out_size)
+    bounds = [round(i * out_size / parts) for i in range(parts + 1)]
     outputs = []
     for first, last in zip(bounds, bounds[1:]):
         with context():
