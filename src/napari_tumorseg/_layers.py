@@ -73,8 +73,11 @@ def find_layer(layers, key: str | None):
 
 
 def same_layer(a, b) -> bool:
-    """Whether ``a`` and ``b`` are the same napari layer, either seen through a proxy."""
-    return a is not None and b is not None and layer_key(a) == layer_key(b)
+    """Whether ``a`` and ``b`` are the same napari layer, either seen through a proxy (or both
+    None: no layer)."""
+    if a is None or b is None:
+        return a is b
+    return layer_key(a) == layer_key(b)
 
 
 def is_volume_layer(layer, kind: str) -> bool:

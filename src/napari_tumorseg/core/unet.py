@@ -231,10 +231,7 @@ class UNet(nn.Module):
             for conv, cost in zip((module.conv1, module.conv2), module.step_costs(out_voxels))
         ]
         largest = sum(cost for _, cost in convs) / MIN_STEPS
-        return [
-            (conv, cost, max(1, math.ceil(cost / largest - 1e-9)))
-            for conv, cost in convs
-        ]
+        return [(conv, cost, max(1, math.ceil(cost / largest - 1e-9))) for conv, cost in convs]
 
 
 #: The fewest steps `UNet.forward_steps` splits a forward pass into (its largest convolutions

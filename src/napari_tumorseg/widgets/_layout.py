@@ -125,7 +125,3 @@ class Section(QWidget):
         self.header.setChecked(expanded)
         self.header.setArrowType(Qt.DownArrow if expanded else Qt.RightArrow)
         self.body.setVisible(expanded)
-
-    @property
-    def expanded(self) -> bool:
-        return self.header.isChecked()

@@ -17,7 +17,18 @@ def probability_layer_name(region: str) -> str:
 
 def apply_labels(layer, new: np.ndarray) -> int:
     """Replace a labels layer's data by ``new`` as one undoable edit; returns voxels changed."""
-    changed = np.nonzero(np.asarray(layer.data) != new)
+    return put_label_changes(layer, label_changes(layer.data, new), new)
+
+
+def label_changes(old, new: np.ndarray) -> tuple:
+    """Indices of the voxels where ``new`` differs from ``old`` (a whole-volume comparison:
+    the Review dock runs it in a worker thread)."""
+    return np.nonzero(np.asarray(old) != new)
+
+
+def put_label_changes(layer, changed: tuple, new: np.ndarray) -> int:
+    """Write ``new`` at the ``changed`` voxels of a labels layer as one undoable edit
+    (``Labels.data_setitem``); returns how many there are."""
     if changed[0].size:
         layer.data_setitem(changed, new[changed])
     return int(changed[0].size)

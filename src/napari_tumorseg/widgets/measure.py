@@ -136,7 +136,7 @@ class MeasureWidget(QWidget):
 
     def _select_reference(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if same_layer(layer, self._reference) or layer is self._reference:
+        if same_layer(layer, self._reference):
             return
         _rewire(self._reference, layer, self._reference_edited, self._reference_refreshed)
         self._reference = layer
@@ -154,7 +154,7 @@ class MeasureWidget(QWidget):
 
     def _select_layer(self, name: str) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if same_layer(layer, self._layer) or layer is self._layer:
+        if same_layer(layer, self._layer):
             return
         _rewire(self._layer, layer, self._data_changed, self._refreshed)
         self._layer = layer

@@ -47,7 +47,9 @@ from ._runner import Background, add_layer_in_turns, result_not_shown, run_in_tu
 from ._segmentation import (
     edited_voxels,
     is_segmentation,
+    label_changes,
     probability_layer_name,
+    put_label_changes,
     record_thresholds,
     thresholds_in_force,
 )
@@ -194,11 +196,6 @@ class ReviewWidget(QWidget):
             return None
         return [self.viewer.layers[name] for name in names]
 
-    def probabilities(self) -> np.ndarray | None:
-        """(3, Z, Y, X) WT/TC/ET probabilities from the probability layers, if all are open."""
-        layers = self._probability_layers()
-        return None if layers is None else _stacked([layer.data for layer in layers])
-
     # ------------------------------------------------------------------ thresholds
     def thresholds(self) -> tuple[float, ...]:
         return tuple(self.sliders[region].value() / 100 for region in REGIONS)
@@ -243,7 +240,7 @@ class ReviewWidget(QWidget):
         thresholds = self.thresholds()
         maps = [probability.data for probability in layers]
 
-        def compute():
+        def compute(data):
             return card_labels(_stacked(maps), rules, voxel_ml, thresholds)
 
         def done(new, changes):
@@ -260,8 +257,7 @@ class ReviewWidget(QWidget):
         layer = self.labels_layer
         if layer is None:
             return None
-        data = layer.data
-        return self._edit(title, layer, lambda: function(np.asarray(data)))
+        return self._edit(title, layer, lambda data: function(np.asarray(data)))
 
     def _remove_islands(self):
         layer = self.labels_layer
@@ -275,26 +271,26 @@ class ReviewWidget(QWidget):
         )
 
     def _edit(self, title: str, layer, compute, done=None):
-        """Compute a new map for ``layer`` in a worker thread, with the voxels it changes; on
-        the main thread, put them in place as one undoable edit (`apply_labels`) -- unless
-        the map was edited meanwhile (the new map was computed from the old one)."""
+        """Compute a new map for ``layer`` (``compute(data)``, from its data as it is now) and
+        the voxels it changes in a worker thread; on the main thread, put them in place as one
+        undoable edit (`put_label_changes`) -- unless the map was edited meanwhile (the new map
+        was computed from the old one)."""
         depth = edit_depth(layer)
         data = layer.data
 
         def work():
-            new = compute()
-            return new, np.nonzero(np.asarray(data) != new)
+            new = compute(data)
+            return new, label_changes(data, new)
 
         def apply(result) -> None:
             new, changed = result
             if edit_depth(layer) != depth or layer not in self.viewer.layers:
                 self.status.setText(f"{title}: the map changed meanwhile; press again")
                 return
-            if changed[0].size:
-                layer.data_setitem(changed, new[changed])
+            count = put_label_changes(layer, changed, new)
             if done is not None:
-                done(new, int(changed[0].size))
-            self.status.setText(f"{title}: {changed[0].size} voxels changed")
+                done(new, count)
+            self.status.setText(f"{title}: {count} voxels changed")
 
         return self.background.start(title, work, apply)
 
