@@ -62,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dims", type=int, choices=(2, 3), default=3)
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--minutes", type=float, default=55.0, help="training time budget")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a budget of steps instead of minutes (the learning rate decays over the steps): "
+        "runs that compare recipes then do the same work however busy the machine is",
+    )
     p.add_argument("--patch", type=int, default=None, help="patch edge (voxels)")
     p.add_argument("--features", default="16,32,64,128,256")
     p.add_argument("--batch", type=int, default=None)
@@ -259,6 +266,12 @@ def run_training(args: argparse.Namespace) -> int:
 
     budget = args.minutes * 60
     done_before = state["elapsed"]
+
+    def lr_at(step: int, elapsed: float) -> float:
+        if args.steps:
+            return cosine_lr(step, step / args.steps, args.lr)
+        return cosine_lr(step, (done_before + elapsed) / budget, args.lr)
+
     last_checkpoint = time.perf_counter()
 
     def checkpoint(step: int, elapsed: float) -> None:
@@ -293,8 +306,9 @@ def run_training(args: argparse.Namespace) -> int:
         network,
         iter(sampler),
         optimizer,
-        lr_at=lambda step, elapsed: cosine_lr(step, (done_before + elapsed) / budget, args.lr),
-        seconds=max(budget - done_before, 0),
+        lr_at=lr_at,
+        max_steps=args.steps,
+        seconds=None if args.steps else max(budget - done_before, 0),
         start_step=state["step"],
         augment=augment,
         device=args.device,
@@ -309,7 +323,9 @@ def run_training(args: argparse.Namespace) -> int:
             state["losses"].append([step, round(float(np.mean(window)), 4)])
             log(
                 f"step {step} loss {np.mean(window):.4f} lr {progress.lr:.2e} "
-                f"{(done_before + elapsed) / 60:.1f}/{args.minutes:g} min "
+                f"{(done_before + elapsed) / 60:.1f}"
+                + (f" min, {step}/{args.steps} steps " if args.steps else f"/{args.minutes:g} min ")
+                + 
                 f"({elapsed / max(step - start_step, 1):.2f} s/step)"
             )
             window = []

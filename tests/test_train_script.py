@@ -144,3 +144,14 @@ def test_a_checkpoint_with_missing_files_or_other_exams_is_refused(tmp_path, dat
     assert train_bundled.main(_args(tmp_path, data)) == 2
     err = capsys.readouterr().err
     assert f"the checkpoint's {state['weights']} are missing" in err and "Traceback" not in err
+
+
+def test_a_steps_budget_makes_exactly_that_many_steps_and_scores_hd95(tmp_path, data):
+    args = [a for a in _args(tmp_path, data) if a != "0.01"]
+    args.remove("--minutes")
+    assert train_bundled.main([*args, "--steps", "3"]) == 0
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["training"]["steps"] == 3
+    validation = card["metrics"]["validation"]
+    assert set(validation["hd95"]["case2"]) == {"WT", "TC", "ET"}
+    assert all(0 <= v <= 373.13 for v in validation["hd95"]["case2"].values())
