@@ -135,7 +135,9 @@ def recipe_table(recipe: str) -> str:
             dice_all.update(m["per_exam"])
             hd_all.update(m.get("hd95", {}))
             hd = m.get("mean_hd95")
-            lines.append(_row(f"fold {d['fold']} ({len(m['per_exam'])} exams){title}", m["mean"], hd))
+            lines.append(
+                _row(f"fold {d['fold']} ({len(m['per_exam'])} exams){title}", m["mean"], hd)
+            )
         mean = {r: float(np.mean([e[r] for e in dice_all.values()])) for r in REGIONS}
         hd_mean = (
             {r: float(np.mean([e[r] for e in hd_all.values()])) for r in REGIONS}
@@ -147,10 +149,11 @@ def recipe_table(recipe: str) -> str:
     test = [d["card"]["metrics"].get("test_sample", {}).get("mean") for d in done]
     test = [t for t in test if t]
     if test:
-        shown = ", ".join(
-            "/".join(f"{t[r]:.3f}" for r in REGIONS) for t in test
-        )
-        lines += ["", f"Outside check, the sample exam (never used to choose), per fold model: {shown}."]
+        shown = ", ".join("/".join(f"{t[r]:.3f}" for r in REGIONS) for t in test)
+        lines += [
+            "",
+            f"Outside check, the sample exam (never used to choose), per fold model: {shown}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

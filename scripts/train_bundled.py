@@ -325,8 +325,7 @@ def run_training(args: argparse.Namespace) -> int:
                 f"step {step} loss {np.mean(window):.4f} lr {progress.lr:.2e} "
                 f"{(done_before + elapsed) / 60:.1f}"
                 + (f" min, {step}/{args.steps} steps " if args.steps else f"/{args.minutes:g} min ")
-                + 
-                f"({elapsed / max(step - start_step, 1):.2f} s/step)"
+                + f"({elapsed / max(step - start_step, 1):.2f} s/step)"
             )
             window = []
         if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:

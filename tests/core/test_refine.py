@@ -149,6 +149,9 @@ def test_adapt_saves_a_head_that_applies_to_its_exam_only(exam):
     assert (folder / HEAD_FILE).is_file()
     losses = [p.loss for p in progress if p.loss is not None]
     assert losses[-1] < losses[0]
+    # The seconds of the head's features are reported as they go, not waited through.
+    features = [p.fraction for p in progress if p.stage == "features"]
+    assert len(features) > 10 and features == sorted(features) and features[-1] == 1.0
     adapted = load_model("mine")
     entry = adapted.card["exam_head"]
     assert entry["exam"] == exam.name and entry["training_voxels"] > 0
@@ -159,8 +162,14 @@ def test_adapt_saves_a_head_that_applies_to_its_exam_only(exam):
     # are fitted to the user's labels, so its map is cut at 0.5.
     for m in (model, adapted):
         m.card["postprocess"] = {"thresholds": [0.5, 0.9, 0.95]}
-    again = run_to_end(segment(exam, adapted, device="cpu"))
+    events = []
+    again = run_to_end(segment(exam, adapted, device="cpu"), events.append)
     assert any("exam head fitted on the corrections" in n for n in again.notes)
+    # Applying the head moves the progress too: its share comes after the windows.
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    finishing = [e for e in events if e.finishing]
+    assert len(finishing) > 10 and finishing[0].fraction < 0.9
     assert again.postprocess["thresholds"] == [0.5, 0.5, 0.5]
     np.testing.assert_array_equal(
         again.labels.array, probabilities_to_labels(again.probabilities.array)

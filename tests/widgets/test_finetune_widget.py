@@ -134,8 +134,13 @@ def test_adapt_to_this_exam_fits_the_exam_head_and_resegments(corrected_dock, qt
     assert not widget.ft_seconds.isEnabled()  # the head takes seconds whatever the budget
     expert = viewer.layers["Brats18_TCIA01_378_1 labels"].data
     before = labels.metadata["tumorseg"]["model_labels"]
+    shown = []
+    widget.ft_progress.valueChanged.connect(lambda v: shown.append(widget.ft_progress.format()))
     with qtbot.waitSignal(widget.segmented, timeout=300_000):
         assert widget.finetune() is not None
+    # Each stage before the head's iterations moves the bar, under its own name.
+    assert any(t.startswith("segmenting with the parent model") for t in shown)
+    assert sum(t.startswith("computing the exam's features") for t in shown) > 5
     assert widget.model.currentText() == "mine@v1"
     assert "exam head fitted on the corrections" in widget.status.text()
     assert len(widget.loss_curve.losses) >= 2
@@ -150,6 +155,34 @@ def test_adapt_to_this_exam_fits_the_exam_head_and_resegments(corrected_dock, qt
         return 2 * (a & b).sum() / (a.sum() + b.sum())
 
     assert wt_dice(widget.labels_layer.data) > wt_dice(before) + 0.2
+
+
+def test_keep_counts_down_its_budget_before_the_first_step_ends(corrected_dock, qtbot, monkeypatch):
+    """A first step of many seconds (a busy machine, a 3D model) still moves the bar."""
+    from napari_tumorseg.core import finetune
+
+    steps = finetune.train_steps
+
+    def slow_first_step(*args, **kwargs):
+        import time
+
+        time.sleep(2.0)
+        yield from steps(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_steps", slow_first_step)
+    viewer, widget, labels = corrected_dock
+    widget.ft_seconds.setValue(20)
+    before_first = []
+
+    def record(value):
+        if widget.loss_curve.step == 0:
+            before_first.append((value, widget.ft_progress.format()))
+
+    widget.ft_progress.valueChanged.connect(record)
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
+        assert widget.finetune() is not None
+    counted = [v for v, text in before_first if text.startswith("first step, about")]
+    assert len(counted) >= 2 and counted == sorted(counted) and counted[-1] > 0
 
 
 def test_cancelled_finetune_changes_nothing(corrected_dock, qtbot):

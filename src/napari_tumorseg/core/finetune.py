@@ -218,7 +218,8 @@ class FinetuneProgress:
     exam head: ``steps`` its L-BFGS iterations, ``seconds`` None).
 
     ``loss`` is None before the first step: while the corrections are prepared ("keep"), or
-    while the parent segments the exam ("adapt"; ``fraction`` says how far it is).
+    while the parent segments the exam and the head's features are computed ("adapt";
+    ``stage`` says which, ``fraction`` how far it is).
     ``min_steps``: the fewest steps the run makes whatever ``seconds`` (`MIN_KEEP_STEPS`)."""
 
     step: int
@@ -228,6 +229,7 @@ class FinetuneProgress:
     steps: int | None
     min_steps: int = 0
     fraction: float | None = None
+    stage: str = ""
 
     def remaining_seconds(self) -> float | None:
         """Seconds left, estimated from the pace so far (None before the first step)."""
@@ -455,19 +457,29 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
     channels = exam_to_channels(exam)
     present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
 
-    def waiting(event) -> FinetuneProgress:
-        elapsed = time.perf_counter() - started
-        return FinetuneProgress(
-            0, None, elapsed, None, settings["iterations"], fraction=event.fraction
-        )
+    def waiting(stage: str):
+        def event_of(fraction: float) -> FinetuneProgress:
+            elapsed = time.perf_counter() - started
+            iterations = settings["iterations"]
+            return FinetuneProgress(
+                0, None, elapsed, None, iterations, fraction=fraction, stage=stage
+            )
+
+        return event_of
 
     # The head's features are the network's own output (a parent's head stays out of them),
     # from the segmentation the re-segmentation will repeat (its device, overlap and TTA).
     network_only = TumorModel(network=model.network, card=model.card, path=model.path)
-    result = yield from map_events(segment(channels, network_only, **segmentation), waiting)
+    result = yield from map_events(
+        segment(channels, network_only, **segmentation),
+        lambda event: waiting("segmenting")(event.fraction),
+    )
     rows = refine.corrected_rows(edited, labels.shape[0])
-    features, box, mask = refine.head_features(
-        channels.array, present, result.probabilities.array, channels.spacing, rows=rows
+    features, box, mask = yield from map_events(
+        refine.head_features_steps(
+            channels.array, present, result.probabilities.array, channels.spacing, rows=rows
+        ),
+        waiting("features"),
     )
     targets = region_targets(labels[box][mask]).T
     if len(features) == 0:

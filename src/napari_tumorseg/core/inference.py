@@ -46,7 +46,7 @@ import torch
 
 from .errors import TumorSegError
 from .io import SEQUENCES, Exam
-from .jobs import run_to_end
+from .jobs import map_events, run_to_end
 from .postprocess import relabel_small_enhancing, remove_small_islands
 from .preprocess import SKULL_ON_WARNING, Prepared, prepare
 from .volume import Volume
@@ -922,6 +922,11 @@ def _grid_text(volume: Volume) -> str:
 
 
 # --------------------------------------------------------------------------- segment
+#: The share of a segmentation's progress given to applying a model's exam head (its features
+#: take about a third of a 3D model's windows on 2 cores).
+HEAD_SHARE = 0.25
+
+
 @dataclass(frozen=True)
 class SegmentationProgress:
     """One step of `segment`, on the INPUT grid (the full-size exam, Z, Y, X).
@@ -949,6 +954,9 @@ class SegmentationProgress:
         Doubts about the input known before the network runs (e.g. a skull still on), on the
         first event only, so that a user hears of them before waiting for the result (they
         are in the result's ``warnings`` too).
+    tail, finishing : float
+        The share of the job that follows the windows (a model's exam head: seconds of
+        features, `HEAD_SHARE`; 0 without one), and how much of it is done.
     """
 
     done: int
@@ -962,13 +970,14 @@ class SegmentationProgress:
     final: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
     part: float = 0.0
     warnings: tuple[str, ...] = ()
+    tail: float = 0.0
+    finishing: float = 0.0
 
     @property
     def fraction(self) -> float:
         """The share of the work done, in [0, 1]."""
-        if not self.total:
-            return 1.0
-        return min(1.0, (self.done + self.part) / self.total)
+        windows = min(1.0, (self.done + self.part) / self.total) if self.total else 1.0
+        return (1 - self.tail) * windows + self.tail * self.finishing
 
     @functools.cached_property
     def probabilities(self) -> np.ndarray | None:
@@ -1206,6 +1215,8 @@ def segment(
         raise TumorSegError(f"model card says spatial_dims={spatial_dims}; expected 2 or 3")
     last_device = torch_device.type
     early = doubts
+    tail = HEAD_SHARE if getattr(model, "head", None) is not None else 0.0
+    total = 0
     try:
         while True:
             try:
@@ -1231,7 +1242,9 @@ def segment(
                 final=final,
                 part=event.part,
                 warnings=early,
+                tail=tail,
             )
+            total = event.total
             early = ()  # on the first event only (the result repeats them)
     finally:
         engine.close()
@@ -1241,8 +1254,9 @@ def segment(
     notes: tuple[str, ...] = ()
     rules = card.get("postprocess") if postprocess else None
     if getattr(model, "head", None) is not None:
-        probabilities, notes, applied = _apply_exam_head(
-            model, channels, present, probabilities, overlap, tta
+        probabilities, notes, applied = yield from map_events(
+            _apply_exam_head(model, channels, present, probabilities, overlap, tta),
+            lambda f: SegmentationProgress(total, total, None, tail=tail, finishing=f),
         )
         if rules and applied:
             # The head's probabilities are fitted to the user's labels (cut at 0.5): the
@@ -1272,8 +1286,9 @@ def segment(
 
 def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, tta):
     """The probabilities with ``model``'s exam head applied -- only on the exam it was fitted
-    on (`refine`) --, notes saying which happened, and whether it was applied."""
-    from .refine import apply_head, exam_fingerprint
+    on (`refine`) --, notes saying which happened, and whether it was applied. A job yielding
+    the share of its work done."""
+    from .refine import apply_head_steps, exam_fingerprint
 
     entry = model.card["exam_head"]
     exam = entry["exam"]
@@ -1298,7 +1313,7 @@ def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, t
             f"TTA {'on' if fitted.get('tta') else 'off'}; this one used overlap {overlap} and "
             f"TTA {'on' if tta else 'off'}, which it has not seen"
         )
-    refined = apply_head(
+    refined = yield from apply_head_steps(
         model.head,
         channels.array,
         present,

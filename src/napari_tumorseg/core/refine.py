@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .jobs import map_events, run_to_end
 from .postprocess import keep_largest_component
 from .preprocess import bounding_box, brain_mask, zscore
 
@@ -60,7 +61,16 @@ def exam_fingerprint(channels: np.ndarray, present, spacing) -> str:
 def head_features(
     channels: np.ndarray, present, probabilities: np.ndarray, spacing, rows=None
 ) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
-    """Per-voxel features of an exam's brain voxels (see the module docstring).
+    """`head_features_steps` run to its end."""
+    return run_to_end(head_features_steps(channels, present, probabilities, spacing, rows))
+
+
+def head_features_steps(
+    channels: np.ndarray, present, probabilities: np.ndarray, spacing, rows=None
+) -> Generator[float, None, tuple[np.ndarray, tuple[slice, ...], np.ndarray]]:
+    """Per-voxel features of an exam's brain voxels (see the module docstring). A job: yields
+    the share of the work done (0..1) after each filter -- seconds in all on a whole exam --
+    and returns the features.
 
     Parameters
     ----------
@@ -93,15 +103,20 @@ def head_features(
     spacing = np.asarray(spacing, float)
     features = np.zeros((int(mask.sum()), N_FEATURES), np.float32)
     column = iter(range(N_FEATURES))
+    filters = len(SMOOTHING_MM) * len(present) + 2
+    yield 1 / (filters + 1)  # the brain mask and z-scores
     for r in range(3):
         features[:, next(column)] = np.log(p[r][mask] / (1 - p[r][mask]))
     for c in range(4):
         features[:, next(column)] = z[c][mask]
+    done = 1
     for mm in SMOOTHING_MM:
         for c in range(4):
             index = next(column)
             if c in present:  # a missing sequence stays zero
                 features[:, index] = ndimage.gaussian_filter(z[c], mm / spacing)[mask]
+                done += 1
+                yield done / (filters + 1)
     for region in (1, 0):  # distance to the core, then to the whole tumour
         inside = p[region] > 0.5
         index = next(column)
@@ -110,6 +125,8 @@ def head_features(
             features[:, index] = np.log1p(distance[mask])
         else:
             features[:, index] = np.log1p(100.0)
+        done += 1
+        yield done / (filters + 1)
     return features, box, mask
 
 
@@ -218,7 +235,20 @@ def apply_head(
     spacing,
     anchors=(),
 ) -> np.ndarray:
-    """The exam's (3, Z, Y, X) probabilities with the head applied on its brain voxels.
+    """`apply_head_steps` run to its end."""
+    return run_to_end(apply_head_steps(head, channels, present, probabilities, spacing, anchors))
+
+
+def apply_head_steps(
+    head: ExamHead,
+    channels: np.ndarray,
+    present,
+    probabilities: np.ndarray,
+    spacing,
+    anchors=(),
+) -> Generator[float, None, np.ndarray]:
+    """The exam's (3, Z, Y, X) probabilities with the head applied on its brain voxels; a job
+    yielding the share of the work done (the features are most of it).
 
     The head reshapes the tumour the network found and the user confirmed -- grows it into
     missed oedema, trims it -- but adds no tumour elsewhere: its pieces of whole tumour that
@@ -229,7 +259,9 @@ def apply_head(
     made core islands, raising HD95 from 14 to 57 mm (WT) and from 2 to 69 mm (TC); with this
     rule 3.0 and 1.7 mm (the network: 13.9 and 2.2), and WT Dice 0.907 -> 0.928.
     """
-    features, box, mask = head_features(channels, present, probabilities, spacing)
+    features, box, mask = yield from map_events(
+        head_features_steps(channels, present, probabilities, spacing), lambda f: 0.9 * f
+    )
     with torch.inference_mode():
         refined = torch.sigmoid(head(torch.from_numpy(features))).numpy()
     out = probabilities.copy()
@@ -248,6 +280,7 @@ def apply_head(
     for r in (1, 2):  # core and enhancing pieces away from that tumour: the network's too
         away = (crop[r] > 0.5) & ~_touching(crop[r] > 0.5, zone)
         crop[r][away] = network[r][away]
+    yield 1.0
     return out
 
 

@@ -369,11 +369,10 @@ class SegmentWidget(QWidget):
             notify(warning, "Segment tumour", "warning")
             self.status.setText(f"{self.status.text()}\nWARNING {warning}")
         current = min(event.done + 1, event.total) if event.total else 0
-        self.runner.set_progress(
-            round(PROGRESS_STEPS * event.fraction),
-            PROGRESS_STEPS,
-            text=f"{self._unit} {current}/{event.total}",
-        )
+        text = f"{self._unit} {current}/{event.total}"
+        if event.finishing:
+            text = "applying the exam head"
+        self.runner.set_progress(round(PROGRESS_STEPS * event.fraction), PROGRESS_STEPS, text=text)
         if event.done == event.total:
             # The whole map arrives with the result right after (`_finish_probability_layer`):
             # painting the last boxes first would copy up to the whole brain twice (~100 ms of
@@ -583,11 +582,15 @@ class SegmentWidget(QWidget):
     def _on_finetune_step(self, progress) -> None:
         if progress.loss is None:
             if progress.fraction is not None:  # "adapt": the parent segments the exam first
-                self.tuner.set_progress(
-                    round(PROGRESS_STEPS * progress.fraction),
-                    PROGRESS_STEPS,
-                    text="segmenting with the parent model",
+                text = {"features": "computing the exam's features"}.get(
+                    progress.stage, "segmenting with the parent model"
                 )
+                done = round(PROGRESS_STEPS * progress.fraction)
+                self.tuner.set_progress(done, PROGRESS_STEPS, text=text)
+            elif progress.seconds:  # "keep": counted down against the time budget
+                self._estimate = (time.perf_counter(), 0.0, progress.seconds, "first step")
+                self._count_down()
+                self._countdown.start()
             else:
                 self.tuner.set_progress(0, PROGRESS_STEPS, text="preparing the corrections")
             return
