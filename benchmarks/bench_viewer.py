@@ -223,7 +223,7 @@ def main(argv=None) -> None:
     row('Fine-tune "adapt to this exam" (steps: the head\'s iterations)', *finetune(1))
 
     out = Path(tempfile.mkdtemp(prefix="tumorseg_bench_save_")) / "mask.nii.gz"
-    wall, stall = _act(app, ticks, lambda: measure.save(out))
+    wall, stall = _act(app, ticks, lambda: measure.save(out), lambda: not measure.busy)
     row("Tumour volumes: Save mask and report", wall, stall)
 
     wall, stall = _act(

@@ -31,7 +31,17 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
 
 
 def save_labels(path, like: Volume, name: str, viewer=None, outputs=None):
-    """Write a labels layer's Volume as NIfTI; every path that saves a mask goes through here.
+    """Write a labels layer's Volume as NIfTI; every path that saves a mask goes through here
+    (`save_target`, then the write: the part a dock may run off the main thread).
+    ``outputs`` (`core.io.OutputFiles`): written together with that output's other files.
+    """
+    like = save_target(path, like, name, viewer)
+    return write_labels(path, painted_labels(like.array, name), like, outputs=outputs)
+
+
+def save_target(path, like: Volume, name: str, viewer=None) -> Volume:
+    """What saving a labels layer's Volume as NIfTI needs from the viewer (main thread, quick):
+    ``like`` with the header to write it with.
 
     A layer made in napari (e.g. "New labels layer", which copies a scan's transform but not
     its metadata) has no source file: it takes the header of an open scan on the same grid, so
@@ -39,7 +49,6 @@ def save_labels(path, like: Volume, name: str, viewer=None, outputs=None):
     Values the reader would refuse (napari's "new label" button picks 5, 6, ...) are refused
     before a file that could not be opened again is written; the layer stays as it is. So is
     the file of an open scan: a mask saved over the scan it was drawn on would lose the scan.
-    ``outputs`` (`core.io.OutputFiles`): written together with that output's other files.
     """
     if viewer is None:
         import napari
@@ -68,5 +77,4 @@ def save_labels(path, like: Volume, name: str, viewer=None, outputs=None):
             if scan.same_grid(like):
                 like.source = scan.source
                 break
-    labels = painted_labels(like.array, name)
-    return write_labels(path, labels, like, outputs=outputs)
+    return like

@@ -31,6 +31,15 @@ def _volume(widget, row):
     return float(widget.table.item(row, 0).text())
 
 
+def _save(qtbot, widget, path, **kwargs):
+    """Save as the button does (the files written in a worker thread) and wait for the end;
+    returns the files written."""
+    with qtbot.waitSignal(widget.saved, timeout=60_000) as blocker:
+        widget.save(path, **kwargs)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=5000)
+    return blocker.args[0]
+
+
 def test_volumes_follow_edits(viewer_and_dock, qtbot):
     viewer, widget = viewer_and_dock
     labels = viewer.layers[-1]
@@ -59,7 +68,7 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path, qtbot):
     assert all(s == {"dice": 1.0, "hd95_mm": 0.0} for s in scores.values())
 
     target = tmp_path / "mask.nii.gz"
-    written = widget.save(target)
+    written = _save(qtbot, widget, target)
     assert [p.name for p in written] == ["mask.nii.gz", "mask_report.json", "mask_report.csv"]
     saved, source = nib.load(str(target)), nib.load(str(SEG))
     np.testing.assert_array_equal(np.asanyarray(saved.dataobj), np.asanyarray(source.dataobj))
@@ -73,10 +82,10 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path, qtbot):
     labels = viewer.layers[name]
     labels.data_setitem((np.array([80]), np.array([120]), np.array([120])), 1)
     assert widget.scores is None and widget.scores_table.item(0, 0).text() == "-"
-    edited = widget.save(tmp_path / "edited.nii.gz")
+    edited = _save(qtbot, widget, tmp_path / "edited.nii.gz")
     assert "metrics" not in json.loads(edited[1].read_text())
     # A name typed with dots and no suffix keeps its dots in every file.
-    dotted = widget.save(tmp_path / "sub-01.ses-1")
+    dotted = _save(qtbot, widget, tmp_path / "sub-01.ses-1")
     assert [p.name for p in dotted] == [
         "sub-01.ses-1.nii.gz",
         "sub-01.ses-1_report.json",
@@ -86,12 +95,33 @@ def test_evaluate_against_itself_and_save(viewer_and_dock, tmp_path, qtbot):
     # A second save is refused unless the user agrees; the files stay as they were.
     before = {p: p.read_bytes() for p in written}
     asked = []
-    assert widget.save(target, confirm_overwrite=lambda paths: asked.append(paths) or False) == []
+    assert (
+        _save(qtbot, widget, target, confirm_overwrite=lambda paths: asked.append(paths) or False)
+        == []
+    )
     assert asked and all(p.read_bytes() == data for p, data in before.items())
-    assert widget.save(target, confirm_overwrite=lambda paths: True)
+    assert _save(qtbot, widget, target, confirm_overwrite=lambda paths: True)
 
 
-def test_a_segmentations_report_says_which_thresholds_made_it(viewer_and_dock, tmp_path):
+def test_a_save_writes_the_map_as_it_was_when_saved_while_painting_goes_on(
+    viewer_and_dock, tmp_path, qtbot
+):
+    viewer, widget = viewer_and_dock
+    labels = viewer.layers[widget.layer_box.currentText()]
+    target = tmp_path / "mask.nii.gz"
+    with qtbot.waitSignal(widget.saved, timeout=60_000) as blocker:
+        worker = widget.save(target)
+        assert worker is not None and not widget.save_button.isEnabled()
+        labels.data_setitem((np.array([80]), np.array([120]), np.array([120])), 4)
+        labels.data_setitem((np.array([81]), np.array([121]), np.array([121])), 1)
+    assert [p.name for p in blocker.args[0]][0] == "mask.nii.gz"
+    qtbot.waitUntil(lambda: not widget.busy, timeout=5000)
+    saved, source = nib.load(str(target)), nib.load(str(SEG))
+    np.testing.assert_array_equal(np.asanyarray(saved.dataobj), np.asanyarray(source.dataobj))
+    assert widget.save_button.isEnabled()
+
+
+def test_a_segmentations_report_says_which_thresholds_made_it(viewer_and_dock, tmp_path, qtbot):
     viewer, widget = viewer_and_dock
     data = viewer.layers[-1].data.copy()
     rules = {"thresholds": [0.5, 0.65, 0.5]}
@@ -101,23 +131,25 @@ def test_a_segmentations_report_says_which_thresholds_made_it(viewer_and_dock, t
     }
     made = viewer.add_labels(data, name="segmentation", metadata=metadata)
     widget.layer_box.setCurrentText(made.name)
-    widget.save(tmp_path / "seg.nii.gz")
+    _save(qtbot, widget, tmp_path / "seg.nii.gz")
     report = json.loads((tmp_path / "seg_report.json").read_text())
     assert report["thresholds"] == "WT 0.5 / TC 0.65 / ET 0.5" and report["model"] == "3d"
     assert "WT 0.5 / TC 0.65 / ET 0.5" in (tmp_path / "seg_report.csv").read_text()
 
 
-def test_a_failed_save_leaves_the_earlier_mask_and_report_as_they_were(viewer_and_dock, tmp_path):
+def test_a_failed_save_leaves_the_earlier_mask_and_report_as_they_were(
+    viewer_and_dock, tmp_path, qtbot
+):
     viewer, widget = viewer_and_dock
     target = tmp_path / "mask.nii.gz"
     target.write_bytes(b"the mask saved yesterday")
     (tmp_path / "mask_report.json").mkdir()  # the report cannot be written
-    assert widget.save(target, confirm_overwrite=lambda paths: True) == []
+    assert _save(qtbot, widget, target, confirm_overwrite=lambda paths: True) == []
     assert target.read_bytes() == b"the mask saved yesterday"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "mask_report.json"]
 
 
-def test_a_mask_is_never_saved_over_an_open_scan(make_napari_viewer, tmp_path):
+def test_a_mask_is_never_saved_over_an_open_scan(make_napari_viewer, tmp_path, qtbot):
     case = tmp_path / "case"
     shutil.copytree(BRATS, case)
     viewer = make_napari_viewer()
@@ -125,7 +157,7 @@ def test_a_mask_is_never_saved_over_an_open_scan(make_napari_viewer, tmp_path):
     widget = open_dock(viewer, "measure")
     flair = next(case.glob("*_flair.nii.gz"))
     before = flair.read_bytes()
-    assert widget.save(flair, confirm_overwrite=lambda paths: True) == []
+    assert _save(qtbot, widget, flair, confirm_overwrite=lambda paths: True) == []
     assert flair.read_bytes() == before
     # napari's own File > Save Selected Layers goes through the same writer.
     from napari_tumorseg._layers import layer_volume
@@ -153,7 +185,9 @@ def test_layers_that_are_not_3d_maps_are_not_offered(viewer_and_dock):
         layer_volume(flat)
 
 
-def test_a_painted_3_is_shown_measured_and_saved_as_enhancing_tumour(viewer_and_dock, tmp_path):
+def test_a_painted_3_is_shown_measured_and_saved_as_enhancing_tumour(
+    viewer_and_dock, tmp_path, qtbot
+):
     """napari's label spinner passes 3 between 2 and 4: it was drawn invisible, left out of
     the volumes and report, and yet saved as 4 (or refused beside 4s)."""
     viewer, widget = viewer_and_dock
@@ -167,7 +201,7 @@ def test_a_painted_3_is_shown_measured_and_saved_as_enhancing_tumour(viewer_and_
     assert _volume(widget, 2) == pytest.approx(et_before + 0.1, abs=0.005)
     assert _volume(widget, 4) == pytest.approx(wt_before + 0.1, abs=0.005)
     target = tmp_path / "mask.nii.gz"
-    assert widget.save(target)  # beside the map's 4s
+    assert _save(qtbot, widget, target)  # beside the map's 4s
     saved = np.asanyarray(nib.load(str(target)).dataobj)
     assert set(np.unique(saved).tolist()) <= {0, 1, 2, 4}
     report = json.loads((tmp_path / "mask_report.json").read_text())

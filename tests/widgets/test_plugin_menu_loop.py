@@ -106,7 +106,9 @@ def test_the_whole_loop_through_the_plugins_menu(loop, qtbot, tmp_path):
     measure.reference_box.setCurrentText(expert_layer.name)
     finished(qtbot, measure, measure.evaluate())
     assert measure.scores["WT"]["dice"] == pytest.approx(wt_dice_all(adapted.data, expert))
-    written = measure.save(tmp_path / "mask.nii.gz")
+    with qtbot.waitSignal(measure.saved, timeout=60_000) as blocker:
+        measure.save(tmp_path / "mask.nii.gz")
+    written = blocker.args[0]
     assert [p.name for p in written] == ["mask.nii.gz", "mask_report.json", "mask_report.csv"]
 
 

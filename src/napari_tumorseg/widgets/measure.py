@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -21,11 +21,19 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layers import META_KEY, edit_depth, is_volume_layer, layer_key, layer_volume, same_layer
+from .._layers import (
+    META_KEY,
+    edit_depth,
+    is_volume_layer,
+    layer_key,
+    layer_volume,
+    painted_labels,
+    same_layer,
+)
 from .._notify import notify
-from .._writer import save_labels
+from .._writer import save_target
 from ..core.errors import TumorSegError
-from ..core.io import REGIONS, OutputFiles, case_name
+from ..core.io import REGIONS, OutputFiles, case_name, write_labels
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from ..pipeline import label_map_report, report_paths, thresholds_text, write_report
 from ._layout import scrolling_form
@@ -55,6 +63,9 @@ class MeasureWidget(QWidget):
     """Volumes (mL) of NCR/NET, oedema, enhancing tumour, TC and WT and the tumour's slice range,
     Dice and HD95 against a reference labels layer, and "Save mask" with a JSON/CSV report."""
 
+    #: The files a save wrote (an empty list: declined or failed), when it has ended.
+    saved = Signal(list)
+
     def __init__(self, napari_viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -80,6 +91,7 @@ class MeasureWidget(QWidget):
         _fit_table(self.table)
         _fit_table(self.scores_table)
         self.background = Background("Evaluate", [self.evaluate_button], self.status)
+        self.saving = Background("Save mask", [self.save_button], self.status)
 
         form = scrolling_form(self)
         form.addRow("Label map", self.layer_box)
@@ -204,8 +216,8 @@ class MeasureWidget(QWidget):
     # ------------------------------------------------------------------ evaluation
     @property
     def busy(self) -> bool:
-        """Whether an evaluation is still running."""
-        return self.background.busy
+        """Whether an evaluation or a save is still running."""
+        return self.background.busy or self.saving.busy
 
     def evaluate(self):
         """Dice and HD95 of the selected map against the reference layer, computed in a
@@ -258,14 +270,16 @@ class MeasureWidget(QWidget):
         if path:
             self.save(Path(path), confirm_overwrite=_ask_overwrite)
 
-    def save(self, path: Path, confirm_overwrite=lambda paths: False) -> list[Path]:
-        """Write the mask (scan geometry) and its report next to it (``.json`` and ``.csv``).
+    def save(self, path: Path, confirm_overwrite=lambda paths: False):
+        """Write the mask (scan geometry) and its report next to it (``.json`` and ``.csv``),
+        in a worker thread; `saved` says which files were written (none: declined or failed).
 
         Existing files are replaced only if ``confirm_overwrite(existing_paths)`` says so; every
-        file is written to a temporary name first and renamed into place.
+        file is written to a temporary name first and renamed into place. Returns the worker,
+        or None when nothing is written.
         """
         if self._layer is None:
-            return []
+            return self._saved([])
         name = path.name
         if not name.endswith((".nii", ".nii.gz")):
             name = f"{name}.nii.gz"  # the name as typed, dots and all ("sub-01.ses-1")
@@ -276,34 +290,59 @@ class MeasureWidget(QWidget):
         existing = [p for p in targets if p.exists()]
         if existing and not confirm_overwrite(existing):
             show_info("Save mask: nothing written (existing files kept)")
-            return []
-        volume = layer_volume(self._layer)
-        meta = self._layer.metadata.get(META_KEY, {})
+            return self._saved([])
+        layer = self._layer
+        volume = layer_volume(layer)
+        meta = layer.metadata.get(META_KEY, {})
         # A segmentation's report says which thresholds made its map (those in force).
         made = meta.get("model_labels") is not None
-        thresholds = thresholds_text(thresholds_in_force(self._layer)) if made else None
+        thresholds = thresholds_text(thresholds_in_force(layer)) if made else None
+        scores, reference = self.scores, self._scored_reference
         try:
-            report = label_map_report(
-                np.asarray(volume.array),
-                volume.voxel_volume_ml,
-                exam=meta.get("source_path") or self._layer.name,
-                layer=self._layer.name,
-                model=meta.get("model"),
-                thresholds=thresholds,
-                mask_file=str(path),
-                reference=self._scored_reference.name if self.scores else None,
-                metrics=self.scores,
+            # The map as it is now: painting goes on while the files are written.
+            volume = save_target(
+                path, volume.with_array(np.array(volume.array)), layer.name, self.viewer
             )
-            # The mask and its report replace earlier files together or not at all: a report
-            # beside a mask it does not describe would be worse than the old pair.
-            with OutputFiles() as outputs:
-                written = [save_labels(path, volume, self._layer.name, self.viewer, outputs)]
-                written += write_report(report_base, report, outputs)
-        except (TumorSegError, OSError) as exc:
+        except TumorSegError as exc:
             notify(exc, "Save mask")
-            return []
-        show_info(f"Saved {path.name} and its report")
-        return written
+            return self._saved([])
+
+        def write():
+            try:
+                array = painted_labels(volume.array, layer.name)
+                report = label_map_report(
+                    array,
+                    volume.voxel_volume_ml,
+                    exam=meta.get("source_path") or layer.name,
+                    layer=layer.name,
+                    model=meta.get("model"),
+                    thresholds=thresholds,
+                    mask_file=str(path),
+                    reference=reference.name if scores else None,
+                    metrics=scores,
+                )
+                # The mask and its report replace earlier files together or not at all: a
+                # report beside a mask it does not describe would be worse than the old pair.
+                with OutputFiles() as outputs:
+                    written = [write_labels(path, array, volume, outputs=outputs)]
+                    written += write_report(report_base, report, outputs)
+            except (TumorSegError, OSError) as exc:
+                return [], exc  # (a returned exception would be taken for a crash)
+            return written, None
+
+        def done(outcome):
+            written, problem = outcome
+            if problem is not None:
+                self.status.setText(f"not saved: {notify(problem, 'Save mask')}")
+            else:
+                self.status.setText(f"saved {path.name} and its report")
+                show_info(f"Saved {path.name} and its report")
+            self._saved(written)
+
+        return self.saving.start(f"Saving {path.name}", write, done)
+
+    def _saved(self, written: list[Path]) -> None:
+        self.saved.emit(written)
 
 
 def default_save_path(layer) -> Path:
