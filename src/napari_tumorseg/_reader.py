@@ -13,6 +13,7 @@ from ._layers import (
     scan_layer_data,
 )
 from ._notify import notify
+from ._warmup import install_units, warm_up_layers
 from .core.errors import TumorSegError
 from .core.io import (
     SEQUENCES,
@@ -53,6 +54,7 @@ def get_reader(path):
 def read_nifti(path) -> list[tuple]:
     """Layer data for NIfTI files or one exam folder; errors become napari notifications."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
+    warm_up_layers()  # napari's first layers' set-up, beside the reading
     try:
         layers, warnings = read_layers(paths, *open_volumes())
     except TumorSegError as exc:
@@ -60,6 +62,7 @@ def read_nifti(path) -> list[tuple]:
         return _NOTHING
     for message in warnings:
         notify(message, severity="warning")
+    install_units()
     return layers or _NOTHING
 
 

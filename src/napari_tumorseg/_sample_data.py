@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ._notify import notify
 from ._reader import open_volumes, read_layers
+from ._warmup import install_units, warm_up_layers
 
 
 def sample_data_dir() -> Path:
@@ -24,9 +25,11 @@ def sample_exam_dir(name: str) -> Path:
 
 def _read_sample(name: str) -> list[tuple]:
     """A sample exam's layer data; a sample opened twice is warned about (a second copy)."""
+    warm_up_layers()  # napari's first layers' set-up, beside the reading
     layers, warnings = read_layers([sample_exam_dir(name)], *open_volumes())
     for message in warnings:
         notify(message, severity="warning")
+    install_units()
     return layers
 
 

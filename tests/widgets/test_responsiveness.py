@@ -135,7 +135,7 @@ def test_a_dock_starts_the_warm_up_of_napari_imports_once(make_napari_viewer):
     import sys
     import threading
 
-    from napari_tumorseg.widgets import _warmup
+    from napari_tumorseg import _warmup
 
     viewer = make_napari_viewer()
     open_dock(viewer, "review")
@@ -144,3 +144,25 @@ def test_a_dock_starts_the_warm_up_of_napari_imports_once(make_napari_viewer):
         if thread.name == "tumorseg-warm-up":
             thread.join(timeout=60)
     assert all(name in sys.modules for name in _warmup.MODULES)
+
+
+def test_the_units_registry_built_off_the_main_thread_is_given_to_pint_only_while_unbuilt():
+    import pint
+    from pint.registry import LazyRegistry
+
+    from napari_tumorseg import _warmup
+
+    wrapper = pint.get_application_registry()
+    original = wrapper.get()
+    try:
+        wrapper.set(LazyRegistry())  # a session whose first layer is still to come
+        _warmup._warm()
+        built = _warmup._units
+        assert built is not None
+        assert _warmup.install_units()
+        assert wrapper.get() is built and (1 * built.mm).to("m").magnitude == 0.001
+        # Once pint's registry exists, units made from it may exist: it is never replaced.
+        _warmup._warm()
+        assert not _warmup.install_units() and wrapper.get() is built
+    finally:
+        wrapper.set(original)

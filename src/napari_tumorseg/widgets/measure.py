@@ -31,6 +31,7 @@ from .._layers import (
     same_layer,
 )
 from .._notify import notify
+from .._warmup import warm_up_layers
 from .._writer import save_target
 from ..core.errors import TumorSegError
 from ..core.io import REGIONS, OutputFiles, case_name, write_labels
@@ -41,7 +42,6 @@ from ._orientation import show_orientation
 from ._pickers import follow_renames
 from ._runner import Background
 from ._segmentation import is_segmentation, thresholds_in_force
-from ._warmup import warm_up_layers
 
 ROWS = ("NCR/NET", "ED", "ET", "TC", "WT")
 NO_REFERENCE = "(no reference)"

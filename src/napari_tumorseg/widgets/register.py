@@ -20,13 +20,13 @@ from qtpy.QtWidgets import (
 )
 
 from .._layers import geometry_metadata, scan_layer_data
+from .._warmup import warm_up_layers
 from ..core.io import SEQUENCES
 from ..core.registration import POOR_QUALITY_DICE, stack_sequences
 from ._layout import Section, scrolling_form
 from ._orientation import show_orientation
 from ._pickers import SequencePickers
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
-from ._warmup import warm_up_layers
 
 REGISTERED = "(registered)"
 

@@ -31,6 +31,7 @@ from .._layers import (
     layer_key,
     layer_volume,
 )
+from .._warmup import warm_up_layers
 from ..core.inference import card_labels
 from ..core.io import REGIONS
 from ..core.postprocess import (
@@ -53,7 +54,6 @@ from ._segmentation import (
     record_thresholds,
     thresholds_in_force,
 )
-from ._warmup import warm_up_layers
 
 UNCERTAINTY = "uncertainty"
 

@@ -36,6 +36,7 @@ from .._layers import (
     same_layer,
 )
 from .._notify import notify
+from .._warmup import warm_up_layers
 from ..core.errors import TumorSegError
 from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import check_one_grid, segment
@@ -48,7 +49,6 @@ from ._orientation import show_orientation
 from ._pickers import SequencePickers, volumes_of
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
 from ._segmentation import edited_voxels, model_output, probability_layer_name
-from ._warmup import warm_up_layers
 
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
 REDRAW_INTERVAL = 0.3
