@@ -8,7 +8,7 @@ refused ("the scans ... are no longer open").
 
 import numpy as np
 import pytest
-from qtpy.QtWidgets import QPushButton
+from qtpy.QtWidgets import QPushButton, QTableWidget
 
 from napari_tumorseg._layers import META_KEY
 from napari_tumorseg.core.models import user_models_dir
@@ -137,6 +137,22 @@ def test_every_dock_open_fits_a_1920_x_1080_screen(make_napari_viewer, qtbot):
         assert area.isVisible() and buttons
         assert all(area.widget().isAncestorOf(button) for button in buttons)
         assert dock.height() >= dock.minimumSizeHint().height()
+    # Long layer names chosen after the docks were laid out widen nothing: every dock's
+    # contents stay within its column, and every column title of the tables shows whole.
+    segment, measure = docks[list(DOCKS).index("segment")], docks[list(DOCKS).index("measure")]
+    segment.refresh_models(select="3d")
+    long_name = "my-model@v12 seg Brats18_TCIA01_378_1 (after the second correction)"
+    viewer.add_labels(viewer.layers[-1].data.copy(), name=long_name)
+    measure.layer_box.setCurrentText(long_name)
+    measure.reference_box.setCurrentText(viewer.layers[-2].name)
+    qtbot.wait(200)
+    for dock in docks:
+        area = dock.scroll_area
+        assert area.widget().width() <= area.viewport().width(), type(dock).__name__
+    for table in measure.findChildren(QTableWidget):
+        header = table.horizontalHeader()
+        for column in range(table.columnCount()):
+            assert header.sectionSize(column) >= header.sectionSizeHint(column)
 
 
 def test_orientation_letters_follow_the_displayed_axes(make_napari_viewer):

@@ -8,8 +8,9 @@ sections the user opens.
 
 from __future__ import annotations
 
-from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer
 from qtpy.QtWidgets import (
+    QComboBox,
     QDockWidget,
     QFormLayout,
     QFrame,
@@ -30,6 +31,18 @@ class DockScrollArea(QScrollArea):
     column would be too narrow for the buttons otherwise, with no horizontal scroll bar) and
     their height, but needs only `DOCK_MIN_HEIGHT` of it."""
 
+    def setWidget(self, widget: QWidget) -> None:  # noqa: N802 -- Qt's name
+        super().setWidget(widget)
+        widget.installEventFilter(self)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 -- Qt's name
+        # Contents that grow after the dock was laid out (a long layer name chosen, a table
+        # filled) ask the dock column for the width again; a scroll area alone does not pass
+        # its contents' size on, and their right edge was cut off.
+        if watched is self.widget() and event.type() == QEvent.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(watched, event)
+
     def _width(self, inner: QSize) -> int:
         return inner.width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
 
@@ -43,6 +56,18 @@ class DockScrollArea(QScrollArea):
     def showEvent(self, event) -> None:  # noqa: N802 -- Qt's name
         super().showEvent(event)
         QTimer.singleShot(0, lambda: balance_docks(self))
+
+
+def name_box(characters: int = 16) -> QComboBox:
+    """A combo box of layer or model names as wide as ``characters``, whatever the names: a
+    long name ("my-model@v1 seg Brats18_TCIA01_378_1") otherwise widened the dock's contents
+    past the dock column after it was laid out, cutting off their right edge. The whole name
+    shows in the list and as the box's tooltip."""
+    box = QComboBox()
+    box.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(characters)
+    box.currentTextChanged.connect(box.setToolTip)
+    return box
 
 
 def balance_docks(area: QWidget) -> None:

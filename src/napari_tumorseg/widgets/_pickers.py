@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import weakref
 
-from qtpy.QtWidgets import QComboBox, QFormLayout
+from qtpy.QtWidgets import QFormLayout
 
 from .._layers import is_volume_layer, layer_sequence, layer_volume
 from ..core.io import SEQUENCES
+from ._layout import name_box
 
 NONE = "(none)"
 
@@ -24,7 +25,7 @@ class SequencePickers:
         self.viewer = viewer
         self.prefer = prefer
         self.exclude = exclude
-        self.boxes = {seq: QComboBox() for seq in SEQUENCES}
+        self.boxes = {seq: name_box() for seq in SEQUENCES}
         for seq, box in self.boxes.items():
             form.addRow(seq, box)
         viewer.layers.events.inserted.connect(self.refresh)

@@ -10,7 +10,6 @@ import numpy as np
 from napari.utils.notifications import show_info
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
-    QComboBox,
     QFileDialog,
     QHBoxLayout,
     QLabel,
@@ -37,7 +36,7 @@ from ..core.errors import TumorSegError
 from ..core.io import REGIONS, OutputFiles, case_name, write_labels
 from ..core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from ..pipeline import label_map_report, report_paths, thresholds_text, write_report
-from ._layout import scrolling_form
+from ._layout import name_box, scrolling_form
 from ._orientation import show_orientation
 from ._pickers import follow_renames
 from ._runner import Background
@@ -50,12 +49,16 @@ DEBOUNCE_MS = 50
 
 
 def _fit_table(table: QTableWidget) -> QTableWidget:
-    """Show every row without scrolling (the tables are small and fixed)."""
+    """Show every row without scrolling, and every column's title whole (the tables are small
+    and fixed; a narrow dock column cut "HD95 (mm)")."""
     header = table.horizontalHeader()
     header.setSectionResizeMode(header.Stretch)
     table.verticalHeader().setDefaultSectionSize(24)
     height = header.sizeHint().height() + 6 + 24 * table.rowCount()
     table.setFixedHeight(height)
+    columns = sum(header.sectionSizeHint(c) for c in range(table.columnCount()))
+    frame = 2 * table.frameWidth() + 4
+    table.setMinimumWidth(table.verticalHeader().sizeHint().width() + columns + frame)
     return table
 
 
@@ -75,12 +78,12 @@ class MeasureWidget(QWidget):
         self._reference = None  # the reference layer chosen
         self._scored_history: tuple = ()
         self._history: tuple = ()
-        self.layer_box = QComboBox()
+        self.layer_box = name_box()
         self.table = QTableWidget(len(ROWS), 1)
         self.table.setHorizontalHeaderLabels(["volume (mL)"])
         self.table.setVerticalHeaderLabels(list(ROWS))
         self.slices = QLabel("-")
-        self.reference_box = QComboBox()
+        self.reference_box = name_box()
         self.evaluate_button = QPushButton("Evaluate")
         self.scores_table = QTableWidget(len(REGIONS), 2)
         self.scores_table.setHorizontalHeaderLabels(["Dice", "HD95 (mm)"])

@@ -23,7 +23,7 @@ from .._layers import geometry_metadata, scan_layer_data
 from .._warmup import warm_up_layers
 from ..core.io import SEQUENCES
 from ..core.registration import POOR_QUALITY_DICE, stack_sequences
-from ._layout import Section, scrolling_form
+from ._layout import Section, name_box, scrolling_form
 from ._orientation import show_orientation
 from ._pickers import SequencePickers
 from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
@@ -64,7 +64,7 @@ class RegisterWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.result = None
-        self.reference = QComboBox()
+        self.reference = name_box()
         self.reference.addItems(["auto (t1ce, else flair)", *SEQUENCES])
         self.transform = QComboBox()
         self.transform.addItems(["rigid", "affine"])
@@ -80,7 +80,7 @@ class RegisterWidget(QWidget):
         self.progress_bar = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.check_sequence = QComboBox()
+        self.check_sequence = name_box()
         self.check_button = QPushButton("Checkerboard")
         self.check_button.setToolTip("Interleave the reference and a registered sequence")
         self.check_button.setEnabled(False)

@@ -13,7 +13,6 @@ from napari.layers import Layer
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QComboBox,
     QDoubleSpinBox,
     QHBoxLayout,
     QLabel,
@@ -41,7 +40,7 @@ from ..core.postprocess import (
     remove_small_islands,
     uncertain_slices,
 )
-from ._layout import scrolling_form
+from ._layout import name_box, scrolling_form
 from ._orientation import show_orientation
 from ._pickers import follow_renames
 from ._runner import Background, add_layer_in_turns, result_not_shown, run_in_turns
@@ -73,7 +72,7 @@ class ReviewWidget(QWidget):
         self._chosen_key = None  # the label map the dock is on (followed through renames)
         self._adding = False  # the uncertainty layer is being added (over event-loop turns)
 
-        self.layer_box = QComboBox()
+        self.layer_box = name_box()
         self.sliders = {}
         form = scrolling_form(self)
         form.addRow("Label map", self.layer_box)

@@ -106,6 +106,9 @@ class _ModelPicker(QComboBox):
     def __init__(self, refresh) -> None:
         super().__init__()
         self._refresh = refresh
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(16)  # as `name_box`: long names do not widen the dock
+        self.currentTextChanged.connect(self.setToolTip)
 
     def showPopup(self) -> None:  # noqa: N802 -- Qt's name
         self._refresh()
