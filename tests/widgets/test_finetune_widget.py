@@ -87,11 +87,11 @@ def test_finetune_saves_selects_resegments_and_reverts(corrected_dock, qtbot):
 def test_scans_are_known_by_their_layers_not_their_names(corrected_dock, qtbot, monkeypatch):
     """A renamed scan is the same scan; another exam opened under the same layer names (t1,
     t1ce, ...) on the same grid is not the exam the corrections were drawn on."""
-    import napari_tumorseg.widgets.segment as segment_module
+    import napari_tumorseg.widgets._finetune as finetune_module
 
     viewer, widget, labels = corrected_dock
     warnings = []
-    monkeypatch.setattr(segment_module, "notify", _recorder(warnings))
+    monkeypatch.setattr(finetune_module, "notify", _recorder(warnings))
     viewer.layers["t1"].name = "T1 native"
     worker = widget.finetune()
     assert worker is not None, warnings
@@ -224,13 +224,13 @@ def test_label_values_outside_the_brats_convention_are_refused_naming_the_layer(
     before = _digest(root)
     labels.data_setitem((np.array([85]), np.array([120]), np.array([120])), 5)
     warnings = []
-    import napari_tumorseg.widgets.segment as segment_module
+    import napari_tumorseg.widgets._finetune as finetune_module
 
-    original = segment_module.notify
-    segment_module.notify = _recorder(warnings)
+    original = finetune_module.notify
+    finetune_module.notify = _recorder(warnings)
     try:
         assert widget.finetune() is None
     finally:
-        segment_module.notify = original
+        finetune_module.notify = original
     assert len(warnings) == 1 and labels.name in warnings[0] and "values 5" in warnings[0]
     assert _digest(root) == before

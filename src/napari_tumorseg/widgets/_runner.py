@@ -29,6 +29,9 @@ TURN_MS = 15
 SPINNER_SPEED = 25
 #: Seconds between two updates of napari's progress bar for a job (the dock's moves each time).
 NAPARI_BAR_S = 0.5
+#: Steps of a dock's progress bar (a 3D window's convolutions, a second of a fine-tune's
+#: budget move it).
+PROGRESS_STEPS = 1000
 
 
 def run_in_turns(

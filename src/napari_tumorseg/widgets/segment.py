@@ -9,17 +9,15 @@ from functools import partial
 import numpy as np
 from napari.layers import Layer
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
 
@@ -31,36 +29,25 @@ from .._layers import (
     labels_layer_data,
     layer_key,
     layer_volume,
-    painted_labels,
     probability_layer_data,
     same_layer,
 )
 from .._notify import notify
 from .._warmup import warm_up_layers
 from ..core.errors import TumorSegError
-from ..core.finetune import change_summary, finetune_and_save
 from ..core.inference import check_one_grid, segment
 from ..core.io import REGIONS, SEQUENCES, Exam, case_name
 from ..core.jobs import map_events
 from ..core.models import list_models, load_model
+from ._finetune import FinetuneSection
 from ._layout import Section, scrolling_form
-from ._loss_curve import LossCurve
 from ._orientation import show_orientation
 from ._pickers import SequencePickers, volumes_of
-from ._runner import Runner, add_layer_in_turns, result_not_shown, run_in_turns
-from ._segmentation import edited_voxels, model_output, probability_layer_name
+from ._runner import PROGRESS_STEPS, Runner, add_layer_in_turns, result_not_shown, run_in_turns
+from ._segmentation import probability_layer_name
 
 #: Seconds between two redraws of the live probability maps (redraws cost CPU on 2 cores).
 REDRAW_INTERVAL = 0.3
-#: Steps of the dock's progress bar (a window's convolutions move it).
-PROGRESS_STEPS = 1000
-#: What each fine-tuning mode does, in a line (shown under the mode picker).
-MODE_HELP = {
-    "keep": "trains the network on your corrections within the budget; the new version "
-    "serves the next exams too",
-    "adapt": "fits a small head on the slices you corrected, in seconds; it applies to "
-    "this exam only",
-}
 
 
 def segmentation_name(model_label: str, exam_name: str) -> str:
@@ -115,7 +102,7 @@ class _ModelPicker(QComboBox):
         super().showPopup()
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(FinetuneSection, QWidget):
     """Pick the sequences and a model; Run fills WT/TC/ET probability layers live, then adds an
     editable BraTS labels layer and emits ``segmented`` with it."""
 
@@ -165,60 +152,15 @@ class SegmentWidget(QWidget):
         self.options.form.addRow(self.tta)
         form.addRow(self.options)
 
-        # Fine-tune on my corrections
-        self.tuning = Section("Fine-tune on my corrections", expanded=True)
-        tune = self.tuning.form
-        self.ft_mode = QComboBox()
-        self.ft_mode.addItems(["keep for next exams", "adapt to this exam"])
-        self.ft_help = QLabel(MODE_HELP["keep"])
-        self.ft_help.setWordWrap(True)
-        self.ft_seconds = QSpinBox(minimum=5, maximum=3600, value=60)
-        self.ft_seconds.setSuffix(" s")
-        self.ft_name = QLineEdit("my-model")
-        self.finetune_button = QPushButton("Fine-tune on my corrections")
-        self.revert_button = QPushButton("Revert")
-        self.revert_button.setToolTip("Select the model used before the last fine-tuning")
-        self.revert_button.setEnabled(False)
-        self.ft_progress = QProgressBar()
-        self.loss_curve = LossCurve()
-        self.changes = QLabel("")
-        self.changes.setWordWrap(True)
-        tune.addRow("Mode", self.ft_mode)
-        tune.addRow(self.ft_help)
-        tune.addRow("Budget", self.ft_seconds)
-        # "adapt" fits the exam head in seconds whatever the budget (`core.refine`).
-        self.ft_mode.currentIndexChanged.connect(self._mode_changed)
-        tune.addRow("Save as", self.ft_name)
-        row = QHBoxLayout()
-        row.addWidget(self.finetune_button, 3)
-        row.addWidget(self.revert_button, 1)
-        tune.addRow(row)
-        tune.addRow(self.ft_progress)
-        tune.addRow(self.loss_curve)
-        tune.addRow(self.changes)
-        form.addRow(self.tuning)
+        self._build_finetune_section(form)
 
         self.runner = Runner("Segmenting", self._set_running, owner=self, bar=self.progress_bar)
-        self.tuner = Runner("Fine-tuning", self._set_running, owner=self, bar=self.ft_progress)
-        self._previous_model: str | None = None
-        self._after_finetune: dict | None = None
         self._scan_keys: dict = {}
-        # A "keep" step takes 1-16 s on 2 cores: between steps the bar counts the time left
-        # down from the last step's estimate (`_count_down`), so it moves all the same.
-        self._estimate: tuple | None = None
-        self._countdown = QTimer(self, interval=500)
-        self._countdown.timeout.connect(self._count_down)
         self.run_button.clicked.connect(lambda: self.run())  # not clicked(bool) as scan_layers
         self.cancel_button.clicked.connect(self.cancel)
-        self.finetune_button.clicked.connect(self.finetune)
-        self.revert_button.clicked.connect(self.revert_model)
         self.refresh_models()
         show_orientation(napari_viewer)
         warm_up_layers()
-
-    def _mode_changed(self, index: int) -> None:
-        self.ft_seconds.setEnabled(index == 0)
-        self.ft_help.setText(MODE_HELP["keep" if index == 0 else "adapt"])
 
     # ------------------------------------------------------------------ models
     def refresh_models(self, select: str | None = None) -> None:
@@ -504,184 +446,6 @@ class SegmentWidget(QWidget):
             self._show_changes(self._after_finetune, result.labels.array)
             self._after_finetune = None
         self.segmented.emit(self.labels_layer)
-
-    # ------------------------------------------------------------------ fine-tuning
-    def finetune(self):
-        """Fine-tune the model on the edits of the current segmentation; returns the worker."""
-        layer = self._corrected_layer()
-        if layer is None:
-            notify("segment the exam first, then correct the label map", "Fine-tune", "warning")
-            return None
-        edited = edited_voxels(layer)
-        if edited is None or not edited.any():
-            notify(
-                "no correction yet: edit the label map with napari's tools",
-                "Fine-tune",
-                "warning",
-            )
-            return None
-        meta = layer.metadata.get(META_KEY, {})
-        try:
-            # The model the picker shows (after "Revert", the one reverted to), which may not
-            # be the one that made the map: the corrected labels are what it learns.
-            model = load_model(self.model.currentText())
-            scans = self._scan_layers(meta.get("scan_layers"))
-            exam = Exam(scans=volumes_of(scans), name=self._case_name(scans))
-            check_one_grid(exam)  # same grid check as for segmenting
-            # Values outside the BraTS convention (napari's "new label" button paints 5, 6,
-            # ...) would be learnt as background: refused, naming the layer; 3 is read as 4.
-            corrected = painted_labels(layer.data, layer.name)
-        except TumorSegError as exc:
-            notify(exc, "Fine-tune", "warning")
-            return None
-        mode = "keep" if self.ft_mode.currentIndex() == 0 else "adapt"
-        self._finetune_context = {
-            "before": np.array(model_output(layer), copy=True),
-            "corrected": corrected,
-            "edited": edited,
-            "spacing": exam.reference.spacing,
-            "parent": model.label,
-            "scan_layers": {seq: layer_key(scan) for seq, scan in scans.items()},
-        }
-        self.loss_curve.clear()
-        made_by = meta.get("model")
-        self.changes.setText(
-            f"fine-tuning {model.label} on {int(edited.sum())} corrected voxels of "
-            f"{layer.name!r}"
-            + (f" (a map made by {made_by})" if made_by and made_by != model.label else "")
-        )
-        generator = finetune_and_save(
-            model,
-            exam,
-            corrected,
-            edited,
-            name=self.ft_name.text().strip(),
-            mode=mode,
-            seconds=float(self.ft_seconds.value()),
-            # As the re-segmentation after it will run ("adapt" fits its head on this output).
-            device=self.device.currentText(),
-            overlap=self.overlap.value(),
-            tta=self.tta.isChecked(),
-        )
-        return self.tuner.start(
-            generator,
-            on_yield=self._on_finetune_step,
-            on_return=self._on_finetuned,
-            on_cancel=lambda: self.changes.setText(
-                "fine-tuning cancelled: the previous model stays selected, nothing was saved"
-            ),
-            on_fail=lambda: self.changes.setText("fine-tuning failed: nothing was saved"),
-        )
-
-    def _corrected_layer(self):
-        """The label map to learn from: the selected layer when it is a segmentation of this
-        plugin (the user may have corrected an earlier one), else the latest segmentation."""
-        selected = self.viewer.layers.selection.active
-        if selected is not None and "model_labels" in selected.metadata.get(META_KEY, {}):
-            return selected
-        layer = self.labels_layer
-        return layer if layer is not None and layer in self.viewer.layers else None
-
-    def _on_finetune_step(self, progress) -> None:
-        if progress.loss is None:
-            if progress.fraction is not None:  # "adapt": the parent segments the exam first
-                text = {"features": "computing the exam's features"}.get(
-                    progress.stage, "segmenting with the parent model"
-                )
-                done = round(PROGRESS_STEPS * progress.fraction)
-                self.tuner.set_progress(done, PROGRESS_STEPS, text=text)
-            elif progress.seconds:  # "keep": counted down against the time budget
-                self._estimate = (time.perf_counter(), 0.0, progress.seconds, "first step")
-                self._count_down()
-                self._countdown.start()
-            else:
-                self.tuner.set_progress(0, PROGRESS_STEPS, text="preparing the corrections")
-            return
-        self.loss_curve.add(progress.loss, progress.step)
-        if progress.seconds is None:  # the exam head: its iterations
-            done = progress.step / progress.steps if progress.steps else 0.0
-            text = f"iteration {progress.step}/{progress.steps}"
-            self.tuner.set_progress(round(PROGRESS_STEPS * done), PROGRESS_STEPS, text=text)
-            return
-        text = f"step {progress.step}"
-        if progress.step < progress.min_steps and progress.elapsed >= progress.seconds:
-            # The budget is spent before the fewest steps that teach anything: said, and the
-            # run goes on to them.
-            text += f" of at least {progress.min_steps} (past the {progress.seconds:.0f} s)"
-        left = progress.remaining_seconds() or 0.0
-        self._estimate = (time.perf_counter(), progress.elapsed, left, text)
-        self._count_down()
-        if not self._countdown.isActive():
-            self._countdown.start()
-
-    def _count_down(self) -> None:
-        """Move the fine-tuning bar by the time spent since the last step, against the time
-        that step estimated was left."""
-        if self._estimate is None or self.tuner.cancelling:
-            return
-        since, elapsed, left, text = self._estimate
-        now = elapsed + time.perf_counter() - since
-        total = max(elapsed + left, 1e-6)
-        done = min(now / total, 0.999)
-        text += f", about {max(total - now, 0.0):.0f} s left"
-        self.tuner.set_progress(round(PROGRESS_STEPS * done), PROGRESS_STEPS, text=text)
-
-    def _on_finetuned(self, outcome) -> None:
-        folder, result = outcome
-        label = f"{folder.parent.name}@{folder.name}"
-        self._previous_model = self._finetune_context["parent"]
-        self.refresh_models(select=label)
-        self.revert_button.setEnabled(True)
-        self.changes.setText(
-            f"saved {label} ({result.steps} steps, {result.seconds:.0f} s); re-segmenting ..."
-        )
-        show_info(f"Fine-tuned model saved as {label}")
-        self._after_finetune = self._finetune_context
-        self.run(scan_layers=self._finetune_context["scan_layers"])
-
-    def _show_changes(self, context: dict, new_labels: np.ndarray) -> None:
-        summary = change_summary(
-            context["before"],
-            new_labels,
-            context["corrected"],
-            context["edited"],
-            context["spacing"],
-        )
-        self.last_changes = summary
-        lines = [
-            "voxels added / removed: "
-            + ", ".join(
-                f"{region} +{c['added']} / -{c['removed']}"
-                for region, c in summary["changes"].items()
-            )
-        ]
-        if "dice_after" in summary:
-            # On the slices the user left alone the old map is their map: how much of it the
-            # new model keeps there. Read as "Dice vs your labels" it looked like a failure
-            # (0.74) while the map had improved against the expert (0.72 -> 0.93).
-            lines.append(
-                f"on the {summary['uncorrected_slices']} slices you did not correct, the new "
-                "map keeps "
-                + ", ".join(f"{r} {d:.0%}" for r, d in summary["dice_after"].items())
-                + " of the old one (Dice): check those slices; Tumour volumes > Evaluate "
-                "scores it against a reference"
-            )
-        self.changes.setText("\n".join(lines))
-
-    def revert_model(self) -> None:
-        """Select the model that was used before the last fine-tuning (one click)."""
-        if self._previous_model is not None:
-            self.refresh_models(select=self._previous_model)
-            if self.model.currentText() == self._previous_model:
-                self.changes.setText(f"reverted to {self._previous_model}")
-            else:
-                self.changes.setText(
-                    f"{self._previous_model} is no longer installed: pick a model above"
-                )
-                notify(
-                    f"{self._previous_model} is no longer installed", "Segment tumour", "warning"
-                )
-            self.revert_button.setEnabled(False)
 
     def _case_name(self, layers: dict) -> str:
         for layer in layers.values():
