@@ -83,14 +83,10 @@ def fmt(d: dict[str, float], digits: int = 4) -> str:
 def inference_rows(torch, args) -> tuple[list[str], list[str]]:
     from monai.inferers import sliding_window_inference
 
-    from napari_tumorseg.core.inference import (
-        exam_to_channels,
-        plan_windows,
-        probabilities_to_labels,
-        segment,
-    )
+    from napari_tumorseg.core.inference import exam_to_channels, segment
     from napari_tumorseg.core.io import read_exam
     from napari_tumorseg.core.jobs import run_to_end
+    from napari_tumorseg.core.labels import probabilities_to_labels
     from napari_tumorseg.core.models import load_model
     from napari_tumorseg.core.preprocess import (
         brain_mask,
@@ -99,6 +95,7 @@ def inference_rows(torch, args) -> tuple[list[str], list[str]]:
         target_shape,
         zscore,
     )
+    from napari_tumorseg.core.windows import plan_windows
 
     channels = exam_to_channels(read_exam(EXAM))
     model3d, model2d = load_model("3d"), load_model("2d")

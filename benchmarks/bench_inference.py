@@ -130,7 +130,9 @@ def _monai_probabilities(torch, image: np.ndarray, network, args) -> np.ndarray:
 
 def run_case(case: str, args, out: Path) -> dict:
     """Run one case; write its labels (and probabilities) under ``out``; return its figures."""
-    from napari_tumorseg.core.inference import plan_windows, probabilities_to_labels, segment
+    from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.labels import probabilities_to_labels
+    from napari_tumorseg.core.windows import plan_windows
 
     torch, channels = _setup(args)
     info: dict = {"case": case}
@@ -386,7 +388,7 @@ def main(argv=None) -> int:
 
 
 def _native_bf16() -> bool:
-    from napari_tumorseg.core.inference import cpu_bf16_is_fast
+    from napari_tumorseg.core.devices import cpu_bf16_is_fast
 
     return cpu_bf16_is_fast()
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_tumorseg.core.inference import exam_to_channels, precision_label, segment
+from napari_tumorseg.core.devices import precision_label
+from napari_tumorseg.core.inference import exam_to_channels, segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.metrics import evaluate_labels

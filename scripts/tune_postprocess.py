@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_tumorseg.core.inference import card_labels, segment
+from napari_tumorseg.core.inference import segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
+from napari_tumorseg.core.labels import card_labels
 from napari_tumorseg.core.metrics import evaluate_labels
 from napari_tumorseg.core.models import load_model
 from napari_tumorseg.core.preprocess import bounding_box

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from napari_tumorseg.cli import main
-from napari_tumorseg.core.inference import select_device
+from napari_tumorseg.core.devices import select_device
 
 from .conftest import BRATS, BRATS2023, TCGA_RAW
 

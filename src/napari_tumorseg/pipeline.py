@@ -13,14 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ._sample_data import sample_exam_dir
+from .core.devices import select_device
 from .core.errors import TumorSegError
-from .core.inference import (
-    SegmentationResult,
-    check_overlap,
-    exam_to_channels,
-    segment,
-    select_device,
-)
+from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
 from .core.io import (
     REGIONS,
     SEQUENCES,

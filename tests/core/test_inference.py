@@ -8,25 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from napari_tumorseg.core import inference
+from napari_tumorseg.core import devices, inference, slices
+from napari_tumorseg.core.devices import select_device
 from napari_tumorseg.core.errors import TumorSegError
-from napari_tumorseg.core.inference import (
-    card_labels,
-    exam_to_channels,
-    gaussian_importance,
-    plan_windows,
-    probabilities_to_labels,
-    segment,
-    select_device,
-    slice_inference,
-    sliding_window,
-    window_starts,
-)
+from napari_tumorseg.core.inference import exam_to_channels, segment
 from napari_tumorseg.core.io import SEQUENCES, Exam, read_exam
 from napari_tumorseg.core.jobs import run_to_end
+from napari_tumorseg.core.labels import card_labels, probabilities_to_labels
 from napari_tumorseg.core.models import TumorModel
+from napari_tumorseg.core.slices import slice_inference
+from napari_tumorseg.core.sliding import sliding_window
 from napari_tumorseg.core.unet import UNet
 from napari_tumorseg.core.volume import Volume
+from napari_tumorseg.core.windows import gaussian_importance, plan_windows, window_starts
 
 from ..conftest import BRATS, TCGA_RAW
 
@@ -251,7 +245,7 @@ def test_cpu_mixed_precision_only_where_the_cpu_has_bfloat16(monkeypatch, mode):
     image = _random_image((4, 8, 16, 16))
     results = {}
     for native, precision in [(True, "auto"), (True, "float32"), (False, "auto")]:
-        monkeypatch.setattr(inference, "cpu_bf16_is_fast", lambda native=native: native)
+        monkeypatch.setattr(devices, "cpu_bf16_is_fast", lambda native=native: native)
         network = _RecordsDtype(3 if mode == "3d" else 2)
         torch.manual_seed(0)
         network.conv.reset_parameters()
@@ -269,13 +263,13 @@ def test_cpu_mixed_precision_only_where_the_cpu_has_bfloat16(monkeypatch, mode):
 
 
 def test_autocast_dtype_per_device_and_precision(monkeypatch):
-    monkeypatch.setattr(inference, "cpu_bf16_is_fast", lambda: False)
-    assert inference.autocast_dtype(torch.device("cuda")) == torch.float16
-    assert inference.autocast_dtype(torch.device("cuda"), "float32") is None
-    assert inference.autocast_dtype(torch.device("cpu")) is None
-    assert inference.autocast_dtype(torch.device("mps")) is None
+    monkeypatch.setattr(devices, "cpu_bf16_is_fast", lambda: False)
+    assert devices.autocast_dtype(torch.device("cuda")) == torch.float16
+    assert devices.autocast_dtype(torch.device("cuda"), "float32") is None
+    assert devices.autocast_dtype(torch.device("cpu")) is None
+    assert devices.autocast_dtype(torch.device("mps")) is None
     with pytest.raises(TumorSegError, match="unknown precision 'half'"):
-        inference.autocast_dtype(torch.device("cpu"), "half")
+        devices.autocast_dtype(torch.device("cpu"), "half")
 
 
 class _OutOfMemoryOnMeta(LogitIdentity):
@@ -576,7 +570,7 @@ def test_2d_inference_of_a_small_field_of_view():
     needs more than one voxel at the deepest level."""
     network = UNet(2, in_channels=1, out_channels=3, features=(4, 8, 16)).eval()
     image = np.random.default_rng(0).normal(size=(1, 3, 3, 3)).astype(np.float32)
-    probabilities = run_to_end(inference.slice_inference(network, image))
+    probabilities = run_to_end(slices.slice_inference(network, image))
     assert probabilities.shape == (3, 3, 3, 3) and np.isfinite(probabilities).all()
 
 

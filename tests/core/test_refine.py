@@ -11,9 +11,10 @@ import torch
 from napari_tumorseg.core import refine
 from napari_tumorseg.core.errors import TumorSegError
 from napari_tumorseg.core.finetune import finetune_and_save
-from napari_tumorseg.core.inference import probabilities_to_labels, segment
+from napari_tumorseg.core.inference import segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
+from napari_tumorseg.core.labels import probabilities_to_labels
 from napari_tumorseg.core.models import HEAD_FILE, load_model
 from napari_tumorseg.core.training import region_targets
 

@@ -185,6 +185,17 @@ def test_keep_counts_down_its_budget_before_the_first_step_ends(corrected_dock, 
     assert len(counted) >= 2 and counted == sorted(counted) and counted[-1] > 0
 
 
+def test_the_countdown_keeps_moving_when_a_step_outlasts_its_estimate():
+    """The last step estimated 50 s left and takes 20 s more: the bar (1000 steps) still moves
+    at least every 2 s, and never reaches its end before the job does."""
+    from napari_tumorseg.widgets._finetune import countdown_fraction
+    from napari_tumorseg.widgets._runner import PROGRESS_STEPS
+
+    shown = [round(PROGRESS_STEPS * countdown_fraction(t, 50.0)) for t in range(0, 72, 2)]
+    assert all(b > a for a, b in zip(shown, shown[1:]))
+    assert shown[-1] < PROGRESS_STEPS
+
+
 def test_cancelled_finetune_changes_nothing(corrected_dock, qtbot):
     viewer, widget, labels = corrected_dock
     widget.ft_seconds.setValue(60)

@@ -42,8 +42,9 @@ import torch
 
 from . import refine
 from .augment import JointAugment
+from .devices import select_device
 from .errors import TumorSegError
-from .inference import exam_to_channels, segment, select_device
+from .inference import exam_to_channels, segment
 from .io import SEQUENCES, Exam, to_brats_labels
 from .jobs import map_events
 from .losses import dice_bce_loss
@@ -318,7 +319,7 @@ def finetune(
         "keep": the time budget ends the run only after this many steps (default
         `MIN_KEEP_STEPS`, or ``steps`` if that is fewer).
     device : str
-        Where to train (``"auto"``: as `inference.select_device`).
+        Where to train (``"auto"``: as `devices.select_device`).
     overlap, tta : optional
         "adapt": how the parent segments the exam for the head's features -- as the
         re-segmentation that applies the head will (`inference.segment`'s arguments).

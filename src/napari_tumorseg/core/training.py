@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .devices import cpu_bf16_is_fast
 from .errors import TumorSegError
-from .inference import cpu_bf16_is_fast, exam_to_channels
+from .inference import exam_to_channels
 from .io import REGIONS, SEQUENCES, Exam, find_exam_files, read_exam
 from .losses import dice_bce_loss
 from .preprocess import NORMALIZATION, prepare, resample_array

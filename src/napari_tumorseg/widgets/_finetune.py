@@ -5,6 +5,7 @@ curve, a summary of what changed, and Revert."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -33,6 +34,10 @@ from ._pickers import volumes_of
 from ._runner import PROGRESS_STEPS, Runner
 from ._segmentation import edited_voxels, model_output
 
+#: The share of the countdown's estimate after which the bar slows down (`_count_down`), and
+#: how fast it still moves past the estimate's end (seconds of an exponential approach).
+SLOWING = 0.95
+OVERRUN_S = 10.0
 #: What each fine-tuning mode does, in a line (shown under the mode picker).
 MODE_HELP = {
     "keep": "trains the network on your corrections within the budget; the new version "
@@ -40,6 +45,17 @@ MODE_HELP = {
     "adapt": "fits a small head on the slices you corrected, in seconds; it applies to "
     "this exam only",
 }
+
+
+def countdown_fraction(now: float, total: float) -> float:
+    """The share of a fine-tune done after ``now`` of an estimated ``total`` seconds. Past
+    `SLOWING` of the estimate (a step slower than the ones before) the bar slows down towards
+    the end instead of stopping there, so that it still says "working"."""
+    done = now / total
+    if done <= SLOWING:
+        return done
+    over = now - SLOWING * total
+    return 0.999 - (0.999 - SLOWING) * math.exp(-over / OVERRUN_S)
 
 
 class FinetuneSection:
@@ -211,7 +227,7 @@ class FinetuneSection:
         since, elapsed, left, text = self._estimate
         now = elapsed + time.perf_counter() - since
         total = max(elapsed + left, 1e-6)
-        done = min(now / total, 0.999)
+        done = countdown_fraction(now, total)
         text += f", about {max(total - now, 0.0):.0f} s left"
         self.tuner.set_progress(round(PROGRESS_STEPS * done), PROGRESS_STEPS, text=text)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._layers import META_KEY, edit_history, is_volume_layer
-from ..core.inference import region_thresholds
+from ..core.labels import region_thresholds
 
 
 def probability_layer_name(region: str) -> str:

@@ -31,8 +31,8 @@ from .._layers import (
     layer_volume,
 )
 from .._warmup import warm_up_layers
-from ..core.inference import card_labels
 from ..core.io import REGIONS
+from ..core.labels import card_labels
 from ..core.postprocess import (
     entropy_map,
     fill_holes,

@@ -1,0 +1,172 @@
+"""Does a 3D model's label map move with where its windows fall?
+
+    python benchmarks/bench_fov.py --model 3d --data ../shared/data/brats2018/train \
+        [--exams A,B] [--threads 2] [--no-write]
+
+The exam is prepared as `segment` prepares it (brain box, model spacing, z-scores), then the
+network runs over the same brain with its windows placed five ways, on the model grid:
+(a) over the brain box -- what `segment` does --, (b) over the exam's whole volume, (c) over
+the whole volume padded by 20 voxels (of the exam's grid) per side and (c') cropped by 20 per
+side, (d) over the brain box with the window grid shifted by half a window, and (fit) as one
+window holding the whole brain box. Zeros fill whatever lies outside the brain box, as in the
+exam (skull-stripped). WT Dice between every pair of label maps (the card's WT threshold) is
+the measure: a model whose labels hold still gives 1 everywhere. Writes "Field of view" in
+docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section  # noqa: E402
+
+from napari_tumorseg.core.inference import exam_to_channels
+from napari_tumorseg.core.io import SEQUENCES, read_exam
+from napari_tumorseg.core.jobs import run_to_end
+from napari_tumorseg.core.labels import region_thresholds
+from napari_tumorseg.core.models import load_model
+from napari_tumorseg.core.preprocess import prepare
+from napari_tumorseg.core.sliding import sliding_window
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("a", "b", "c", "c'", "d", "fit")
+NAMES = {
+    "a": "(a) brain box",
+    "b": "(b) whole volume",
+    "c": "(c) padded by 20",
+    "c'": "(c') cropped by 20",
+    "d": "(d) grid shifted by half a window",
+    "fit": "one fitted window",
+}
+
+
+def pads(variant: str, prepared, exam_shape, spacing, model_spacing, patch, divisor):
+    """Zeros before and after the brain box on each model-grid axis, and the window."""
+    scale = [s / m for s, m in zip(spacing, model_spacing)]
+    shape = prepared.image.shape[1:]
+    # Where the brain box lies in the whole volume, in model voxels.
+    before = [round(b.start * f) for b, f in zip(prepared.box, scale)]
+    after = [round((n - b.stop) * f) for b, n, f in zip(prepared.box, exam_shape, scale)]
+    twenty = [round(20 * f) for f in scale]
+    if variant == "a":
+        return [0] * 3, [0] * 3, patch
+    if variant == "b":
+        return before, after, patch
+    if variant == "c":
+        return (
+            [b + t for b, t in zip(before, twenty)],
+            [a + t for a, t in zip(after, twenty)],
+            patch,
+        )
+    if variant == "c'":
+        return (
+            [max(b - t, 0) for b, t in zip(before, twenty)],
+            [max(a - t, 0) for a, t in zip(after, twenty)],
+            patch,
+        )
+    if variant == "d":
+        return [p // 2 for p in patch], [0] * 3, patch
+    if variant == "fit":
+        return [0] * 3, [0] * 3, [-(-n // divisor) * divisor for n in shape]
+    raise ValueError(variant)
+
+
+def wt_maps(model, exam) -> dict[str, tuple[np.ndarray, float]]:
+    """Each variant's WT mask on the brain box (model grid) and its seconds."""
+    channels = exam_to_channels(exam)
+    card = model.card
+    present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
+    prepared = prepare(channels.array, channels.spacing, card["spacing_mm"], present=present)
+    threshold = region_thresholds((card.get("postprocess") or {}).get("thresholds", 0.5))[0]
+    shape = prepared.image.shape[1:]
+    out = {}
+    for variant in VARIANTS:
+        lo, hi, patch = pads(
+            variant,
+            prepared,
+            channels.array.shape[1:],
+            channels.spacing,
+            card["spacing_mm"],
+            list(card["patch_size"]),
+            model.network.divisor,
+        )
+        width = [(0, 0), *zip(lo, hi)]
+        image = np.pad(prepared.image, width)
+        mask = np.pad(prepared.mask, width[1:])
+        started = time.perf_counter()
+        maps = run_to_end(sliding_window(model.network, image, patch, mask=mask, batch_size=1))
+        seconds = time.perf_counter() - started
+        inner = tuple(slice(a, a + n) for a, n in zip(lo, shape))
+        out[variant] = ((maps[0][inner] > threshold) & prepared.mask, seconds)
+    return out
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="3d")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/brats2018/train")
+    p.add_argument("--exams", default="", help="comma-separated case folders (default: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    names = [n for n in args.exams.split(",") if n] or sorted(
+        f.name for f in args.data.iterdir() if f.is_dir()
+    )
+    pairs = list(itertools.combinations(VARIANTS[:-1], 2))
+    rows, worst, seconds = [], {}, {v: [] for v in VARIANTS}
+    for name in names:
+        maps = wt_maps(model, read_exam(args.data / name))
+        scores = {pair: dice(maps[pair[0]][0], maps[pair[1]][0]) for pair in pairs}
+        fit = dice(maps["a"][0], maps["fit"][0])
+        for v in VARIANTS:
+            seconds[v].append(maps[v][1])
+        low = min(scores, key=scores.get)
+        worst[name] = scores[low]
+        rows.append(
+            f"| {name} | {scores[low]:.4f} ({low[0]} vs {low[1]}) | "
+            + " | ".join(f"{scores[('a', v)]:.4f}" for v in VARIANTS[1:-1])
+            + f" | {fit:.4f} |"
+        )
+        print(rows[-1], flush=True)
+    mean_s = {v: float(np.mean(s)) for v, s in seconds.items()}
+    body = "\n".join(
+        [
+            f"`python benchmarks/bench_fov.py --model {args.model} --data {args.data} "
+            f"--threads {args.threads}` ({len(names)} exams, {torch.get_num_threads()} threads). "
+            "WT Dice between the label maps of the same network run with its windows placed in "
+            "different ways (see the script's docstring); goal: at least 0.98 between every "
+            "pair of (a)-(d), on every exam.",
+            "",
+            "| exam | lowest pair | (a) vs (b) | (a) vs (c) | (a) vs (c') | (a) vs (d) | "
+            "(a) vs one fitted window |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Lowest pair over all exams: {min(worst.values()):.4f}; exams under 0.98: "
+            f"{sum(v < 0.98 for v in worst.values())} of {len(worst)}. Mean seconds of the "
+            "network per exam: " + ", ".join(f"{NAMES[v]} {mean_s[v]:.1f}" for v in VARIANTS) + ".",
+        ]
+    )
+    if not args.no_write:
+        write_section(f"Field of view ({args.model} model)", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
