@@ -10,7 +10,6 @@ the original 1 mm grid, Dice per region against the expert labels).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -18,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from napari_tumorseg.core.devices import precision_label
-from napari_tumorseg.core.inference import exam_to_channels, segment
+from napari_tumorseg.core.inference import segment
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.metrics import evaluate_labels
 from napari_tumorseg.core.models import TumorModel, load_model
-from napari_tumorseg.core.preprocess import prepare
 
 REGIONS = ("WT", "TC", "ET")
 #: HD95 (mm) where one map has a region and the other has none: the BraTS evaluation's
@@ -51,10 +49,7 @@ def validate(
         exam = read_exam(folder)
         for seq in drop:
             exam.scans.pop(seq, None)
-        if window:
-            model = copy.copy(model)
-            model.card = {**model.card, "patch_size": _window(model, exam, window)}
-        result = run_to_end(segment(exam, model, device="cpu", tta=tta))
+        result = run_to_end(segment(exam, model, device="cpu", tta=tta, window=window))
         scores = evaluate_labels(result.labels.array, exam.labels.array, exam.reference.spacing)
         per_exam[exam.name] = {r: s["dice"] for r, s in scores.items()}
         hd95[exam.name] = {r: min(s["hd95_mm"], HD95_OF_A_MISS) for r, s in scores.items()}
@@ -68,15 +63,6 @@ def validate(
         return {r: float(np.mean([e[r] for e in table.values()])) for r in REGIONS}
 
     return {"per_exam": per_exam, "mean": mean(per_exam), "hd95": hd95, "mean_hd95": mean(hd95)}
-
-
-def _window(model: TumorModel, exam, window: str) -> list[int]:
-    if window != "fit":
-        return [int(window)] * 3
-    channels = exam_to_channels(exam)
-    prepared = prepare(channels.array, channels.spacing, model.card["spacing_mm"])
-    divisor = model.network.divisor
-    return [-(-n // divisor) * divisor for n in prepared.image.shape[1:]]
 
 
 def main(argv=None) -> int:

@@ -674,3 +674,46 @@ def test_the_skull_warning_comes_with_the_first_event_before_the_network_runs(ti
     stripped = inference.segment(read_exam(BRATS), tiny_model)
     assert next(stripped).warnings == ()
     stripped.close()
+
+
+@pytest.mark.parametrize("window", [None, "fit"])
+def test_labels_hold_still_when_the_exam_is_padded_or_cropped_around_the_brain(window):
+    """The window plan is laid over the brain box, not the volume: padding the exam with 20
+    voxels of background per side, or cropping 20 voxels of background off, moves no label."""
+    import dataclasses
+
+    from ..conftest import make_tiny_model
+
+    model = load_model_for_test(make_tiny_model("fov"))
+    channels = exam_to_channels(read_exam(BRATS))
+    events = []
+    base = run_to_end(segment(channels, model, device="cpu", window=window), events.append)
+    if window == "fit":
+        assert max(e.total for e in events) == 1  # one window holds the whole brain box
+    labels = base.labels.array
+    inside = np.argwhere(labels > 0)
+    assert inside.size and labels.sum() > 0
+    padded = dataclasses.replace(channels, array=np.pad(channels.array, [(0, 0)] + [(20, 20)] * 3))
+    again = run_to_end(segment(padded, model, device="cpu", window=window))
+    np.testing.assert_array_equal(again.labels.array[20:-20, 20:-20, 20:-20], labels)
+    brain = np.argwhere(channels.array.any(axis=0))
+    low, high = brain.min(axis=0), brain.max(axis=0) + 1
+    margin = [min(20, int(lo), int(n - hi)) for lo, hi, n in zip(low, high, labels.shape)]
+    crop = tuple(slice(m, n - m) for m, n in zip(margin, labels.shape))
+    cropped = dataclasses.replace(channels, array=channels.array[(slice(None), *crop)])
+    again = run_to_end(segment(cropped, model, device="cpu", window=window))
+    np.testing.assert_array_equal(again.labels.array, labels[crop])
+
+
+def test_a_bad_inference_window_is_a_clear_error():
+    from ..conftest import make_tiny_model
+
+    model = load_model_for_test(make_tiny_model("fov"))
+    with pytest.raises(TumorSegError, match='"fit" or a size in voxels'):
+        run_to_end(segment(read_exam(BRATS), model, device="cpu", window="whole"))
+
+
+def load_model_for_test(label):
+    from napari_tumorseg.core.models import load_model
+
+    return load_model(label)

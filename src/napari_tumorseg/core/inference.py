@@ -271,6 +271,7 @@ def segment(
     restrict_to_brain: bool = True,
     precision: str = "auto",
     postprocess: bool = True,
+    window: str | int | None = None,
 ) -> Generator[SegmentationProgress, None, SegmentationResult]:
     """Segment a brain tumour: prepare the exam, run the model, threshold to BraTS labels.
 
@@ -313,6 +314,11 @@ def segment(
     postprocess : bool
         Apply the model card's ``postprocess`` rules to the label map (`card_labels`); the
         probabilities are returned as the network (and an exam head) gave them either way.
+    window : {None, "fit"} or int
+        3D models: the windows -- the card's (its ``window``, else sliding windows of its
+        ``patch_size``), ``"fit"`` (one window holding the whole brain box, rounded up to the
+        network's divisor: no window grid for the labels to depend on, half the work of two
+        overlapping windows), or a cubic window edge in voxels.
 
     Raises
     ------
@@ -348,7 +354,10 @@ def segment(
     if spatial_dims == 2:  # slice by slice: the exam's own slices, resampled in-plane only
         model_spacing = [float(channels.spacing[0]), *model_spacing[-2:]]
     present = [SEQUENCES.index(s) for s in used]
-    prepared = prepare(array, channels.spacing, model_spacing, present=present)
+    # The brain's own box, no margin: a margin is cut short where the brain reaches the
+    # volume's edge (BraTS exams' lowest slice), so the crop -- and every label -- would move
+    # when the same exam comes padded or cropped (tests/core/test_inference.py).
+    prepared = prepare(array, channels.spacing, model_spacing, present=present, margin=0)
     doubts = () if prepared.skull_stripped else (SKULL_ON_WARNING,)
     mask = prepared.mask if restrict_to_brain else None
     to_input = _ModelToInput(prepared, mask)
@@ -358,7 +367,7 @@ def segment(
         engine = sliding_window(
             model.network,
             prepared.image,
-            card["patch_size"],
+            window_size(window or card.get("window"), card, prepared.image.shape[1:], model),
             overlap=overlap,
             batch_size=batch_size or (1 if torch_device.type == "cpu" else 2),
             mask=prepared.mask,
@@ -447,6 +456,18 @@ def segment(
         postprocess=rules,
         warnings=doubts,
     )
+
+
+def window_size(window, card: dict, shape, model) -> list[int]:
+    """The 3D window for `segment`'s ``window`` on a prepared image of ``shape``."""
+    if window is None:
+        return list(card["patch_size"])
+    if window == "fit":
+        divisor = int(getattr(model.network, "divisor", 1))
+        return [-(-int(n) // divisor) * divisor for n in shape]
+    if isinstance(window, int) or str(window).isdigit():
+        return [int(window)] * len(shape)
+    raise TumorSegError(f'the inference window must be "fit" or a size in voxels, not {window!r}')
 
 
 def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, tta):
