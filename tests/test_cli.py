@@ -292,6 +292,21 @@ def test_evaluate_json_and_grid_mismatch(tmp_path):
     assert result.returncode == 0
     scores = json.loads(result.stdout)["regions"]
     assert scores["WT"] == {"dice": 1.0, "hd95_mm": 0.0}
+    # Full precision: a Dice of 0.91234567 must not read 0.9123 (statistics are done on it).
+    from napari_tumorseg.core.metrics import evaluate_labels
+
+    labels = np.asanyarray(nib.load(str(seg)).dataobj)
+    eroded = labels.copy()
+    k = np.nonzero(labels.any(axis=(0, 1)))[0]
+    eroded[:, :, k[len(k) // 2]] = 0  # one tumour slice less
+    pred = tmp_path / "pred_seg.nii.gz"
+    image = nib.load(str(seg))
+    nib.save(nib.Nifti1Image(eroded, image.affine, image.header), str(pred))
+    result = _run("evaluate", "--pred", pred, "--ref", seg, "--json")
+    scores = json.loads(result.stdout)["regions"]
+    exact = evaluate_labels(eroded, labels, image.header.get_zooms())  # Dice: any axis order
+    assert scores["WT"]["dice"] == pytest.approx(exact["WT"]["dice"], rel=1e-12, abs=0)
+    assert scores["WT"]["dice"] != round(scores["WT"]["dice"], 4)
     other = tmp_path / "other_seg.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(other))
     _assert_exit_2(_run("evaluate", "--pred", other, "--ref", seg), str(other), "grid")

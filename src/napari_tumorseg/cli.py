@@ -266,8 +266,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     scores = evaluate_labels(pred.array, ref.array, ref.spacing)
     if args.json:
+        # Full precision (statistics are done on these); rounded for display only, below.
         clean = {
-            r: {k: (None if v == float("inf") else round(v, 4)) for k, v in s.items()}
+            r: {k: (None if v == float("inf") else float(v)) for k, v in s.items()}
             for r, s in scores.items()
         }
         print(json.dumps({"pred": str(args.pred), "ref": str(args.ref), "regions": clean}))

@@ -35,17 +35,18 @@ from .core.volume import Volume
 
 def label_map_report(labels, voxel_volume_ml: float, metrics: dict | None = None, **fields) -> dict:
     """A JSON-ready report of a label map: ``fields`` (exam, model, ...), volumes (mL) per
-    region, the tumour's axial slice range and, when given, Dice/HD95 per region."""
+    region, the tumour's axial slice range and, when given, Dice/HD95 per region -- at full
+    precision: statistics are done on reports (round for display only)."""
     span = tumour_slice_range(labels)
     volumes = tumour_volumes_ml(labels, voxel_volume_ml)
     report = {
         **fields,
-        "volumes_ml": {k: round(v, 3) for k, v in volumes.items()},
+        "volumes_ml": {k: float(v) for k, v in volumes.items()},
         "tumour_slices_z": None if span is None else list(span),
     }
     if metrics:
         report["metrics"] = {
-            region: {k: (None if np.isinf(v) else round(v, 4)) for k, v in scores.items()}
+            region: {k: (None if np.isinf(v) else float(v)) for k, v in scores.items()}
             for region, scores in metrics.items()
         }
     return report
