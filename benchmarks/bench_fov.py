@@ -48,6 +48,18 @@ NAMES = {
 }
 
 
+NOTE = (
+    "What a user gets does not depend on the exam's field of view: `segment` always lays its "
+    "windows over the brain's own box, (a), so the same exam padded or cropped around the "
+    "brain gets exactly the same labels (`tests/core/test_inference.py`, with and without "
+    "`window='fit'`). The table measures the network itself: its output depends on what else "
+    "a window holds (instance normalisation over more or less background), so a grid shifted "
+    "by half a window or laid over more background moves WT labels. That is for training to "
+    "fix (patches that look like inference windows); `segment(window='fit')` removes the grid "
+    "altogether: one window holding the brain box."
+)
+
+
 def pads(variant: str, prepared, exam_shape, spacing, model_spacing, patch, divisor):
     """Zeros before and after the brain box on each model-grid axis, and the window."""
     scale = [s / m for s, m in zip(spacing, model_spacing)]
@@ -160,6 +172,8 @@ def main(argv=None) -> int:
             f"Lowest pair over all exams: {min(worst.values()):.4f}; exams under 0.98: "
             f"{sum(v < 0.98 for v in worst.values())} of {len(worst)}. Mean seconds of the "
             "network per exam: " + ", ".join(f"{NAMES[v]} {mean_s[v]:.1f}" for v in VARIANTS) + ".",
+            "",
+            NOTE,
         ]
     )
     if not args.no_write:
