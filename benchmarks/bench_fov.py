@@ -159,7 +159,9 @@ def main(argv=None) -> int:
     body = "\n".join(
         [
             f"`python benchmarks/bench_fov.py --model {args.model} --data {args.data} "
-            f"--threads {args.threads}` ({len(names)} exams, {torch.get_num_threads()} threads). "
+            f"--threads {args.threads}"
+            + (f" --exams {args.exams}" if args.exams else "")
+            + f"` ({len(names)} exams, {torch.get_num_threads()} threads). "
             "WT Dice between the label maps of the same network run with its windows placed in "
             "different ways (see the script's docstring); goal: at least 0.98 between every "
             "pair of (a)-(d), on every exam.",
