@@ -61,7 +61,9 @@ def test_an_unfitted_head_returns_the_network_probabilities():
     channels, _, _ = _phantom()
     probabilities = np.random.default_rng(1).uniform(0.01, 0.99, (3, *channels.shape[1:]))
     probabilities = probabilities.astype(np.float32)
-    out = refine.apply_head(refine.ExamHead(), channels, range(4), probabilities, (1, 1, 1))
+    out = run_to_end(
+        refine.apply_head(refine.ExamHead(), channels, range(4), probabilities, (1, 1, 1))
+    )
     np.testing.assert_allclose(out, probabilities, atol=1e-5)
 
 
@@ -71,10 +73,12 @@ def test_the_head_learns_the_corrected_slices_and_carries_to_the_others():
     edited[6] = labels[6] > 0  # the user paints the ball on one slice
     rows = refine.corrected_rows(edited, labels.shape[0])
     assert np.flatnonzero(rows).tolist() == [6]
-    features, box, mask = refine.head_features(
-        channels, range(4), probabilities, (1, 1, 1), rows=rows
+    features, box, mask = run_to_end(
+        refine.head_features(channels, range(4), probabilities, (1, 1, 1), rows=rows)
     )
-    everywhere, _, brain = refine.head_features(channels, range(4), probabilities, (1, 1, 1))
+    everywhere, _, brain = run_to_end(
+        refine.head_features(channels, range(4), probabilities, (1, 1, 1))
+    )
     # Every brain voxel of the corrected slice, nothing else; the same features either way.
     assert mask.sum() == brain[6 - box[0].start].sum() and len(features) == mask.sum()
     np.testing.assert_array_equal(features, everywhere[mask[brain]])
@@ -82,7 +86,7 @@ def test_the_head_learns_the_corrected_slices_and_carries_to_the_others():
     head, steps = _fit(features, region_targets(labels[box][mask]).T)
     assert [i for i, _ in steps] == list(range(0, refine.ITERATIONS + 1, refine.CHUNK))
     assert steps[-1][1] < steps[0][1] / 3
-    out = refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1))
+    out = run_to_end(refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1)))
     other = np.ones(labels.shape[0], bool)
     other[6] = False
     found, truth = out[0][other] > 0.5, labels[other] > 0
@@ -109,15 +113,17 @@ def test_the_head_adds_no_tumour_away_from_the_networks_and_the_users():
     given = probabilities.copy()
     rows = np.zeros(shape[0], bool)
     rows[9] = True
-    features, box, mask = refine.head_features(
-        channels, range(4), probabilities, (1, 1, 1), rows=rows
+    features, box, mask = run_to_end(
+        refine.head_features(channels, range(4), probabilities, (1, 1, 1), rows=rows)
     )
     head, _ = _fit(features, region_targets(labels[box][mask]).T)
     anchors = refine.tumour_anchors(labels, rows)
     # The innermost voxel of each painted piece: the balls' centres on slice 9.
     assert sorted(anchors) == [[9, 24, 24], [9, 24, 48]]
     for chosen, second_found in (((), False), (anchors, True)):
-        out = refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1), chosen)
+        out = run_to_end(
+            refine.apply_head(head, channels, range(4), probabilities, (1, 1, 1), chosen)
+        )
         assert (out[0][balls[0]] > 0.5).mean() > 0.9
         assert ((out[0][balls[1]] > 0.5).mean() > 0.9) == second_found
     np.testing.assert_array_equal(probabilities, given)  # the caller's map is left alone

@@ -477,7 +477,7 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
     )
     rows = refine.corrected_rows(edited, labels.shape[0])
     features, box, mask = yield from map_events(
-        refine.head_features_steps(
+        refine.head_features(
             channels.array, present, result.probabilities.array, channels.spacing, rows=rows
         ),
         waiting("features"),

@@ -474,7 +474,7 @@ def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, t
     """The probabilities with ``model``'s exam head applied -- only on the exam it was fitted
     on (`refine`) --, notes saying which happened, and whether it was applied. A job yielding
     the share of its work done."""
-    from .refine import apply_head_steps, exam_fingerprint
+    from .refine import apply_head, exam_fingerprint
 
     entry = model.card["exam_head"]
     exam = entry["exam"]
@@ -499,7 +499,7 @@ def _apply_exam_head(model, channels: Volume, present, probabilities, overlap, t
             f"TTA {'on' if fitted.get('tta') else 'off'}; this one used overlap {overlap} and "
             f"TTA {'on' if tta else 'off'}, which it has not seen"
         )
-    refined = yield from apply_head_steps(
+    refined = yield from apply_head(
         model.head,
         channels.array,
         present,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .jobs import map_events, run_to_end
+from .jobs import map_events
 from .postprocess import keep_largest_component
 from .preprocess import bounding_box, brain_mask, zscore
 
@@ -59,13 +59,6 @@ def exam_fingerprint(channels: np.ndarray, present, spacing) -> str:
 
 
 def head_features(
-    channels: np.ndarray, present, probabilities: np.ndarray, spacing, rows=None
-) -> tuple[np.ndarray, tuple[slice, ...], np.ndarray]:
-    """`head_features_steps` run to its end."""
-    return run_to_end(head_features_steps(channels, present, probabilities, spacing, rows))
-
-
-def head_features_steps(
     channels: np.ndarray, present, probabilities: np.ndarray, spacing, rows=None
 ) -> Generator[float, None, tuple[np.ndarray, tuple[slice, ...], np.ndarray]]:
     """Per-voxel features of an exam's brain voxels (see the module docstring). A job: yields
@@ -234,18 +227,6 @@ def apply_head(
     probabilities: np.ndarray,
     spacing,
     anchors=(),
-) -> np.ndarray:
-    """`apply_head_steps` run to its end."""
-    return run_to_end(apply_head_steps(head, channels, present, probabilities, spacing, anchors))
-
-
-def apply_head_steps(
-    head: ExamHead,
-    channels: np.ndarray,
-    present,
-    probabilities: np.ndarray,
-    spacing,
-    anchors=(),
 ) -> Generator[float, None, np.ndarray]:
     """The exam's (3, Z, Y, X) probabilities with the head applied on its brain voxels; a job
     yielding the share of the work done (the features are most of it).
@@ -260,7 +241,7 @@ def apply_head_steps(
     rule 3.0 and 1.7 mm (the network: 13.9 and 2.2), and WT Dice 0.907 -> 0.928.
     """
     features, box, mask = yield from map_events(
-        head_features_steps(channels, present, probabilities, spacing), lambda f: 0.9 * f
+        head_features(channels, present, probabilities, spacing), lambda f: 0.9 * f
     )
     with torch.inference_mode():
         refined = torch.sigmoid(head(torch.from_numpy(features))).numpy()
