@@ -120,7 +120,9 @@ def recipe_table(recipe: str) -> str:
         "",
         f"`{card0['command']}` (one model per fold; {len(done)} of {N_FOLDS} folds finished; "
         f"steps per fold: {', '.join(str(d['card']['training']['steps']) for d in done)}; "
-        f"minutes: {', '.join(str(d['card']['training']['minutes']) for d in done)}).",
+        f"minutes: {', '.join(str(d['card']['training']['minutes']) for d in done)}, wall time "
+        "on 2 cores shared with other work -- the steps are fixed, so the minutes say nothing "
+        "about the recipe). The fold models' own labels: no post-processing.",
         "",
         "| fold (held-out exams) | WT | TC | ET | HD95 WT (mm) | HD95 TC | HD95 ET |",
         "|---|---|---|---|---|---|---|",
