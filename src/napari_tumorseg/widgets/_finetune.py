@@ -102,6 +102,7 @@ class FinetuneSection:
         # A "keep" step takes 1-16 s on 2 cores: between steps the bar counts the time left
         # down from the last step's estimate (`_count_down`), so it moves all the same.
         self._estimate: tuple | None = None
+        self._job_started = 0.0
         self._countdown = QTimer(self, interval=500)
         self._countdown.timeout.connect(self._count_down)
         self.finetune_button.clicked.connect(self.finetune)
@@ -168,7 +169,7 @@ class FinetuneSection:
             overlap=self.overlap.value(),
             tta=self.tta.isChecked(),
         )
-        return self.tuner.start(
+        worker = self.tuner.start(
             generator,
             on_yield=self._on_finetune_step,
             on_return=self._on_finetuned,
@@ -177,6 +178,15 @@ class FinetuneSection:
             ),
             on_fail=lambda: self.changes.setText("fine-tuning failed: nothing was saved"),
         )
+        self._job_started = time.perf_counter()
+        if worker is not None and mode == "keep":
+            # Counted down against the budget from the click: preparing the corrections takes
+            # seconds before the first event (2.7 s without a move, bench_viewer).
+            budget = float(self.ft_seconds.value())
+            self._estimate = (self._job_started, 0.0, budget, "preparing the corrections")
+            self._count_down()
+            self._countdown.start()
+        return worker
 
     def _corrected_layer(self):
         """The label map to learn from: the selected layer when it is a segmentation of this
@@ -195,8 +205,8 @@ class FinetuneSection:
                 )
                 done = round(PROGRESS_STEPS * progress.fraction)
                 self.tuner.set_progress(done, PROGRESS_STEPS, text=text)
-            elif progress.seconds:  # "keep": counted down against the time budget
-                self._estimate = (time.perf_counter(), 0.0, progress.seconds, "first step")
+            elif progress.seconds:  # "keep": counted down against the budget since the click
+                self._estimate = (self._job_started, 0.0, progress.seconds, "first step")
                 self._count_down()
                 self._countdown.start()
             else:
@@ -214,7 +224,8 @@ class FinetuneSection:
             # run goes on to them.
             text += f" of at least {progress.min_steps} (past the {progress.seconds:.0f} s)"
         left = progress.remaining_seconds() or 0.0
-        self._estimate = (time.perf_counter(), progress.elapsed, left, text)
+        now = time.perf_counter()
+        self._estimate = (now, now - self._job_started, left, text)  # the job's time, all of it
         self._count_down()
         if not self._countdown.isActive():
             self._countdown.start()
