@@ -471,9 +471,9 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
     # The head's features are the network's own output (a parent's head stays out of them),
     # from the segmentation the re-segmentation will repeat (its device, overlap and TTA).
     network_only = TumorModel(network=model.network, card=model.card, path=model.path)
+    segmenting = waiting("segmenting")
     result = yield from map_events(
-        segment(channels, network_only, **segmentation),
-        lambda event: waiting("segmenting")(event.fraction),
+        segment(channels, network_only, **segmentation), lambda event: segmenting(event.fraction)
     )
     rows = refine.corrected_rows(edited, labels.shape[0])
     features, box, mask = yield from map_events(
