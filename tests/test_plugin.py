@@ -323,3 +323,26 @@ def test_the_writer_refuses_a_labels_layer_that_is_not_3d(tmp_path):
         with pytest.raises(TumorSegError, match="is not a 3D"):
             write_labels_layer(str(tmp_path / "m.nii.gz"), data, {"name": "drawn"})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_dicom_study_dropped_on_napari_opens_its_four_sequences(make_napari_viewer, tmp_path):
+    from napari_tumorseg.core.io import SEQUENCES, read_exam
+
+    from .core.test_dicom import DESCRIPTIONS, write_series
+
+    exam = read_exam(BRATS)
+    for i, seq in enumerate(SEQUENCES):
+        write_series(exam.scans[seq], tmp_path / "study" / f"series{i}", DESCRIPTIONS[seq])
+    import locale
+
+    viewer = make_napari_viewer()
+    before = locale.setlocale(locale.LC_ALL, None)
+    viewer.open(str(tmp_path / "study"), plugin="napari-tumorseg")
+    # GDCM set the C locale and left it (Python then decoded text as ASCII): put back.
+    assert locale.setlocale(locale.LC_ALL, None) == before
+    assert [layer.name for layer in viewer.layers] == list(SEQUENCES)
+    for seq in SEQUENCES:
+        np.testing.assert_array_equal(viewer.layers[seq].data, exam.scans[seq].array)
+        transform = exam.scans[seq].layer_transform()
+        np.testing.assert_allclose(viewer.layers[seq].scale, transform["scale"], atol=1e-6)
+        np.testing.assert_allclose(viewer.layers[seq].translate, transform["translate"], atol=1e-4)

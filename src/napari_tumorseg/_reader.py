@@ -14,6 +14,7 @@ from ._layers import (
 )
 from ._notify import notify
 from ._warmup import install_units, warm_up_layers
+from .core.dicom import holds_dicom, read_case
 from .core.errors import TumorSegError
 from .core.io import (
     SEQUENCES,
@@ -22,7 +23,6 @@ from .core.io import (
     file_stem,
     holds_region_maps,
     is_nifti_path,
-    read_exam,
     read_probabilities,
     read_volume,
 )
@@ -33,7 +33,8 @@ _NOTHING = [(None,)]
 
 
 def get_reader(path):
-    """Return `read_nifti` for .nii/.nii.gz files and folders holding NIfTI files -- also an
+    """Return `read_nifti` for .nii/.nii.gz files and folders holding NIfTI files or a DICOM
+    study -- also an
     empty folder or one holding exam folders, so that the user is told what to drop instead
     of napari's "the reader refused the file"."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
@@ -44,7 +45,11 @@ def get_reader(path):
             children = list(p.iterdir())
             # The exam folders' files are listed only when the folder itself holds no NIfTI.
             nested = (c for d in children if d.is_dir() for c in d.iterdir())
-            if children and not any(map(is_nifti_path, chain(children, nested))):
+            if (
+                children
+                and not any(map(is_nifti_path, chain(children, nested)))
+                and not holds_dicom(p)
+            ):
                 return None
         elif not is_nifti_path(p):
             return None
@@ -82,7 +87,7 @@ def read_layers(paths, open_scans=(), open_labels=()) -> tuple[list[tuple], list
     exams: dict[str, Path] = {}  # exam name -> the first path read of it
     for p in map(Path, paths):
         if p.is_dir():
-            exam = read_exam(p)
+            exam = read_case(p)  # NIfTI files or a DICOM study
             exams.setdefault(exam.name, p)
             warnings += exam.warnings
             scans += exam.scans.values()

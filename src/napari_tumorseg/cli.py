@@ -86,7 +86,9 @@ def _read_exam_from_args(args: argparse.Namespace):
     if not args.inputs:
         raise TumorSegError("no input: give a case folder, files, or --t1/--t1ce/--t2/--flair")
     if len(args.inputs) == 1 and args.inputs[0].is_dir():
-        return read_exam(args.inputs[0], read_labels=False)
+        from .core.dicom import read_case
+
+        return read_case(args.inputs[0], read_labels=False)  # NIfTI files or a DICOM study
     if all(path.is_dir() for path in args.inputs):
         batch = "; for a batch give --out-dir DIR" if args.command == "segment" else ""
         raise TumorSegError(f"{len(args.inputs)} case folders: give one exam{batch}")

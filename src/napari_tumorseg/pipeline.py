@@ -14,6 +14,7 @@ import numpy as np
 
 from ._sample_data import sample_exam_dir
 from .core.devices import select_device
+from .core.dicom import read_case
 from .core.errors import TumorSegError
 from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
 from .core.io import (
@@ -311,7 +312,7 @@ def segment_folders(
             out = None if out in there else out
             prob = None if prob in there else prob
         try:
-            exam = read_exam(case, read_labels=False)
+            exam = read_case(case, read_labels=False)  # NIfTI files or a DICOM study
             for message in exam.warnings:
                 log(f"  warning: {message}")
             _, written = segment_exam(

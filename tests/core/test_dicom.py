@@ -25,7 +25,19 @@ DESCRIPTIONS = {
 
 def write_series(volume, folder: Path, description: str, image_type="ORIGINAL\\PRIMARY\\AXIAL"):
     """Write a Volume as one DICOM series, a file per slice, with the tags a scanner writes
-    (as SimpleITK's DicomSeriesFromArray example does)."""
+    (as SimpleITK's DicomSeriesFromArray example does). GDCM's writer leaves the process in
+    the C locale (in a napari test session: Python then decodes a subprocess's output as
+    ASCII): put back for the tests that follow. Reading leaves it alone (`test_plugin`)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_series(volume, folder, description, image_type)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(volume, folder, description, image_type):
     folder.mkdir(parents=True)
     image = volume.to_sitk()
     d = image.GetDirection()
@@ -138,3 +150,27 @@ def test_sequences_are_recognised_from_their_descriptions(description, expected)
 def test_a_folder_without_dicom_is_a_clear_error(tmp_path):
     with pytest.raises(TumorSegError, match="holds no DICOM series"):
         dicom.read_dicom_exam(tmp_path)
+
+
+def test_a_dicom_study_segments_from_the_cli_into_its_niftis_geometry(study, tmp_path, tiny_model):
+    """`tumorseg segment DICOM_DIR` gives the mask the NIfTI exam would give, in the same
+    place in the world."""
+    import nibabel as nib
+
+    from napari_tumorseg.cli import main
+
+    _, root = study
+    from_dicom, from_nifti = tmp_path / "dicom_seg.nii.gz", tmp_path / "nifti_seg.nii.gz"
+    for case, out in ((root, from_dicom), (BRATS, from_nifti)):
+        args = ["segment", str(case), "--out", str(out), "--model", tiny_model]
+        assert main([*args, "--precision", "float32"]) == 0
+    a, b = nib.load(str(from_dicom)), nib.load(str(from_nifti))
+    # The same voxels in the same places (the voxel order may differ: LPS from DICOM).
+    np.testing.assert_allclose(
+        nib.as_closest_canonical(a).affine, nib.as_closest_canonical(b).affine, atol=1e-4
+    )
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.as_closest_canonical(a).dataobj),
+        np.asanyarray(nib.as_closest_canonical(b).dataobj),
+    )
+    assert np.asanyarray(a.dataobj).any()  # a map with something in it, not two empty ones

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TumorSegError
-from .io import SEQUENCES, Exam
+from .io import SEQUENCES, Exam, is_nifti_path, read_exam
 from .volume import Volume
 
 #: Tags read from each series' first file (group|element, as SimpleITK names them).
@@ -253,6 +253,38 @@ def read_dicom_exam(folder: str | Path, name: str | None = None) -> Exam:
         seq: read_series(by_sequence[seq][0], name=seq) for seq in SEQUENCES if seq in by_sequence
     }
     return Exam(scans=scans, name=name or folder.name, warnings=warnings)
+
+
+def holds_dicom(folder: str | Path, look_at: int = 64) -> bool:
+    """Whether ``folder`` (or a sub-folder) holds DICOM files: the "DICM" mark after the
+    128-byte preamble, in the first ``look_at`` files seen."""
+    seen = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            seen += 1
+            try:
+                with open(os.path.join(root, name), "rb") as handle:
+                    if handle.read(132)[128:] == b"DICM":
+                        return True
+            except OSError:
+                pass
+            if seen >= look_at:
+                return False
+    return False
+
+
+def read_case(folder: str | Path, read_labels: bool = True) -> Exam:
+    """A case folder of either kind: NIfTI files (`io.read_exam`), or a DICOM study
+    (`read_dicom_exam`) when it holds no NIfTI file and DICOM files."""
+    folder = Path(folder)
+    if (
+        folder.is_dir()
+        and not any(is_nifti_path(p) for p in folder.iterdir())
+        and holds_dicom(folder)
+    ):
+        return read_dicom_exam(folder)
+    return read_exam(folder, read_labels=read_labels)
 
 
 def _first_line(exc: Exception) -> str:
