@@ -34,9 +34,8 @@ _NOTHING = [(None,)]
 
 def get_reader(path):
     """Return `read_nifti` for .nii/.nii.gz files and folders holding NIfTI files or a DICOM
-    study -- also an
-    empty folder or one holding exam folders, so that the user is told what to drop instead
-    of napari's "the reader refused the file"."""
+    study -- also an empty folder or one holding exam folders, so that the user is told what
+    to drop instead of napari's "the reader refused the file"."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     if not paths:
         return None
