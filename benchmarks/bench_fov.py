@@ -32,6 +32,7 @@ from napari_tumorseg.core.inference import exam_to_channels
 from napari_tumorseg.core.io import SEQUENCES, read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import region_thresholds
+from napari_tumorseg.core.metrics import region_scores
 from napari_tumorseg.core.models import load_model
 from napari_tumorseg.core.preprocess import prepare
 from napari_tumorseg.core.sliding import sliding_window
@@ -122,8 +123,7 @@ def wt_maps(model, exam) -> dict[str, tuple[np.ndarray, float]]:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+    return region_scores(a, b, (1, 1, 1), hd95=False)["dice"]
 
 
 def main(argv=None) -> int:

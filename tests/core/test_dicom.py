@@ -1,5 +1,6 @@
 """DICOM import: series found, recognised and read to the geometry the NIfTI reader gives."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     for i, seq in enumerate(SEQUENCES):
         write_series(exam.scans[seq], root / f"s{i}", DESCRIPTIONS[seq])
-    localiser = exam.scans["t1"]
-    localiser = localiser.with_array(localiser.array)
+    t1 = exam.scans["t1"]
+    localiser = dataclasses.replace(t1, array=t1.array[70:73])  # 3 slices, as a scanner's
     write_series(localiser, root / "loc", "3-plane localizer", "ORIGINAL\\PRIMARY\\LOCALIZER")
     return exam, root
 
