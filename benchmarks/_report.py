@@ -23,3 +23,21 @@ def write_section(title: str, body: str, path: Path = DOC) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and whether it has native bfloat16 (which the 3D model uses): the
+    2-core machines differ, and timings are comparable only on one kind."""
+    import platform
+
+    from napari_tumorseg.core.devices import cpu_bf16_is_fast
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, native bfloat16: {'yes' if cpu_bf16_is_fast() else 'no'}"
