@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from napari_tumorseg.cli import main
 from napari_tumorseg.core.devices import select_device
+from napari_tumorseg.core.errors import TumorSegError
 
 from .conftest import BRATS, BRATS2023, TCGA_RAW
 
@@ -149,11 +151,11 @@ def _case(folder: Path, name: str) -> Path:
 
 
 def test_segment_out_dir_runs_a_batch_past_a_bad_case(tmp_path, tiny_model, capsys, monkeypatch):
-    import napari_tumorseg.pipeline as pipeline
+    import napari_tumorseg.batch as batch
 
     loads = []
-    load_model = pipeline.load_model
-    monkeypatch.setattr(pipeline, "load_model", lambda name: loads.append(name) or load_model(name))
+    load_model = batch.load_model
+    monkeypatch.setattr(batch, "load_model", lambda name: loads.append(name) or load_model(name))
     exams = tmp_path / "exams"
     a = _case(exams, "a")
     broken = exams / "broken"
@@ -171,7 +173,9 @@ def test_segment_out_dir_runs_a_batch_past_a_bad_case(tmp_path, tiny_model, caps
     assert "2 segmented; 1 failed: broken" in captured.err
     assert loads == [tiny_model]  # one model load for the whole batch
     maps = [out / "a_seg.nii.gz", out / "patient01_seg.nii.gz"]
-    assert sorted(out.iterdir()) == maps
+    reports = [out / "a_report.json", out / "patient01_report.json"]
+    cohort = [out / "cohort.csv", out / "cohort.json"]
+    assert sorted(out.iterdir()) == sorted([*maps, *reports, *cohort])
     assert all(f"wrote {path}" in captured.out for path in maps)
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
     for path in maps:
@@ -206,21 +210,20 @@ def test_segment_out_dir_runs_a_batch_past_a_bad_case(tmp_path, tiny_model, caps
 
 
 def test_a_case_that_fails_unexpectedly_does_not_stop_the_batch(tmp_path, capsys, monkeypatch):
-    import napari_tumorseg.pipeline as pipeline
+    import napari_tumorseg.batch as batch
 
     def segment_exam(exam, out, **kwargs):
         if exam.name == "a":
             raise ValueError("autodetected range of [inf, inf] is not finite")
-        out.write_bytes(b"map")
-        return None, [out]
+        raise TumorSegError("no common grid", exam.name)
 
-    monkeypatch.setattr(pipeline, "segment_exam", segment_exam)
-    monkeypatch.setattr(pipeline, "load_model", lambda name: None)
+    monkeypatch.setattr(batch, "segment_exam", segment_exam)
+    monkeypatch.setattr(batch, "load_model", lambda name: SimpleNamespace(label=name, card={}))
     cases = [str(_case(tmp_path, name)) for name in ("a", "b")]
     assert main(["segment", *cases, "--out-dir", str(tmp_path / "seg")]) == 2
     err = capsys.readouterr().err
     assert "error: unexpected ValueError: autodetected range" in err
-    assert "1 segmented; 1 failed: a" in err and "Traceback" not in err
+    assert "0 segmented; 2 failed: a, b" in err and "Traceback" not in err
 
 
 def test_segment_batch_arguments_are_checked_before_any_work(tmp_path, capsys):
@@ -470,8 +473,8 @@ def test_input_and_model_mistakes_are_named_before_any_work(tmp_path, monkeypatc
 
 
 def test_segment_folders_takes_plain_strings(tmp_path, tiny_model):
-    from napari_tumorseg.pipeline import segment_folders
+    from napari_tumorseg.batch import segment_folders
 
     outcome = segment_folders([str(BRATS)], str(tmp_path / "out"), model=tiny_model, log=str)
     assert not outcome.failed
-    assert [p.name for p in outcome.written] == ["brats2018_seg.nii.gz"]
+    assert [p.name for p in outcome.written] == ["brats2018_seg.nii.gz", "brats2018_report.json"]

@@ -135,31 +135,54 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     if args.out_dir is not None:
         return _segment_batch(args)
-    for option, value in (("--prob-dir", args.prob_dir), ("--skip-existing", args.skip_existing)):
+    for option, value in (
+        ("--prob-dir", args.prob_dir),
+        ("--skip-existing", args.skip_existing),
+        ("--dask", args.dask),
+        ("--workers", args.workers),
+        ("--threads-per-worker", args.threads_per_worker),
+    ):
         if value:
             raise TumorSegError(f"{option} goes with --out-dir (a batch of case folders)")
     exam = _exam_from_args(args)
-    _, written = segment_exam(exam, args.out, prob_out=args.prob, **_segment_options(args))
-    for path in written:
+    outcome = segment_exam(exam, args.out, prob_out=args.prob, **_segment_options(args))
+    for path in outcome.written:
         print(f"wrote {path}")
     return 0
 
 
 def _segment_batch(args: argparse.Namespace) -> int:
-    from .pipeline import segment_folders
+    from .batch import segment_folders
 
     if getattr(args, "sequence_order", None):
         raise TumorSegError("--t1/--t1ce/--t2/--flair name one exam's files: use --out")
     if args.prob is not None:
         raise TumorSegError("--prob names one file: with --out-dir use --prob-dir")
-    outcome = segment_folders(
-        args.inputs,
-        args.out_dir,
-        prob_dir=args.prob_dir,
-        skip_existing=args.skip_existing,
-        on_written=lambda path: print(f"wrote {path}", flush=True),
+    common = {
+        "prob_dir": args.prob_dir,
+        "skip_existing": args.skip_existing,
+        "on_written": lambda path: print(f"wrote {path}", flush=True),
         **_segment_options(args),
-    )
+    }
+    if args.dask is not None:
+        from .cluster import segment_folders_on_dask
+
+        outcome = segment_folders_on_dask(
+            args.inputs,
+            args.out_dir,
+            address=None if args.dask == LOCAL_CLUSTER else args.dask,
+            workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            **common,
+        )
+    else:
+        for option, value in (
+            ("--workers", args.workers),
+            ("--threads-per-worker", args.threads_per_worker),
+        ):
+            if value is not None:
+                raise TumorSegError(f"{option} goes with --dask")
+        outcome = segment_folders(args.inputs, args.out_dir, **common)
     print(f"tumorseg segment: {outcome.summary()}", file=sys.stderr)
     return 2 if outcome.failed else 0
 
@@ -281,6 +304,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``--dask`` without an address: a LocalCluster on this machine.
+LOCAL_CLUSTER = "local"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tumorseg",
@@ -324,6 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-existing",
         action="store_true",
         help="with --out-dir: leave the cases whose outputs are already there (resume a batch)",
+    )
+    seg.add_argument(
+        "--dask",
+        nargs="?",
+        const=LOCAL_CLUSTER,
+        metavar="ADDRESS",
+        help="with --out-dir: one Dask task per exam, on the cluster whose scheduler is at "
+        "ADDRESS (tcp://host:8786, tls://...; Dask's security settings apply), or without "
+        "ADDRESS on a local cluster of worker processes (127.0.0.1 only). The workers read "
+        "and write the paths given: a cluster needs a file system they all see. Needs "
+        'pip install "napari-tumorseg[dask]"',
+    )
+    seg.add_argument("--workers", type=int, help="with --dask and no ADDRESS: worker processes")
+    seg.add_argument(
+        "--threads-per-worker",
+        type=int,
+        help="with --dask and no ADDRESS: threads of each worker (default: up to 4)",
     )
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     seg.add_argument(

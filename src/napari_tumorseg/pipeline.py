@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +14,6 @@ import numpy as np
 
 from ._sample_data import sample_exam_dir
 from .core.devices import select_device
-from .core.dicom import read_case
 from .core.errors import TumorSegError
 from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
 from .core.io import (
@@ -107,19 +106,20 @@ def prepare_exam(
     register: bool = False,
     reference: str | None = None,
     log: Callable[[str], None] = print,
-) -> Volume:
-    """The exam's scans as one (4, Z, Y, X) Volume on the reference scan's grid.
+) -> tuple[Volume, dict[str, float]]:
+    """The exam's scans as one (4, Z, Y, X) Volume on the reference scan's grid, and the head
+    overlap (foreground Dice, 0-1) each registered sequence reached with the reference.
 
     ``reference`` (a sequence name) is the scan whose geometry the outputs take; default: the
     first given. With ``register`` the other scans are registered to it (rigid, SimpleITK);
-    otherwise they must already lie on its grid.
+    otherwise they must already lie on its grid (no overlaps then).
     """
     if reference is not None:
         if reference not in exam.scans:
             raise TumorSegError(f"--reference {reference} is not among the given sequences")
         exam.scans = {reference: exam.scans[reference], **exam.scans}
     if not register:
-        return exam_to_channels(exam)
+        return exam_to_channels(exam), {}
     from .core.registration import stack_sequences
 
     ref = next(iter(exam.scans))
@@ -140,7 +140,18 @@ def prepare_exam(
         )
         for seq in order
     }
-    return exam_to_channels(Exam(scans=scans, name=exam.name))
+    overlaps = {seq: float(r.quality) for seq, r in stacked.results.items() if seq != ref}
+    return exam_to_channels(Exam(scans=scans, name=exam.name)), overlaps
+
+
+@dataclass
+class ExamOutcome:
+    """What `segment_exam` did: the segmentation, the files written, and the head overlap each
+    registered sequence reached with the reference (empty when not registered)."""
+
+    result: SegmentationResult
+    written: list[Path]
+    registration: dict[str, float] = field(default_factory=dict)
 
 
 def segment_exam(
@@ -155,13 +166,15 @@ def segment_exam(
     reference: str | None = None,
     log: Callable[[str], None] = print,
     precision: str = "auto",
-) -> tuple[SegmentationResult, list[Path]]:
+    outputs: OutputFiles | None = None,
+) -> ExamOutcome:
     """Segment one exam and write the label map (and probabilities) in the reference geometry.
 
     The outputs and ``overlap`` are checked first, so that a bad name fails before minutes of
     registration and inference, and written together: the label map replaces an existing
     file only once the probabilities were written too. ``model``: a name or a loaded model;
-    ``out`` None: the probabilities only.
+    ``out`` None: the probabilities only. With ``outputs`` the files are staged there, to be
+    renamed into place with the caller's other files (a report) when it commits.
     """
     if out is None and prob_out is None:
         raise TumorSegError("no output given")
@@ -169,7 +182,7 @@ def segment_exam(
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
     tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
-    channels = prepare_exam(exam, register=register, reference=reference, log=log)
+    channels, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
     missing = [s for s in SEQUENCES if s not in channels.channels]
     log(
         f"segmenting {exam.name} with {tumour_model.label} on {', '.join(channels.channels)}"
@@ -191,150 +204,17 @@ def segment_exam(
     )
     like = exam.reference
     written = []
-    with OutputFiles() as outputs:
+    with nullcontext(outputs) if outputs is not None else OutputFiles() as staged:
         if out is not None:
-            written.append(write_labels(out, result.labels.array, like, outputs=outputs))
+            written.append(write_labels(out, result.labels.array, like, outputs=staged))
         if prob_out is not None:
-            written.append(
-                write_volume(prob_out, result.probabilities.array, like, outputs=outputs)
-            )
+            written.append(write_volume(prob_out, result.probabilities.array, like, outputs=staged))
     log(f"done in {result.seconds:.1f} s on {result.device} ({result.precision})")
     for note in result.notes:
         log(note)
     for warning in result.warnings:
         log(f"warning: {warning}")
-    return result, written
-
-
-@dataclass
-class BatchOutcome:
-    """What `segment_folders` did with each case folder."""
-
-    segmented: list[Path] = field(default_factory=list)
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)  # outputs already there (skip_existing)
-    failed: list[tuple[Path, str]] = field(default_factory=list)  # (case folder, why)
-
-    def summary(self) -> str:
-        parts = [f"{len(self.segmented)} segmented"]
-        if self.skipped:
-            parts.append(f"{len(self.skipped)} skipped (outputs already there)")
-        if self.failed:
-            names = ", ".join(case.name for case, _ in self.failed)
-            parts.append(f"{len(self.failed)} failed: {names}")
-        return "; ".join(parts)
-
-
-def segment_folders(
-    cases: Sequence[Path],
-    out_dir: Path,
-    prob_dir: Path | None = None,
-    skip_existing: bool = False,
-    model: str = "3d",
-    log: Callable[[str], None] = print,
-    on_written: Callable[[Path], None] | None = None,
-    **options,
-) -> BatchOutcome:
-    """Segment a batch of case folders, one model load for all: ``out_dir/<case>_seg.nii.gz``
-    (and ``prob_dir/<case>_prob.nii.gz``) for each, ``options`` as `segment_exam`'s;
-    ``on_written(path)`` as each file is written.
-
-    Everything that would fail for every case (a case that is not a folder, two cases of one
-    name, an output folder that is a file or not writable, the model, the device, the overlap)
-    is checked before the first exam. A case folder given twice counts once; an output folder
-    given among the cases (``exams/*`` with ``--out-dir exams/seg``) is left out. A case that
-    fails (unreadable scans, no common grid, ...) is logged with its reason and the batch goes
-    on; its earlier outputs, if any, stay as they were. ``skip_existing`` never replaces an
-    output that is there: a case whose outputs are all there is skipped, one with some of them
-    there gets only the missing ones (an interrupted batch resumes; ``--prob-dir`` added later
-    fills in what is missing).
-    """
-    out_dir = Path(out_dir)
-    prob_dir = Path(prob_dir) if prob_dir is not None else None
-    folders = [d for d in (out_dir, prob_dir) if d is not None]
-    for folder in folders:
-        if folder.name.lower().endswith((".nii", ".nii.gz")):
-            raise TumorSegError("is a NIfTI file name, not a folder for the outputs", folder)
-        if folder.exists() and not folder.is_dir():
-            raise TumorSegError("is not a folder", folder)
-    outputs = {os.path.realpath(folder) for folder in folders}
-    by_name: dict[str, Path] = {}
-    seen: set[str] = set()
-    left_out = []
-    for case in map(Path, cases):
-        real = os.path.realpath(case)
-        if real in seen:
-            continue
-        seen.add(real)
-        if real in outputs:
-            left_out.append(case)
-            continue
-        if not case.is_dir():
-            raise TumorSegError(
-                "is not a folder: a batch takes case folders (one exam's files: segment it alone)",
-                case,
-            )
-        # Named as given (a link keeps its own name); "." and ".." by the folder they mean.
-        name = Path(os.path.abspath(case)).name
-        key = name.casefold()  # one file on case-insensitive disks
-        if key in by_name:
-            raise TumorSegError(
-                f"two case folders are named {name!r} ({by_name[key]} and {case}): their "
-                "outputs would take one name"
-            )
-        by_name[key] = case
-    if not by_name:
-        also = f" ({left_out[0]} is the output folder)" if left_out else ""
-        raise TumorSegError(f"no case folder given{also}")
-    check_overlap(options.get("overlap", 0.5))
-    select_device(options.get("device", "auto"))
-    tumour_model = load_model(model)
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise TumorSegError("cannot be written to (permission denied)", folder)
-    for case in left_out:
-        log(f"{case}: the output folder, not a case: left out")
-    outcome = BatchOutcome()
-    for index, case in enumerate(by_name.values(), start=1):
-        name = Path(os.path.abspath(case)).name
-        out = out_dir / f"{name}_seg.nii.gz"
-        prob = prob_dir / f"{name}_prob.nii.gz" if prob_dir is not None else None
-        log(f"[{index}/{len(by_name)}] {case}")
-        if skip_existing:  # an output that is there is never replaced, whichever it is
-            there = [p for p in (out, prob) if p is not None and p.exists()]
-            if len(there) == len([p for p in (out, prob) if p is not None]):
-                log(f"  skipped: {' and '.join(p.name for p in there)} already there")
-                outcome.skipped.append(case)
-                continue
-            for path in there:
-                log(f"  {path.name} is already there and is left as it is")
-            out = None if out in there else out
-            prob = None if prob in there else prob
-        try:
-            exam = read_case(case, read_labels=False)  # NIfTI files or a DICOM study
-            for message in exam.warnings:
-                log(f"  warning: {message}")
-            _, written = segment_exam(
-                exam, out, model=tumour_model, prob_out=prob, log=lambda m: log(f"  {m}"), **options
-            )
-        except Exception as exc:  # one case never stops the batch
-            reason = str(exc)
-            if isinstance(exc, OSError):  # a full disk, a folder that became unwritable
-                reason = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else reason
-            elif isinstance(exc, MemoryError):
-                reason = "not enough memory for this exam"
-            elif not isinstance(exc, TumorSegError):  # a bug of ours: say what it was
-                reason = f"unexpected {type(exc).__name__}: {exc}"
-            log(f"  error: {reason}")
-            outcome.failed.append((case, reason))
-            continue
-        for path in written:
-            if on_written is not None:
-                on_written(path)
-        outcome.written += written
-        outcome.segmented.append(case)
-    return outcome
+    return ExamOutcome(result, written, overlaps)
 
 
 def run_headless_demo(
@@ -353,14 +233,15 @@ def run_headless_demo(
     written: list[Path] = []
     exam = read_exam(sample_exam_dir("brats2018"))
     log(f"read {exam.name}: {', '.join(exam.scans)} + expert labels")
-    result, files = segment_exam(
+    outcome = segment_exam(
         exam,
         out_dir / f"{exam.name}_seg.nii.gz",
         model=model,
         prob_out=out_dir / f"{exam.name}_prob.nii.gz",
         log=log,
     )
-    written += files
+    result = outcome.result
+    written += outcome.written
     reference = exam.reference
     metrics = evaluate_labels(result.labels.array, exam.labels.array, reference.spacing)
     log(
@@ -385,7 +266,7 @@ def run_headless_demo(
 
     raw = read_exam(sample_exam_dir("tcga_raw"))
     log(f"read {raw.name}: {', '.join(raw.scans)} as scanned (not registered)")
-    result, files = segment_exam(
+    outcome = segment_exam(
         raw,
         out_dir / f"{raw.name}_seg.nii.gz",
         model=model,
@@ -393,7 +274,8 @@ def run_headless_demo(
         reference="t1ce",
         log=log,
     )
-    written += files
+    result = outcome.result
+    written += outcome.written
     t1ce = raw.scans["t1ce"]
     report = label_map_report(
         result.labels.array,

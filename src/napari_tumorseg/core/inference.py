@@ -173,6 +173,8 @@ class SegmentationResult:
         What else the user should know (e.g. whether a model's exam head was applied).
     warnings : tuple of str
         What makes the map doubtful (e.g. an exam that is not skull-stripped).
+    skull_stripped : bool
+        Whether the exam looked skull-stripped (zero background around the brain).
     postprocess : dict
         The rules that made ``labels`` from ``probabilities`` (`card_labels`), with the
         per-region ``thresholds`` actually used: to redo the labels at other thresholds alike.
@@ -188,6 +190,7 @@ class SegmentationResult:
     notes: tuple[str, ...] = ()
     postprocess: dict = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    skull_stripped: bool = True
 
 
 class _ModelToInput:
@@ -455,6 +458,7 @@ def segment(
         notes=notes,
         postprocess=rules,
         warnings=doubts,
+        skull_stripped=prepared.skull_stripped,
     )
 
 
