@@ -181,3 +181,16 @@ def test_dask_missing_says_how_to_install(exams, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "distributed", None)
     assert main(["segment", str(exams / "a"), "--out-dir", str(tmp_path), "--dask"]) == 2
     assert 'pip install "napari-tumorseg[dask]"' in capsys.readouterr().err
+
+
+def test_torch_threads_share_each_hosts_cores_among_the_exams_it_runs_at_once():
+    from napari_tumorseg.cluster import torch_threads
+
+    answers = {
+        "tcp://a:1": {"host": "a", "cores": 8},
+        "tcp://a:2": {"host": "a", "cores": 8},
+        "tcp://b:1": {"host": "b", "cores": 4},
+    }
+    nthreads = {"tcp://a:1": 1, "tcp://a:2": 1, "tcp://b:1": 4}  # b runs 4 exams at once
+    assert torch_threads(answers, nthreads) == {"a": 4, "b": 1}
+    assert torch_threads(answers, nthreads, fixed=2) == {"a": 2, "b": 2}

@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--threads-per-worker",
         type=int,
-        help="with --dask and no ADDRESS: threads of each worker (default: up to 4)",
+        help="with --dask and no ADDRESS: the threads each worker segments its exam with, one "
+        "exam at a time (default: up to 4)",
     )
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     seg.add_argument(

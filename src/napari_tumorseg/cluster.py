@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -66,12 +67,11 @@ def _distributed():
 def local_cluster_shape(
     workers: int | None = None, threads_per_worker: int | None = None
 ) -> tuple[int, int]:
-    """(workers, threads per worker) for a LocalCluster on this machine: by default workers of
-    up to 4 threads (a network's convolutions use 4 threads well, and fewer, larger workers
-    hold fewer copies of the model and the exams), as many as the cores and the memory
-    (`WORKER_MEMORY_GIB` each) allow."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = max(1, cores or 1)
+    """(workers, threads per worker) for a LocalCluster on this machine, each worker segmenting
+    one exam at a time with its threads. By default workers of up to 4 threads (a network's
+    convolutions use 4 threads well, and fewer, larger workers hold fewer copies of the model
+    and the exams), as many as the cores and the memory (`WORKER_MEMORY_GIB` each) allow."""
+    cores = _cores()
     if threads_per_worker is None:
         threads_per_worker = min(4, max(1, cores // workers) if workers else cores)
     if workers is None:
@@ -98,7 +98,8 @@ def dask_client(
     threads_per_worker: int | None = None,
 ) -> Iterator:
     """A `distributed.Client` of the cluster at ``address``, or of a new LocalCluster of
-    worker processes bound to 127.0.0.1 (closed on exit)."""
+    ``workers`` worker processes bound to 127.0.0.1 (closed on exit), each segmenting one exam
+    at a time with ``threads_per_worker`` threads."""
     distributed = _distributed()
     if address:
         if workers is not None or threads_per_worker is not None:
@@ -111,18 +112,20 @@ def dask_client(
         except (OSError, TimeoutError) as exc:
             raise TumorSegError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
         with client:
+            client.torch_threads = None  # from each host's cores and workers (`torch_threads`)
             yield client
         return
     n, threads = local_cluster_shape(workers, threads_per_worker)
     cluster = distributed.LocalCluster(
         n_workers=n,
-        threads_per_worker=threads,
+        threads_per_worker=1,  # Dask's threads run tasks: one exam at a time per worker
         processes=True,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:8787",  # another free port if that one is taken
         scheduler_port=0,
     )
     with cluster, distributed.Client(cluster) as client:
+        client.torch_threads = threads  # what each worker's exam gets (`torch_threads`)
         yield client
 
 
@@ -136,12 +139,33 @@ def worker_model(name: str) -> TumorModel:
     """The model ``name``, loaded once per worker process."""
     if name not in _MODELS:
         _MODELS[name] = load_model(name)
+        _malloc_as_glibc_default()
     return _MODELS[name]
 
 
-def check_worker(cases: list[str], folders: list[str], model: str, device: str) -> list[str]:
-    """Run on every worker before the first task: what this worker cannot do. Also loads the
-    model, so that the first task does not pay for it."""
+def _malloc_as_glibc_default() -> None:
+    """Undo Dask's MALLOC_TRIM_THRESHOLD_=65536 in this worker process (glibc only).
+
+    Dask's nanny starts workers with it to hand freed memory back to the system sooner; it
+    also freezes glibc's mmap threshold at 128 kB, so every array an exam's preprocessing makes
+    and frees is mapped and unmapped again: a 3D segmentation took 4.4 s in a worker against
+    3.3 s without it (benchmarks/bench_cluster.py). These are the values glibc's own dynamic
+    thresholds reach (32 MiB, and twice that for trimming)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameters
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)
+        libc.mallopt(m_trim_threshold, 64 * 2**20)
+    except (OSError, AttributeError):  # not glibc: nothing to undo
+        pass
+
+
+def check_worker(cases: list[str], folders: list[str], model: str, device: str) -> dict:
+    """Run on every worker before the first task: what this worker cannot do (``problems``),
+    its host and the cores it may use. Also loads the model, so that the first task does not
+    pay for it."""
     problems = [f"cannot see the case folder {case}" for case in cases if not os.path.isdir(case)]
     for folder in folders:
         if not os.path.isdir(folder):
@@ -153,26 +177,49 @@ def check_worker(cases: list[str], folders: list[str], model: str, device: str) 
         worker_model(model)
     except TumorSegError as exc:
         problems.append(str(exc))
-    return problems
+    return {"problems": problems, "host": socket.gethostname(), "cores": _cores()}
 
 
-def segment_case_task(job: CaseJob, model: str, options: dict) -> tuple[dict, list[str]]:
-    """One exam on a worker: its cohort row and its log lines. torch gets the worker's threads
-    (Dask's nanny sets OMP_NUM_THREADS=1 in the worker's environment)."""
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def segment_case_task(
+    job: CaseJob, model: str, options: dict, threads: dict[str, int]
+) -> tuple[dict, list[str]]:
+    """One exam on a worker: its cohort row and its log lines. torch gets ``threads[host]``
+    threads (`torch_threads`; Dask's nanny starts workers with OMP_NUM_THREADS=1); a worker
+    restarted since, on a host not planned for, the fewest planned."""
     import torch
+    from distributed import get_worker
 
+    worker = get_worker().address
+    host = socket.gethostname()
+    torch.set_num_threads(threads.get(host, min(threads.values(), default=1)))
     lines: list[str] = []
-    worker = ""
-    try:
-        from distributed import get_worker
-
-        state = get_worker()
-        worker = state.address
-        torch.set_num_threads(max(1, state.state.nthreads))
-    except ValueError:  # not on a worker (a test calling it directly)
-        pass
     row = run_case(job, worker_model(model), log=lines.append, worker=worker, **options)
     return row, lines
+
+
+def torch_threads(
+    answers: dict[str, dict], nthreads: dict[str, int], fixed: int | None = None
+) -> dict[str, int]:
+    """Host -> torch threads for each exam its workers run: ``fixed`` (a LocalCluster's
+    ``--threads-per-worker``), or the host's cores shared among the exams its workers run at
+    once (a worker runs as many as it has Dask threads), so that no host is oversubscribed.
+    ``answers``: `check_worker`'s, by worker address; ``nthreads``: Dask threads by worker."""
+    slots: dict[str, int] = {}
+    cores: dict[str, int] = {}
+    for worker, answer in answers.items():
+        host = answer["host"]
+        slots[host] = slots.get(host, 0) + nthreads.get(worker, 1)
+        cores[host] = min(cores.get(host, answer["cores"]), answer["cores"])
+    if fixed is not None:
+        return dict.fromkeys(slots, fixed)
+    return {host: max(1, cores[host] // slots[host]) for host in slots}
 
 
 # --- on the client --------------------------------------------------------------------------
@@ -194,9 +241,11 @@ def _absolute(job: CaseJob) -> CaseJob:
     )
 
 
-def check_workers(client, jobs: Sequence[CaseJob], folders, model: str, device: str) -> int:
+def check_workers(
+    client, jobs: Sequence[CaseJob], folders, model: str, device: str
+) -> dict[str, int]:
     """Run `check_worker` on every worker; a clear error naming the worker and the problem
-    when one cannot do its part. Returns the number of workers."""
+    when one cannot do its part. Returns each worker's torch threads (`torch_threads`)."""
     workers = client.scheduler_info().get("workers", {})
     if not workers:
         client.wait_for_workers(1, timeout=120)
@@ -207,7 +256,11 @@ def check_workers(client, jobs: Sequence[CaseJob], folders, model: str, device: 
         model,
         device,
     )
-    problems = [f"{worker}: {problem}" for worker, found in answers.items() for problem in found]
+    problems = [
+        f"{worker}: {problem}"
+        for worker, answer in answers.items()
+        for problem in answer["problems"]
+    ]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise TumorSegError(
@@ -217,7 +270,8 @@ def check_workers(client, jobs: Sequence[CaseJob], folders, model: str, device: 
             + ". The workers read the exams and write the outputs themselves: they need a "
             "file system that holds them at the same paths, and the model"
         )
-    return len(answers)
+    nthreads = client.nthreads()
+    return torch_threads(answers, nthreads, getattr(client, "torch_threads", None))
 
 
 def segment_folders_on_dask(
@@ -254,21 +308,32 @@ def segment_folders_on_dask(
             tumour_model, options, engine=f"Dask, scheduler {client.scheduler.address}"
         )
         log(f"Dask dashboard: {client.dashboard_link}")
+        threads = {}
         if jobs:
-            count = check_workers(client, jobs, folders, model, device)
-            log(f"{len(jobs)} exams on {count} Dask workers")
-        _run_jobs(
-            client, jobs, model, options, outcome, about, Path(out_dir), log, on_written, progress
-        )
+            threads = check_workers(client, jobs, folders, model, device)
+            log(
+                f"{len(jobs)} exams on {len(client.nthreads())} Dask workers, "
+                f"{sum(client.nthreads().values())} at a time; torch threads per exam: "
+                + ", ".join(f"{n} on {host}" for host, n in threads.items())
+            )
+        run = (client, jobs, model, options, threads)
+        _run_jobs(run, outcome, about, Path(out_dir), log, on_written, progress)
     return outcome
 
 
-def _run_jobs(client, jobs, model, options, outcome, about, out_dir, log, on_written, progress):
+def _run_jobs(run, outcome, about, out_dir, log, on_written, progress):
     from distributed import as_completed
 
+    client, jobs, model, options, threads = run
     futures = {
         client.submit(
-            segment_case_task, job, model, options, pure=False, key=f"tumorseg-{job.name}-{i}"
+            segment_case_task,
+            job,
+            model,
+            options,
+            threads,
+            pure=False,
+            key=f"tumorseg-{job.name}-{i}",
         ): job
         for i, job in enumerate(jobs)
     }
