@@ -162,6 +162,18 @@ def test_a_worker_killed_mid_exam_loses_nothing(exams, tmp_path, tiny_model, clu
     )
     for labels in _labels(out).values():
         assert labels.shape == (110, 140, 80)
+    # The workers keep the model loaded for their next exams (one started in place of the
+    # killed one holds it once it has had an exam).
+    with distributed.Client(cluster.scheduler_address) as client:
+        held = client.run(_models_held)
+    assert [tiny_model] in held.values()
+    assert all(names in ([], [tiny_model]) for names in held.values())
+
+
+def _models_held() -> list[str]:
+    from napari_tumorseg.cluster import _MODELS
+
+    return list(_MODELS)
 
 
 def test_a_worker_that_cannot_see_a_case_is_a_clear_error(tmp_path, tiny_model, cluster):
