@@ -92,32 +92,21 @@ def _memory_gib() -> float | None:
 
 
 @contextmanager
-def dask_client(
-    address: str | None = None,
-    workers: int | None = None,
-    threads_per_worker: int | None = None,
-) -> Iterator:
+def dask_client(address: str | None = None, workers: int = 1) -> Iterator:
     """A `distributed.Client` of the cluster at ``address``, or of a new LocalCluster of
-    ``workers`` worker processes bound to 127.0.0.1 (closed on exit), each segmenting one exam
-    at a time with ``threads_per_worker`` threads."""
+    ``workers`` worker processes bound to 127.0.0.1 (closed on exit), each running one exam
+    at a time."""
     distributed = _distributed()
     if address:
-        if workers is not None or threads_per_worker is not None:
-            raise TumorSegError(
-                "--workers and --threads-per-worker shape a local cluster: a cluster at an "
-                "address has the workers it was started with"
-            )
         try:
             client = distributed.Client(address, timeout=30)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:  # TimeoutError included
             raise TumorSegError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
         with client:
-            client.torch_threads = None  # from each host's cores and workers (`torch_threads`)
             yield client
         return
-    n, threads = local_cluster_shape(workers, threads_per_worker)
     cluster = distributed.LocalCluster(
-        n_workers=n,
+        n_workers=workers,
         threads_per_worker=1,  # Dask's threads run tasks: one exam at a time per worker
         processes=True,
         host="127.0.0.1",
@@ -125,7 +114,6 @@ def dask_client(
         scheduler_port=0,
     )
     with cluster, distributed.Client(cluster) as client:
-        client.torch_threads = threads  # what each worker's exam gets (`torch_threads`)
         yield client
 
 
@@ -242,20 +230,28 @@ def _absolute(job: CaseJob) -> CaseJob:
 
 
 def check_workers(
-    client, jobs: Sequence[CaseJob], folders, model: str, device: str
+    client, jobs: Sequence[CaseJob], folders, model: str, device: str, fixed: int | None = None
 ) -> dict[str, int]:
     """Run `check_worker` on every worker; a clear error naming the worker and the problem
-    when one cannot do its part. Returns each worker's torch threads (`torch_threads`)."""
-    workers = client.scheduler_info().get("workers", {})
-    if not workers:
-        client.wait_for_workers(1, timeout=120)
-    answers = client.run(
-        check_worker,
-        [str(job.case) for job in jobs],
-        [os.path.abspath(f) for f in folders],
-        model,
-        device,
-    )
+    when one cannot do its part. Returns each host's torch threads per exam (`torch_threads`;
+    ``fixed``: a LocalCluster's)."""
+    try:
+        if not client.nthreads():
+            client.wait_for_workers(1, timeout=120)
+        answers = client.run(
+            check_worker,
+            [str(job.case) for job in jobs],
+            [os.path.abspath(f) for f in folders],
+            model,
+            device,
+        )
+    except TimeoutError:
+        raise TumorSegError("the Dask cluster has no worker (none joined in 120 s)") from None
+    except Exception as exc:  # noqa: BLE001 -- a worker without the plugin, or another one
+        raise TumorSegError(
+            f"a Dask worker could not check its part of the batch ({type(exc).__name__}: "
+            f"{exc}): the workers need napari-tumorseg installed, the same version as here"
+        ) from None
     problems = [
         f"{worker}: {problem}"
         for worker, answer in answers.items()
@@ -270,8 +266,7 @@ def check_workers(
             + ". The workers read the exams and write the outputs themselves: they need a "
             "file system that holds them at the same paths, and the model"
         )
-    nthreads = client.nthreads()
-    return torch_threads(answers, nthreads, getattr(client, "torch_threads", None))
+    return torch_threads(answers, client.nthreads(), fixed)
 
 
 def segment_folders_on_dask(
@@ -303,14 +298,23 @@ def segment_folders_on_dask(
     jobs = [_absolute(job) for job in plan.jobs]
     outcome = start_outcome(plan, log)
     folders = [f for f in (out_dir, prob_dir) if f is not None]
-    with dask_client(address, workers, threads_per_worker) as client:
+    fixed = None  # torch threads: from each host's cores on a cluster at an address
+    if address:
+        if workers is not None or threads_per_worker is not None:
+            raise TumorSegError(
+                "--workers and --threads-per-worker shape a local cluster: a cluster at an "
+                "address has the workers it was started with"
+            )
+    else:
+        workers, fixed = local_cluster_shape(workers, threads_per_worker)
+    with dask_client(address, workers or 1) as client:
         about = batch_about(
             tumour_model, options, engine=f"Dask, scheduler {client.scheduler.address}"
         )
         log(f"Dask dashboard: {client.dashboard_link}")
         threads = {}
         if jobs:
-            threads = check_workers(client, jobs, folders, model, device)
+            threads = check_workers(client, jobs, folders, model, device, fixed)
             log(
                 f"{len(jobs)} exams on {len(client.nthreads())} Dask workers, "
                 f"{sum(client.nthreads().values())} at a time; torch threads per exam: "
