@@ -52,6 +52,7 @@ COLUMNS = (
     "registered",
     "registration_overlap_min",
     "skull_stripped",
+    "brain_extracted",
     "mean_uncertainty_in_tumour",
     "seconds",
     "worker",
@@ -269,7 +270,8 @@ def run_case(
 
 def cohort_row(job: CaseJob, outcome, model: TumorModel, seconds: float, worker: str) -> dict:
     """A segmented case's cohort row: volumes per label and region (mL), the model, how well
-    the sequences were registered, whether the exam was skull-stripped, the mean uncertainty
+    the sequences were registered, whether the exam was skull-stripped (as segmented: after
+    the brain extraction, if it had one) and brain-extracted here, the mean uncertainty
     (entropy, bits) of the probabilities inside the whole tumour, seconds, worker."""
     result = outcome.result
     labels = result.labels
@@ -289,6 +291,7 @@ def cohort_row(job: CaseJob, outcome, model: TumorModel, seconds: float, worker:
         registered=bool(overlaps),
         registration_overlap_min=min(overlaps.values()) if overlaps else None,
         skull_stripped=bool(result.skull_stripped),
+        brain_extracted=outcome.brain is not None,
         mean_uncertainty_in_tumour=uncertainty,
         seconds=seconds,
         worker=worker,

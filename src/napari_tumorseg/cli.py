@@ -126,6 +126,7 @@ def _segment_options(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "register": args.register,
         "reference": args.reference,
+        "brain_extraction": args.brain_extraction,
         "log": lambda m: print(m, file=sys.stderr),
     }
 
@@ -386,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--register",
         action="store_true",
         help="register the sequences to the reference first (raw exams)",
+    )
+    seg.add_argument(
+        "--brain-extraction",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="mask the scans to the brain with HD-BET after registration: auto (default) only "
+        "when the exam is not skull-stripped, on, off. Needs the brain extra: "
+        'pip install "napari-tumorseg[brain]"',
     )
     seg.add_argument(
         "--reference",

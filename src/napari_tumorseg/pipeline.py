@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ._sample_data import sample_exam_dir
+from .core.brain import BrainResult
 from .core.devices import select_device
 from .core.errors import TumorSegError
 from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
@@ -30,6 +31,7 @@ from .core.io import (
 from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from .core.models import TumorModel, load_model
+from .core.preprocess import is_skull_stripped
 from .core.volume import Volume
 
 
@@ -144,14 +146,56 @@ def prepare_exam(
     return exam_to_channels(Exam(scans=scans, name=exam.name)), overlaps
 
 
+#: ``--brain-extraction`` choices: only when the exam is not skull-stripped, always, never.
+BRAIN_EXTRACTION = ("auto", "on", "off")
+
+
+def extract_brain_if_needed(
+    channels: Volume, mode: str = "auto", log: Callable[[str], None] = print
+) -> tuple[Volume, BrainResult | None]:
+    """``channels`` masked to the brain (HD-BET, `core.brain`) when ``mode`` is "on", or
+    "auto" and the exam is not skull-stripped; the brain extraction's result, or None.
+
+    The mask comes from the post-contrast T1 where there is one (the reference of the raw
+    demo), else the first sequence. "auto" without HD-BET installed logs how to install it and
+    goes on (the segmentation then warns that the skull is on); "on" fails.
+    """
+    if mode not in BRAIN_EXTRACTION:
+        raise TumorSegError(f"--brain-extraction {mode}: expected one of {BRAIN_EXTRACTION}")
+    if mode == "off" or (mode == "auto" and is_skull_stripped(channels.array)):
+        return channels, None
+    from .core import brain
+
+    if not brain.available():
+        if mode == "on":
+            brain.weights_path()  # the error that says how to install it
+        log(
+            "warning: the exam is not skull-stripped and brain extraction is not installed: "
+            + brain.INSTALL_HINT
+        )
+        return channels, None
+    names = list(channels.channels)
+    source = "t1ce" if "t1ce" in names else names[0]
+    scan = channels.with_array(channels.array[names.index(source)], name=source, channels=())
+    result = run_to_end(brain.extract_brain(scan))
+    log(
+        f"brain extracted from {source} with HD-BET: {result.volume_ml:.0f} mL in "
+        f"{result.seconds:.1f} s"
+    )
+    masked = channels.array * result.mask.array[None].astype(channels.array.dtype)
+    return channels.with_array(masked), result
+
+
 @dataclass
 class ExamOutcome:
-    """What `segment_exam` did: the segmentation, the files written, and the head overlap each
-    registered sequence reached with the reference (empty when not registered)."""
+    """What `segment_exam` did: the segmentation, the files written, the head overlap each
+    registered sequence reached with the reference (empty when not registered), and the brain
+    extraction's result (None when the exam was not brain-extracted)."""
 
     result: SegmentationResult
     written: list[Path]
     registration: dict[str, float] = field(default_factory=dict)
+    brain: BrainResult | None = None
 
 
 def segment_exam(
@@ -167,6 +211,7 @@ def segment_exam(
     log: Callable[[str], None] = print,
     precision: str = "auto",
     outputs: OutputFiles | None = None,
+    brain_extraction: str = "auto",
 ) -> ExamOutcome:
     """Segment one exam and write the label map (and probabilities) in the reference geometry.
 
@@ -175,6 +220,7 @@ def segment_exam(
     file only once the probabilities were written too. ``model``: a name or a loaded model;
     ``out`` None: the probabilities only. With ``outputs`` the files are staged there, to be
     renamed into place with the caller's other files (a report) when it commits.
+    ``brain_extraction``: `extract_brain_if_needed`'s mode, after registration.
     """
     if out is None and prob_out is None:
         raise TumorSegError("no output given")
@@ -182,7 +228,14 @@ def segment_exam(
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
     tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
+    if brain_extraction not in BRAIN_EXTRACTION:  # before minutes of registration
+        raise TumorSegError(f"--brain-extraction {brain_extraction}: expected {BRAIN_EXTRACTION}")
+    if brain_extraction == "on":  # so does a brain extraction that is not installed
+        from .core.brain import weights_path
+
+        weights_path()
     channels, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
+    channels, brain = extract_brain_if_needed(channels, brain_extraction, log)
     missing = [s for s in SEQUENCES if s not in channels.channels]
     log(
         f"segmenting {exam.name} with {tumour_model.label} on {', '.join(channels.channels)}"
@@ -214,7 +267,7 @@ def segment_exam(
         log(note)
     for warning in result.warnings:
         log(f"warning: {warning}")
-    return ExamOutcome(result, written, overlaps)
+    return ExamOutcome(result, written, overlaps, brain)
 
 
 def run_headless_demo(

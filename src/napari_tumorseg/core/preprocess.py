@@ -54,6 +54,15 @@ def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
     return _brain_mask(channels, present)[0]
 
 
+def is_skull_stripped(channels: np.ndarray, present=None) -> bool:
+    """Whether a (C, Z, Y, X) exam is zero around the brain (`SKULL_STRIPPED_BELOW`)."""
+    present = range(channels.shape[0]) if present is None else list(present)
+    nonzero = np.zeros(channels.shape[1:], bool)
+    for c in present:
+        nonzero |= channels[c] != 0
+    return _border_share(nonzero) < SKULL_STRIPPED_BELOW
+
+
 def _brain_mask(channels: np.ndarray, present=None) -> tuple[np.ndarray, bool]:
     """`brain_mask` and whether the exam is skull-stripped."""
     present = range(channels.shape[0]) if present is None else list(present)
