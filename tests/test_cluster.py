@@ -206,3 +206,10 @@ def test_torch_threads_share_each_hosts_cores_among_the_exams_it_runs_at_once():
     nthreads = {"tcp://a:1": 1, "tcp://a:2": 1, "tcp://b:1": 4}  # b runs 4 exams at once
     assert torch_threads(answers, nthreads) == {"a": 4, "b": 1}
     assert torch_threads(answers, nthreads, fixed=2) == {"a": 2, "b": 2}
+
+
+def test_a_case_folder_taken_as_the_scheduler_address_is_named(exams, tmp_path, capsys):
+    argv = ["segment", "--out-dir", str(tmp_path), "--dask", str(exams / "a"), str(exams / "b")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "took" in err and "as its scheduler's address" in err and "Traceback" not in err

@@ -296,10 +296,15 @@ def cohort_row(job: CaseJob, outcome, model: TumorModel, seconds: float, worker:
         seconds=seconds,
         worker=worker,
         warnings="; ".join(result.warnings),
-        label_map=str(job.out or next((p for p in job.kept if p.name.endswith("_seg.nii.gz")), ""))
-        or None,
-        probabilities=str(job.prob) if job.prob is not None else None,
+        label_map=_output(job, job.out, "_seg.nii.gz"),
+        probabilities=_output(job, job.prob, "_prob.nii.gz"),
     )
+
+
+def _output(job: CaseJob, written: Path | None, suffix: str) -> str | None:
+    """The case's output ending in ``suffix``: written now, or already there and kept."""
+    path = written or next((p for p in job.kept if p.name.endswith(suffix)), None)
+    return None if path is None else str(path)
 
 
 def write_cohort(out_dir: Path, rows: Sequence[dict], about: dict | None = None) -> list[Path]:

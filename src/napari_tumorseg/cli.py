@@ -168,6 +168,12 @@ def _segment_batch(args: argparse.Namespace) -> int:
     if args.dask is not None:
         from .cluster import segment_folders_on_dask
 
+        if args.dask != LOCAL_CLUSTER and "://" not in args.dask and Path(args.dask).exists():
+            raise TumorSegError(
+                f"--dask took {args.dask!r} as its scheduler's address: give the address as "
+                "tcp://host:port, or put --dask after the case folders"
+            )
+
         outcome = segment_folders_on_dask(
             args.inputs,
             args.out_dir,

@@ -150,6 +150,17 @@ def prepare_exam(
 BRAIN_EXTRACTION = ("auto", "on", "off")
 
 
+def check_brain_extraction(mode: str) -> None:
+    """A mode that is not one of `BRAIN_EXTRACTION`, or "on" without HD-BET installed, fails
+    (before minutes of registration)."""
+    if mode not in BRAIN_EXTRACTION:
+        raise TumorSegError(f"--brain-extraction {mode}: expected one of {BRAIN_EXTRACTION}")
+    if mode == "on":
+        from .core.brain import weights_path
+
+        weights_path()  # the error that says how to install it
+
+
 def extract_brain_if_needed(
     channels: Volume, mode: str = "auto", log: Callable[[str], None] = print
 ) -> tuple[Volume, BrainResult | None]:
@@ -160,15 +171,12 @@ def extract_brain_if_needed(
     demo), else the first sequence. "auto" without HD-BET installed logs how to install it and
     goes on (the segmentation then warns that the skull is on); "on" fails.
     """
-    if mode not in BRAIN_EXTRACTION:
-        raise TumorSegError(f"--brain-extraction {mode}: expected one of {BRAIN_EXTRACTION}")
+    check_brain_extraction(mode)
     if mode == "off" or (mode == "auto" and is_skull_stripped(channels.array)):
         return channels, None
     from .core import brain
 
     if not brain.available():
-        if mode == "on":
-            brain.weights_path()  # the error that says how to install it
         log(
             "warning: the exam is not skull-stripped and brain extraction is not installed: "
             + brain.INSTALL_HINT
@@ -228,12 +236,7 @@ def segment_exam(
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
     tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
-    if brain_extraction not in BRAIN_EXTRACTION:  # before minutes of registration
-        raise TumorSegError(f"--brain-extraction {brain_extraction}: expected {BRAIN_EXTRACTION}")
-    if brain_extraction == "on":  # so does a brain extraction that is not installed
-        from .core.brain import weights_path
-
-        weights_path()
+    check_brain_extraction(brain_extraction)  # so does a brain extraction not installed
     channels, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
     channels, brain = extract_brain_if_needed(channels, brain_extraction, log)
     missing = [s for s in SEQUENCES if s not in channels.channels]
