@@ -9,7 +9,7 @@ from napari_tumorseg.core.postprocess import remove_small_islands
 from napari_tumorseg.widgets._segmentation import edited_voxels, probability_layer_name
 from napari_tumorseg.widgets.review import UNCERTAINTY
 
-from ..conftest import BRATS, finished, open_dock
+from ..conftest import BRATS, TCGA_RAW, finished, open_dock
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -696,3 +696,38 @@ def test_a_segmentation_is_not_an_open_label_map_file(make_napari_viewer):
     assert open_volumes() == ([], [])
     viewer.open(str(next(BRATS.glob("*_seg.nii.gz"))), plugin="napari-tumorseg")
     assert len(open_volumes()[1]) == 1
+
+
+def test_brain_extraction_is_offered_before_the_run_and_masks_the_map(
+    make_napari_viewer, tiny_model, qtbot
+):
+    from napari_tumorseg.core import brain
+
+    viewer = make_napari_viewer()
+    widget = open_dock(viewer, "segment")
+    widget.refresh_models(select=tiny_model)
+    viewer.open(str(BRATS), plugin="napari-tumorseg")
+    assert not widget.brain.isVisibleTo(widget)  # a skull-stripped exam: nothing to offer
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    # The raw exam's post-contrast T1 alone: one grid, the skull on.
+    viewer.open(str(TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"), plugin="napari-tumorseg")
+    assert widget.brain.isVisibleTo(widget) and "skull" in widget.brain_note.text()
+    if not brain.available():
+        assert not widget.brain.isEnabled() and "pip install" in widget.brain_note.text()
+        return
+    assert widget.brain.isEnabled() and widget.brain.isChecked()
+    widget.brain.setChecked(False)
+    viewer.add_image(np.zeros((2, 2, 2)), name="unrelated")  # the user's choice stays
+    assert not widget.brain.isChecked()
+    widget.brain.setChecked(True)
+    steps = []
+    worker = widget.run()
+    worker.yielded.connect(lambda item: steps.append(type(item[0]).__name__))
+    with qtbot.waitSignal(widget.segmented, timeout=300_000):
+        pass
+    assert steps[0] == "BrainProgress" and steps[-1] != "BrainProgress"
+    mask = widget.brain_result.mask.array.astype(bool)
+    assert 900 < widget.brain_result.volume_ml < 2000
+    labels = np.asarray(widget.labels_layer.data)
+    assert labels.shape == mask.shape and not labels[~mask].any()

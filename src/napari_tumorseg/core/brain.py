@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TumorSegError
+from .io import Exam
 from .volume import Volume
 
 #: What to install when HD-BET is missing.
@@ -187,3 +188,16 @@ def extract_brain(scan: Volume) -> Generator[BrainProgress, None, BrainResult]:
         seconds=time.perf_counter() - started,
         volume_ml=float(mask.sum() * scan.voxel_volume_ml),
     )
+
+
+def exam_in_brain(exam: Exam) -> Generator[BrainProgress, None, tuple[Exam, BrainResult]]:
+    """``exam`` with every scan masked to the brain found in its post-contrast T1 (else its
+    first scan); the scans must share one grid. A generator, as `extract_brain`."""
+    source = exam.scans["t1ce"] if "t1ce" in exam.scans else next(iter(exam.scans.values()))
+    result = yield from extract_brain(source)
+    mask = result.mask.array.astype(bool)
+    scans = {
+        seq: scan.with_array(np.where(mask, scan.array, 0).astype(scan.array.dtype), name=seq)
+        for seq, scan in exam.scans.items()
+    }
+    return Exam(scans=scans, name=exam.name), result
