@@ -346,3 +346,46 @@ def test_a_dicom_study_dropped_on_napari_opens_its_four_sequences(make_napari_vi
         transform = exam.scans[seq].layer_transform()
         np.testing.assert_allclose(viewer.layers[seq].scale, transform["scale"], atol=1e-6)
         np.testing.assert_allclose(viewer.layers[seq].translate, transform["translate"], atol=1e-4)
+
+
+def test_a_study_the_plugin_cannot_sort_out_asks_which_series(
+    make_napari_viewer, tmp_path, monkeypatch, qtbot
+):
+    from napari_tumorseg.core.io import SEQUENCES, read_exam
+    from napari_tumorseg.widgets import _series_dialog
+
+    from .core.test_dicom import DESCRIPTIONS, write_series
+
+    exam = read_exam(BRATS)
+    study = tmp_path / "study"
+    for i, seq in enumerate(SEQUENCES):
+        write_series(exam.scans[seq], study / f"series{i}", DESCRIPTIONS[seq])
+    write_series(exam.scans["t1"], study / "repeat", "T2 TSE axial repeat")  # mislabelled
+
+    # The dialog the user sees: one of the two T2 series pre-set, the other not used.
+    asked = []
+
+    def ask(needed):
+        dialog = _series_dialog.SeriesDialog(needed)
+        qtbot.addWidget(dialog)
+        rows = {s.tags["description"]: box for s, box in zip(dialog.series, dialog.boxes)}
+        first, repeat = rows[DESCRIPTIONS["t2"]], rows["T2 TSE axial repeat"]
+        assert sorted([first.currentText(), repeat.currentText()]) == ["-", "t2"]
+        ok = dialog.buttons.button(_series_dialog.QDialogButtonBox.Ok)
+        first.setCurrentText("t2")
+        repeat.setCurrentText("t2")  # t2 twice: OK says no
+        assert not ok.isEnabled() and "t2" in dialog.problem.text()
+        first.setCurrentText(_series_dialog.NOT_USED)  # the user takes the repeat
+        assert ok.isEnabled() and not dialog.problem.text()
+        asked.append(dialog.choice())
+        return asked[-1] if len(asked) == 1 else None  # the second time: Cancel
+
+    monkeypatch.setattr(_series_dialog, "ask_series", ask)
+    viewer = make_napari_viewer()
+    viewer.open(str(study), plugin="napari-tumorseg")
+    assert [layer.name for layer in viewer.layers] == list(SEQUENCES)
+    # The series chosen for t2 is the repeat (which holds the T1 voxels).
+    np.testing.assert_array_equal(viewer.layers["t2"].data, exam.scans["t1"].array)
+    viewer.layers.clear()
+    viewer.open(str(study), plugin="napari-tumorseg")  # cancelled: nothing opened
+    assert len(viewer.layers) == 0 and len(asked) == 2

@@ -14,7 +14,7 @@ from ._layers import (
 )
 from ._notify import notify
 from ._warmup import install_units, warm_up_layers
-from .core.dicom import holds_dicom, read_case
+from .core.dicom import SeriesChoiceNeeded, holds_dicom, read_case
 from .core.errors import TumorSegError
 from .core.io import (
     SEQUENCES,
@@ -59,19 +59,35 @@ def read_nifti(path) -> list[tuple]:
     """Layer data for NIfTI files or one exam folder; errors become napari notifications."""
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     warm_up_layers()  # napari's first layers' set-up, beside the reading
-    try:
-        layers, warnings = read_layers(paths, *open_volumes())
-    except TumorSegError as exc:
-        notify(exc)  # the file's name and the problem first; the full path in the details
-        return _NOTHING
+    choices: dict = {}
+    while True:
+        try:
+            layers, warnings = read_layers(paths, *open_volumes(), dicom_choices=choices)
+            break
+        except SeriesChoiceNeeded as exc:  # a study whose series the user must pick
+            from .widgets._series_dialog import ask_series
+
+            choice = ask_series(exc)
+            if choice is None:
+                notify(f"{exc.folder.name}: not opened (no series chosen)", severity="info")
+                return _NOTHING
+            choices[exc.folder] = choice
+        except TumorSegError as exc:
+            notify(exc)  # the file's name and the problem first; the full path in the details
+            return _NOTHING
     for message in warnings:
         notify(message, severity="warning")
     install_units()
     return layers or _NOTHING
 
 
-def read_layers(paths, open_scans=(), open_labels=()) -> tuple[list[tuple], list[str]]:
+def read_layers(
+    paths, open_scans=(), open_labels=(), dicom_choices=None
+) -> tuple[list[tuple], list[str]]:
     """Layer-data tuples and warnings for files and exam folders (no napari needed).
+
+    ``dicom_choices``: DICOM study folder -> the series the user chose for each sequence
+    (`core.dicom.SeriesChoiceNeeded`).
 
     ``open_scans`` are the scans already in the viewer: a label map read on its own must lie on
     the grid of one of them or of a scan read alongside it. A file already open among them or
@@ -86,7 +102,7 @@ def read_layers(paths, open_scans=(), open_labels=()) -> tuple[list[tuple], list
     exams: dict[str, Path] = {}  # exam name -> the first path read of it
     for p in map(Path, paths):
         if p.is_dir():
-            exam = read_case(p)  # NIfTI files or a DICOM study
+            exam = read_case(p, choice=(dicom_choices or {}).get(p))  # NIfTI or DICOM
             exams.setdefault(exam.name, p)
             warnings += exam.warnings
             scans += exam.scans.values()

@@ -124,9 +124,22 @@ def test_two_series_of_one_sequence_are_listed_for_the_user_to_choose(study, tmp
         shutil.copytree(root / name, tmp_path / name)
     exam = read_exam(BRATS)
     write_series(exam.scans["t2"], tmp_path / "again", "T2 TSE axial repeat")
-    with pytest.raises(TumorSegError, match="more than one series for t2") as caught:
+    with pytest.raises(dicom.SeriesChoiceNeeded, match="more than one series for t2") as caught:
         dicom.read_dicom_exam(tmp_path)
     assert "T2 TSE axial repeat" in str(caught.value) and "FLAIR axial" in str(caught.value)
+    # What a GUI asks with, and reads the user's choice from.
+    needed = caught.value
+    by_description = {s.tags["description"]: s for s in needed.candidates}
+    repeat = by_description["T2 TSE axial repeat"]
+    assert needed.guesses[repeat.uid] == "t2" and len(needed.candidates) == 5
+    choice = {needed.guesses[s.uid]: s.uid for s in needed.candidates if s is not repeat}
+    choice["t2"] = repeat.uid
+    read = dicom.read_dicom_exam(tmp_path, choice=choice)
+    assert list(read.scans) == list(SEQUENCES)
+    np.testing.assert_array_equal(read.scans["t2"].array, exam.scans["t2"].array)
+    assert any("not chosen" in w for w in read.warnings)
+    with pytest.raises(TumorSegError, match="one series was chosen for two sequences"):
+        dicom.read_dicom_exam(tmp_path, choice={"t1": repeat.uid, "t2": repeat.uid})
 
 
 @pytest.mark.parametrize(

@@ -210,12 +210,32 @@ def _check_slices(series: Series) -> None:
         )
 
 
-def read_dicom_exam(folder: str | Path, name: str | None = None) -> Exam:
+class SeriesChoiceNeeded(TumorSegError):
+    """A study whose series cannot be told apart without the user: a sequence found in more
+    than one series, or series not recognised while sequences are missing. The message lists
+    the series (for the CLI); ``candidates`` and ``guesses`` (series uid -> recognised
+    sequence or None) let a GUI ask, then `read_dicom_exam` take ``choice``."""
+
+    def __init__(self, problem: str, folder: Path, candidates: list[Series]) -> None:
+        lines = [f"{sequence_of(s) or 'unrecognised'}: {s.label}" for s in candidates]
+        super().__init__(
+            f"{problem}; choose the series to use. The series: " + "; ".join(lines), folder
+        )
+        self.reason = problem
+        self.folder = folder
+        self.candidates = candidates
+        self.guesses = {s.uid: sequence_of(s) for s in candidates}
+
+
+def read_dicom_exam(
+    folder: str | Path, name: str | None = None, choice: dict[str, str] | None = None
+) -> Exam:
     """The four sequences of a DICOM study folder as an `Exam`.
 
     Series that are not scans (`left_out`) are left out and said so in the exam's warnings. A
     sequence found in more than one series, or a series whose sequence is not recognised while
-    a sequence is missing, is a `TumorSegError` listing the series, so that the user picks.
+    a sequence is missing, is a `SeriesChoiceNeeded` listing the series, so that the user
+    picks: ``choice`` (sequence -> series uid) is that pick, read as it says.
     """
     folder = Path(folder)
     series = find_series(folder)
@@ -228,6 +248,8 @@ def read_dicom_exam(folder: str | Path, name: str | None = None) -> Exam:
             warnings.append(f"series {s.label} left out: {why}")
         else:
             candidates.append(s)
+    if choice is not None:
+        return _chosen(folder, name, candidates, choice, warnings)
     by_sequence: dict[str, list[Series]] = {}
     unknown = []
     for s in candidates:
@@ -236,7 +258,6 @@ def read_dicom_exam(folder: str | Path, name: str | None = None) -> Exam:
     ambiguous = {k: v for k, v in by_sequence.items() if len(v) > 1}
     missing = [s for s in SEQUENCES if s not in by_sequence]
     if ambiguous or (unknown and missing) or not by_sequence:
-        lines = [f"{sequence_of(s) or 'unrecognised'}: {s.label}" for s in candidates]
         problem = (
             f"more than one series for {', '.join(sorted(ambiguous))}"
             if ambiguous
@@ -244,14 +265,28 @@ def read_dicom_exam(folder: str | Path, name: str | None = None) -> Exam:
             if not by_sequence
             else f"{', '.join(missing)} not recognised among the series"
         )
-        raise TumorSegError(
-            f"{problem}; choose the series to use. The series: " + "; ".join(lines), folder
-        )
+        raise SeriesChoiceNeeded(problem, folder, candidates)
     for s in unknown:
         warnings.append(f"series {s.label} left out: not recognised as a sequence")
     scans = {
         seq: read_series(by_sequence[seq][0], name=seq) for seq in SEQUENCES if seq in by_sequence
     }
+    return Exam(scans=scans, name=name or folder.name, warnings=warnings)
+
+
+def _chosen(folder, name, candidates, choice, warnings) -> Exam:
+    """The exam of the series the user chose (sequence -> series uid)."""
+    by_uid = {s.uid: s for s in candidates}
+    unknown = [uid for uid in choice.values() if uid not in by_uid]
+    if unknown or not choice:
+        raise TumorSegError(f"no such series among the study's scans: {', '.join(unknown)}", folder)
+    if len(set(choice.values())) < len(choice):
+        raise TumorSegError("one series was chosen for two sequences", folder)
+    chosen = set(choice.values())
+    warnings += [
+        f"series {s.label} left out: not chosen" for s in candidates if s.uid not in chosen
+    ]
+    scans = {seq: read_series(by_uid[choice[seq]], name=seq) for seq in SEQUENCES if seq in choice}
     return Exam(scans=scans, name=name or folder.name, warnings=warnings)
 
 
@@ -274,16 +309,19 @@ def holds_dicom(folder: str | Path, look_at: int = 64) -> bool:
     return False
 
 
-def read_case(folder: str | Path, read_labels: bool = True) -> Exam:
+def read_case(
+    folder: str | Path, read_labels: bool = True, choice: dict[str, str] | None = None
+) -> Exam:
     """A case folder of either kind: NIfTI files (`io.read_exam`), or a DICOM study
-    (`read_dicom_exam`) when it holds no NIfTI file and DICOM files."""
+    (`read_dicom_exam`, with the user's ``choice`` of series if any) when it holds no NIfTI
+    file and DICOM files."""
     folder = Path(folder)
     if (
         folder.is_dir()
         and not any(is_nifti_path(p) for p in folder.iterdir())
         and holds_dicom(folder)
     ):
-        return read_dicom_exam(folder)
+        return read_dicom_exam(folder, choice=choice)
     return read_exam(folder, read_labels=read_labels)
 
 
