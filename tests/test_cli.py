@@ -55,6 +55,13 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
     t1c = nib.load(str(TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"))
     assert raw_seg.shape == t1c.shape
     np.testing.assert_array_equal(raw_seg.affine, t1c.affine)
+    # It has its skull: masked to the brain first (HD-BET, installed with the dev extra).
+    raw_report = json.loads((out / "TCGA-FG-6692_report.json").read_text())
+    from napari_tumorseg.core.brain import available
+
+    if available():
+        assert raw_report["brain_extracted"] and 900 < raw_report["brain_ml"] < 2000
+        assert "not skull-stripped" not in raw_report["warnings"]
 
 
 def test_segment_case_folder_writes_in_the_scan_geometry(tmp_path, tiny_model):

@@ -281,7 +281,8 @@ def run_headless_demo(
     1. The labelled BraTS sample: segment it, write the label map and probabilities in the scan
        geometry, and a report with volumes and Dice/HD95 against the expert labels.
     2. The raw clinical exam TCGA-FG-6692: register its sequences to the post-contrast T1,
-       segment, write the label map in the T1c geometry with a volume report.
+       mask them to the brain (HD-BET, when installed: the exam has its skull), segment,
+       write the label map in the T1c geometry with a volume report.
 
     Returns the files written.
     """
@@ -340,6 +341,8 @@ def run_headless_demo(
         model=model,
         thresholds=thresholds_text(result.postprocess["thresholds"]),
         registered_to="t1ce",
+        brain_extracted=outcome.brain is not None,
+        brain_ml=None if outcome.brain is None else outcome.brain.volume_ml,
         warnings="; ".join(result.warnings),
     )
     written += write_report(out_dir / f"{raw.name}_report", report)
