@@ -4,6 +4,7 @@
     python scripts/cross_validate.py train --data ../shared/data/brats2018/train \\
         --recipe 2d-base [--folds 0,1,2,3,4] -- --dims 2 --steps 2000
     python scripts/cross_validate.py report [--recipes 2d-base,...]
+    python scripts/cross_validate.py postprocess --recipe 2d-base
 
 The exams are split into 5 folds stratified by site (BraTS 2013, CBICA, TCIA) and grade (the
 TCIA10/TCIA13 exams are the lower-grade ones): each stratum is dealt round the folds in turn,
@@ -14,7 +15,8 @@ the fold model is validated on them (Dice and HD95, with and without t1ce) when 
 ends. A fold whose model exists is skipped and an interrupted one resumes from its checkpoint,
 so running the same command again goes on where it stopped. `report` writes every recipe's
 per-fold and mean figures into docs/MODELS.md (between the cross-validation markers) and
-prints them.
+prints them. `postprocess` scores post-processing candidates (keep the largest tumour, remove
+small islands) on the finished folds' held-out exams, and says which the rule keeps.
 """
 
 from __future__ import annotations
@@ -186,16 +188,140 @@ def report(args: argparse.Namespace) -> int:
         *(recipe_table(r) for r in recipes),
         END,
     ]
-    section = "\n".join(text)
+    section = "\n".join(text[1:-1])
     print(section)
+    _write_between(BEGIN, END, section)
+    return 0
+
+
+#: Post-processing candidates for `postprocess`: name -> labels, voxel mL -> labels.
+def _candidates():
+    from napari_tumorseg.core.postprocess import keep_largest_component, remove_small_islands
+
+    return {
+        "none (the model's labels)": lambda labels, ml: labels,
+        "keep the largest tumour": lambda labels, ml: keep_largest_component(labels),
+        **{
+            f"remove islands under {size:g} mL": (
+                lambda labels, ml, size=size: remove_small_islands(labels, size, ml)
+            )
+            for size in (0.5, 2.0, 5.0)
+        },
+    }
+
+
+#: A candidate is kept only if no fold's mean WT Dice falls by more than this.
+FOLD_NOISE = 0.01
+
+
+def predictions(recipe: str, k: int, exams: list[str], data: Path) -> dict[str, tuple]:
+    """Each held-out exam's labels from fold ``k``'s model (cached beside the model, so that
+    the candidates are scored without running the network again), with its reference."""
+    from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
+    from napari_tumorseg.core.models import load_model_folder
+
+    cache = fold_dir(recipe, k) / "labels"
+    cache.mkdir(exist_ok=True)
+    model = None
+    out = {}
+    for name in exams:
+        exam = read_exam(data / name)
+        path = cache / f"{name}.npy"
+        if not path.is_file():
+            model = model or load_model_folder(fold_dir(recipe, k) / "model")
+            labels = run_to_end(segment(exam, model, device="cpu")).labels.array
+            np.save(path, labels)
+            print(f"  fold {k}: {name} segmented", flush=True)
+        out[name] = (np.load(path), exam.labels.array, exam.reference)
+    return out
+
+
+def postprocess(args: argparse.Namespace) -> int:
+    """Score each post-processing candidate on every finished fold's held-out exams."""
+    from napari_tumorseg.core.metrics import evaluate_labels
+
+    hd95_of_a_miss = 373.13  # evaluate_models.HD95_OF_A_MISS
+    folds = make_folds(exam_names(args.data))
+    candidates = _candidates()
+    scores: dict[str, dict[str, dict]] = {c: {} for c in candidates}  # candidate -> exam -> ..
+    fold_of: dict[str, int] = {}
+    for k, exams in enumerate(folds):
+        if not (fold_dir(args.recipe, k) / "model" / "card.json").is_file():
+            continue
+        for name, (labels, reference, grid) in predictions(
+            args.recipe, k, exams, args.data
+        ).items():
+            fold_of[name] = k
+            for candidate, apply in candidates.items():
+                found = evaluate_labels(
+                    apply(labels, grid.voxel_volume_ml), reference, grid.spacing
+                )
+                scores[candidate][name] = {
+                    r: (s["dice"], min(s["hd95_mm"], hd95_of_a_miss)) for r, s in found.items()
+                }
+    if not fold_of:
+        print(f"no finished fold of {args.recipe}")
+        return 1
+    base = scores[next(iter(candidates))]
+    done = sorted(set(fold_of.values()))
+    lines = [
+        f"### Post-processing, {args.recipe}",
+        "",
+        f"`python scripts/cross_validate.py postprocess --recipe {args.recipe}`: each candidate "
+        f"on the held-out exams of folds {', '.join(map(str, done))} ({len(fold_of)} exams); "
+        f"kept only if the mean over exams rises and no fold's mean WT Dice falls by more "
+        f"than {FOLD_NOISE}.",
+        "",
+        "| candidate | WT | TC | ET | HD95 WT (mm) | HD95 TC | HD95 ET | worst fold, WT Dice "
+        "change | exams losing > 0.01 WT | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for candidate, table in scores.items():
+        dice = {r: np.mean([e[r][0] for e in table.values()]) for r in REGIONS}
+        hd = {r: np.mean([e[r][1] for e in table.values()]) for r in REGIONS}
+        worst = min(
+            np.mean([table[n]["WT"][0] - base[n]["WT"][0] for n in fold_of if fold_of[n] == k])
+            for k in done
+        )
+        rises = np.mean(list(dice.values())) > np.mean(
+            [np.mean([e[r][0] for e in base.values()]) for r in REGIONS]
+        )
+        kept = "-" if table is base else ("yes" if rises and worst >= -FOLD_NOISE else "no")
+        losers = [n for n in table if table[n]["WT"][0] < base[n]["WT"][0] - FOLD_NOISE]
+        lines.append(
+            f"| {candidate} | "
+            + " | ".join(f"{dice[r]:.3f}" for r in REGIONS)
+            + " | "
+            + " | ".join(f"{hd[r]:.1f}" for r in REGIONS)
+            + f" | {worst:+.3f} | {', '.join(losers) or 'none'} | {kept} |"
+        )
+    lines += [
+        "",
+        f"Folds {', '.join(map(str, done))} of {N_FOLDS}: the choice waits for all five.",
+    ]
+    section = "\n".join(lines)
+    print(section)
+    _write_between(
+        f"<!-- postprocess {args.recipe}: begin -->",
+        f"<!-- postprocess {args.recipe}: end -->",
+        section,
+    )
+    return 0
+
+
+def _write_between(begin: str, end: str, section: str) -> None:
+    """Put ``section`` between the ``begin`` and ``end`` markers of docs/MODELS.md (appended
+    with them when they are not there)."""
     models_md = ROOT / "docs" / "MODELS.md"
     doc = models_md.read_text()
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + section + doc[doc.index(END) + len(END) :]
+    block = f"{begin}\n{section}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end) :]
     else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
     models_md.write_text(doc)
-    return 0
 
 
 def main(argv=None) -> int:
@@ -204,11 +330,12 @@ def main(argv=None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("folds", "train", "report"):
+    for name in ("folds", "train", "report", "postprocess"):
         p = sub.add_parser(name)
         p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/brats2018/train")
-        if name == "train":
+        if name in ("train", "postprocess"):
             p.add_argument("--recipe", required=True, help="name of the recipe (its folder)")
+        if name == "train":
             p.add_argument("--folds", default="", help="e.g. 0,1 (default: all)")
         if name == "report":
             p.add_argument("--recipes", default="", help="default: every recipe under runs/cv")
@@ -219,6 +346,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "train":
         return train(args, extra)
+    if args.command == "postprocess":
+        return postprocess(args)
     return report(args)
 
 

@@ -102,3 +102,22 @@ def test_finetuning_a_weakened_model_helps_the_uncorrected_slices(exam):
     # 30 steps then gained +0.008, +0.07, +0.43).
     assert np.mean(list(gain.values())) >= 0.05
     assert min(gain.values()) >= -0.02
+
+
+def test_a_model_folder_loads_as_its_name_does(tmp_path):
+    """`load_model_folder` (a cross-validation fold's model) is `load_model` without the name:
+    a copy of the bundled 2D model's folder gives the same network."""
+    import shutil
+
+    import torch
+
+    from napari_tumorseg.core.models import load_model_folder
+
+    copy = tmp_path / "fold0" / "model"
+    shutil.copytree(bundled_dir() / "2d", copy)
+    by_folder, by_name = load_model_folder(copy), load_model("2d")
+    assert by_folder.card == by_name.card and by_folder.path == copy
+    for (k, a), (_, b) in zip(
+        by_folder.network.state_dict().items(), by_name.network.state_dict().items()
+    ):
+        assert torch.equal(a, b), k

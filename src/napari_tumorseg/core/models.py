@@ -173,6 +173,16 @@ def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorMod
         # Named by its folder, which is how it is found: a renamed model folder keeps working
         # (segmentations record this label, and a fine-tune loads its parent by it).
         card = {**card, "name": folder.parent.name, "version": int(folder.name[1:])}
+    return load_model_folder(folder, device, card)
+
+
+def load_model_folder(
+    folder: Path, device: str | torch.device = "cpu", card: dict | None = None
+) -> TumorModel:
+    """A model from its folder (card and weights), e.g. a cross-validation fold's model;
+    ``card``: the folder's card as `load_model` names it (default: read from the folder)."""
+    folder = Path(folder)
+    card = _read_card(folder) if card is None else card
     try:
         with torch.device("meta"):  # no random initialisation: the weights replace it
             network = build_network(card["architecture"])
