@@ -83,6 +83,14 @@ def test_local_cluster_gives_the_single_process_labels_and_reports_a_bad_exam(
     document = json.loads((tmp_path / "dask" / "cohort.json").read_text())
     assert document["counts"] == {"segmented": 4, "skipped": 0, "failed": 1}
     assert document["engine"].startswith("Dask")
+    # Resumed on Dask: the outputs there are left as they are, the bad exam is tried again.
+    before = {p: p.read_bytes() for p in (tmp_path / "dask").glob("*_seg.nii.gz")}
+    assert main([*argv, "--dask", "--workers", "1", "--skip-existing"]) == 2
+    assert "0 segmented; 4 skipped (outputs already there); 1 failed: broken" in (
+        capsys.readouterr().err
+    )
+    assert {p: p.read_bytes() for p in before} == before
+    assert _rows(tmp_path / "dask")["a"]["WT_ml"] == rows["a"]["WT_ml"]  # from its report
 
 
 def test_single_process_cohort_report(exams, tmp_path, tiny_model):
