@@ -240,9 +240,10 @@ def predictions(recipe: str, k: int, exams: list[str], data: Path) -> dict[str, 
 
 def postprocess(args: argparse.Namespace) -> int:
     """Score each post-processing candidate on every finished fold's held-out exams."""
+    from evaluate_models import HD95_OF_A_MISS
+
     from napari_tumorseg.core.metrics import evaluate_labels
 
-    hd95_of_a_miss = 373.13  # evaluate_models.HD95_OF_A_MISS
     folds = make_folds(exam_names(args.data))
     candidates = _candidates()
     scores: dict[str, dict[str, dict]] = {c: {} for c in candidates}  # candidate -> exam -> ..
@@ -259,7 +260,7 @@ def postprocess(args: argparse.Namespace) -> int:
                     apply(labels, grid.voxel_volume_ml), reference, grid.spacing
                 )
                 scores[candidate][name] = {
-                    r: (s["dice"], min(s["hd95_mm"], hd95_of_a_miss)) for r, s in found.items()
+                    r: (s["dice"], min(s["hd95_mm"], HD95_OF_A_MISS)) for r, s in found.items()
                 }
     if not fold_of:
         print(f"no finished fold of {args.recipe}")

@@ -339,14 +339,10 @@ def _json_default(value):
 
 
 def staging_files(jobs: Sequence[CaseJob]) -> list[Path]:
-    """Hidden staging files (`OutputFiles.stage`) left beside the jobs' outputs by a process
-    that was killed while writing them."""
-    found = []
-    for job in jobs:
-        for target in (job.out, job.prob, job.report):
-            if target is not None and target.parent.is_dir():
-                found += target.parent.glob(f".{glob_escape(target.name[:64])}.*")
-    return found
+    """Hidden staging files (`OutputFiles.leftovers`) left beside the jobs' outputs by a
+    process that was killed while writing them."""
+    targets = (t for job in jobs for t in (job.out, job.prob, job.report) if t is not None)
+    return [path for target in targets for path in OutputFiles.leftovers(target)]
 
 
 def remove_stale_staging(jobs: Sequence[CaseJob]) -> int:
@@ -359,11 +355,6 @@ def remove_stale_staging(jobs: Sequence[CaseJob]) -> int:
         except OSError:
             pass
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters taken literally."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def segment_folders(

@@ -16,7 +16,13 @@ from ._sample_data import sample_exam_dir
 from .core.brain import BrainResult
 from .core.devices import select_device
 from .core.errors import TumorSegError
-from .core.inference import SegmentationResult, check_overlap, exam_to_channels, segment
+from .core.inference import (
+    SegmentationResult,
+    check_one_grid,
+    check_overlap,
+    exam_to_channels,
+    segment,
+)
 from .core.io import (
     REGIONS,
     SEQUENCES,
@@ -32,7 +38,6 @@ from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
 from .core.models import TumorModel, load_model
 from .core.preprocess import is_skull_stripped
-from .core.volume import Volume
 
 
 def label_map_report(labels, voxel_volume_ml: float, metrics: dict | None = None, **fields) -> dict:
@@ -108,9 +113,9 @@ def prepare_exam(
     register: bool = False,
     reference: str | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[Volume, dict[str, float]]:
-    """The exam's scans as one (4, Z, Y, X) Volume on the reference scan's grid, and the head
-    overlap (foreground Dice, 0-1) each registered sequence reached with the reference.
+) -> tuple[Exam, dict[str, float]]:
+    """The exam with its scans on the reference scan's grid, and the head overlap (foreground
+    Dice, 0-1) each registered sequence reached with the reference.
 
     ``reference`` (a sequence name) is the scan whose geometry the outputs take; default: the
     first given. With ``register`` the other scans are registered to it (rigid, SimpleITK);
@@ -121,7 +126,8 @@ def prepare_exam(
             raise TumorSegError(f"--reference {reference} is not among the given sequences")
         exam.scans = {reference: exam.scans[reference], **exam.scans}
     if not register:
-        return exam_to_channels(exam), {}
+        check_one_grid(exam)
+        return exam, {}
     from .core.registration import stack_sequences
 
     ref = next(iter(exam.scans))
@@ -143,7 +149,7 @@ def prepare_exam(
         for seq in order
     }
     overlaps = {seq: float(r.quality) for seq, r in stacked.results.items() if seq != ref}
-    return exam_to_channels(Exam(scans=scans, name=exam.name)), overlaps
+    return Exam(scans=scans, name=exam.name), overlaps
 
 
 #: ``--brain-extraction`` choices: only when the exam is not skull-stripped, always, never.
@@ -162,18 +168,16 @@ def check_brain_extraction(mode: str) -> None:
 
 
 def extract_brain_if_needed(
-    channels: Volume, mode: str = "auto", log: Callable[[str], None] = print
-) -> tuple[Volume, BrainResult | None]:
-    """``channels`` masked to the brain (HD-BET, `core.brain`) when ``mode`` is "on", or
-    "auto" and the exam is not skull-stripped; the brain extraction's result, or None.
-
-    The mask comes from the post-contrast T1 where there is one (the reference of the raw
-    demo), else the first sequence. "auto" without HD-BET installed logs how to install it and
-    goes on (the segmentation then warns that the skull is on); "on" fails.
-    """
+    exam: Exam, mode: str = "auto", log: Callable[[str], None] = print
+) -> tuple[Exam, BrainResult | None]:
+    """``exam`` (its scans on one grid) masked to the brain (`core.brain.exam_in_brain`) when
+    ``mode`` is "on", or "auto" and the exam is not skull-stripped; the brain extraction's
+    result, or None. "auto" without HD-BET installed logs how to install it and goes on (the
+    segmentation then warns that the skull is on); "on" fails."""
     check_brain_extraction(mode)
-    if mode == "off" or (mode == "auto" and is_skull_stripped(channels.array)):
-        return channels, None
+    scans = [scan.array for scan in exam.scans.values()]
+    if mode == "off" or (mode == "auto" and is_skull_stripped(scans)):
+        return exam, None
     from .core import brain
 
     if not brain.available():
@@ -181,17 +185,13 @@ def extract_brain_if_needed(
             "warning: the exam is not skull-stripped and brain extraction is not installed: "
             + brain.INSTALL_HINT
         )
-        return channels, None
-    names = list(channels.channels)
-    source = "t1ce" if "t1ce" in names else names[0]
-    scan = channels.with_array(channels.array[names.index(source)], name=source, channels=())
-    result = run_to_end(brain.extract_brain(scan))
+        return exam, None
+    exam, result = run_to_end(brain.exam_in_brain(exam))
     log(
-        f"brain extracted from {source} with HD-BET: {result.volume_ml:.0f} mL in "
+        f"brain extracted from {result.source} with HD-BET: {result.volume_ml:.0f} mL in "
         f"{result.seconds:.1f} s"
     )
-    masked = channels.array * result.mask.array[None].astype(channels.array.dtype)
-    return channels.with_array(masked), result
+    return exam, result
 
 
 @dataclass
@@ -237,8 +237,9 @@ def segment_exam(
     select_device(device)  # an unavailable device fails before registration
     tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
     check_brain_extraction(brain_extraction)  # so does a brain extraction not installed
-    channels, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
-    channels, brain = extract_brain_if_needed(channels, brain_extraction, log)
+    on_grid, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
+    on_grid, brain = extract_brain_if_needed(on_grid, brain_extraction, log)
+    channels = exam_to_channels(on_grid)
     missing = [s for s in SEQUENCES if s not in channels.channels]
     log(
         f"segmenting {exam.name} with {tumour_model.label} on {', '.join(channels.channels)}"

@@ -67,3 +67,17 @@ def test_brain_extraction_on_without_hd_bet_says_how_to_install(tmp_path, tiny_m
     )
     assert outcome.brain is None and any("[brain]" in line for line in logged)
     assert np.asarray(outcome.result.labels.array).shape == exam.reference.array.shape
+
+
+@needs_hd_bet
+def test_the_brain_is_found_in_the_post_contrast_t1_whichever_sequences_are_given(
+    tmp_path, tiny_model
+):
+    # The post-contrast T1 alone: the model input's first channel (t1) is empty; the mask must
+    # come from the scan that is there.
+    exam = read_exam([TCGA_RAW / "TCGA-FG-6692_t1c_raw.nii.gz"])
+    outcome = segment_exam(
+        exam, tmp_path / "seg.nii.gz", model=tiny_model, brain_extraction="on", log=str
+    )
+    assert outcome.brain.source == "t1ce"
+    assert 900 < outcome.brain.volume_ml < 2000

@@ -54,11 +54,13 @@ class BrainProgress:
 
 @dataclass
 class BrainResult:
-    """The brain mask (uint8, 1 = brain, on the scan's grid) and how long it took."""
+    """The brain mask (uint8, 1 = brain, on the scan's grid), how long it took, and the
+    sequence it was found in (`exam_in_brain`)."""
 
     mask: Volume
     seconds: float
     volume_ml: float
+    source: str = ""
 
 
 def weights_path(fold: int = 0) -> Path:
@@ -193,8 +195,9 @@ def extract_brain(scan: Volume) -> Generator[BrainProgress, None, BrainResult]:
 def exam_in_brain(exam: Exam) -> Generator[BrainProgress, None, tuple[Exam, BrainResult]]:
     """``exam`` with every scan masked to the brain found in its post-contrast T1 (else its
     first scan); the scans must share one grid. A generator, as `extract_brain`."""
-    source = exam.scans["t1ce"] if "t1ce" in exam.scans else next(iter(exam.scans.values()))
-    result = yield from extract_brain(source)
+    source = "t1ce" if "t1ce" in exam.scans else next(iter(exam.scans))
+    result = yield from extract_brain(exam.scans[source])
+    result.source = source
     mask = result.mask.array.astype(bool)
     scans = {
         seq: scan.with_array(np.where(mask, scan.array, 0).astype(scan.array.dtype), name=seq)

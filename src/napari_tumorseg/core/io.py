@@ -7,6 +7,7 @@ This is the project's only NIfTI reader and writer: everything that touches a fi
 from __future__ import annotations
 
 import errno
+import glob
 import gzip
 import io
 import os
@@ -736,6 +737,12 @@ def _write_error(exc: OSError, path: Path) -> TumorSegError:
     return TumorSegError(f"cannot be written ({exc.strerror or exc})", path)
 
 
+def _staging_prefix(path: Path) -> str:
+    """The hidden name a staged file of ``path`` starts with. Short: the name must stay within
+    the 255 bytes a file name may have."""
+    return f".{path.name[:64]}."
+
+
 class OutputFiles:
     """Files written as one output: each is written to a temporary file beside its target, and
     only when every one was written are they renamed over their targets.
@@ -758,14 +765,21 @@ class OutputFiles:
         suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A short prefix: the name must stay within the 255 bytes a file name may have.
-            prefix = f".{path.name[:64]}."
-            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=_staging_prefix(path), suffix=suffix, dir=path.parent)
         except OSError as exc:
             raise _write_error(exc, path) from None
         os.close(fd)
         self._staged.append((Path(tmp), path))
         return Path(tmp)
+
+    @staticmethod
+    def leftovers(path: str | Path) -> list[Path]:
+        """Staging files of ``path`` left behind by a process killed while writing it (a
+        `stage` whose commit or discard never came)."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            return []
+        return sorted(path.parent.glob(f"{glob.escape(_staging_prefix(path))}*"))
 
     def write_text(self, path: str | Path, text: str) -> Path:
         """Stage ``text`` (UTF-8) as the new content of ``path``; returns ``path``."""

@@ -36,12 +36,6 @@ SKULL_ON_WARNING = (
 )
 
 
-def _border_share(mask: np.ndarray) -> float:
-    """Share of True voxels on the six faces of a 3D mask."""
-    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
-    return sum(int(f.sum()) for f in faces) / sum(f.size for f in faces)
-
-
 def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
     """Boolean brain (or head) mask of a (C, Z, Y, X) exam, from the channels in ``present``
     (indices; default all).
@@ -54,10 +48,11 @@ def brain_mask(channels: np.ndarray, present=None) -> np.ndarray:
     return _brain_mask(channels, present)[0]
 
 
-def is_skull_stripped(channels: np.ndarray, present=None) -> bool:
-    """Whether a (C, Z, Y, X) exam is zero around the brain (`SKULL_STRIPPED_BELOW`). Reads
-    the six faces only: cheap enough to run whenever the scans picked change."""
-    present = range(channels.shape[0]) if present is None else list(present)
+def is_skull_stripped(channels, present=None) -> bool:
+    """Whether an exam -- a (C, Z, Y, X) array, or a list of scans on one grid -- is zero
+    around the brain: fewer non-zero voxels on the six faces than `SKULL_STRIPPED_BELOW`.
+    Reads the faces only: cheap enough to run whenever the scans picked change."""
+    present = range(len(channels)) if present is None else list(present)
     faces = [np.s_[0], np.s_[-1], np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1]]
     nonzero = total = 0
     for face in faces:
@@ -72,10 +67,10 @@ def is_skull_stripped(channels: np.ndarray, present=None) -> bool:
 def _brain_mask(channels: np.ndarray, present=None) -> tuple[np.ndarray, bool]:
     """`brain_mask` and whether the exam is skull-stripped."""
     present = range(channels.shape[0]) if present is None else list(present)
-    nonzero = np.zeros(channels.shape[1:], bool)
-    for c in present:
-        nonzero |= channels[c] != 0
-    if _border_share(nonzero) < SKULL_STRIPPED_BELOW:
+    if is_skull_stripped(channels, present):
+        nonzero = np.zeros(channels.shape[1:], bool)
+        for c in present:
+            nonzero |= channels[c] != 0
         return nonzero, True
     mean = np.zeros(channels.shape[1:], np.float32)
     for c in present:  # each share first: a sum could leave float32's range

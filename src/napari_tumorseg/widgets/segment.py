@@ -153,7 +153,7 @@ class SegmentWidget(FinetuneSection, QWidget):
         form.addRow(self.brain)
         form.addRow(self.brain_note)
         self.brain_result = None  # the last run's brain extraction (`core.brain.BrainResult`)
-        self._brain_offered_for = None  # `layer_key` of the scan the offer was made for
+        self._brain_offered_for = None  # `layer_key`s of the scans the offer was made for
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -192,13 +192,18 @@ class SegmentWidget(FinetuneSection, QWidget):
 
     def _offer_brain(self, *_) -> None:
         """Show "Extract the brain first" when the picked scans are not skull-stripped (their
-        faces hold voxels); checked when HD-BET is installed, else say how to install it."""
-        layers = self.pickers.selected_layers()
-        source = layers.get("t1ce") or next(iter(layers.values()), None)
-        skull_on = source is not None and not is_skull_stripped(np.asarray(source.data)[None])
+        faces hold voxels); checked when HD-BET is installed, else say how to install it. The
+        user's choice stays while the picked scans do."""
+        layers = list(self.pickers.selected_layers().values())
+        # The test `pipeline.extract_brain_if_needed` makes; scans on other grids are refused
+        # at Run anyway.
+        shapes = {np.shape(layer.data) for layer in layers}
+        skull_on = len(shapes) == 1 and not is_skull_stripped(
+            [np.asarray(layer.data) for layer in layers]
+        )
         self.brain.setVisible(skull_on)
         self.brain_note.setVisible(skull_on)
-        key = layer_key(source) if skull_on else None
+        key = tuple(layer_key(layer) for layer in layers) if skull_on else None
         if key == self._brain_offered_for:  # the user's choice stays while the scan does
             return
         self._brain_offered_for = key
