@@ -196,7 +196,11 @@ def report(args: argparse.Namespace) -> int:
 
 #: Post-processing candidates for `postprocess`: name -> labels, voxel mL -> labels.
 def _candidates():
-    from napari_tumorseg.core.postprocess import keep_largest_component, remove_small_islands
+    from napari_tumorseg.core.postprocess import (
+        keep_largest_component,
+        remove_minor_tumours,
+        remove_small_islands,
+    )
 
     return {
         "none (the model's labels)": lambda labels, ml: labels,
@@ -206,6 +210,13 @@ def _candidates():
                 lambda labels, ml, size=size: remove_small_islands(labels, size, ml)
             )
             for size in (0.5, 2.0, 5.0)
+        },
+        # Multifocal tumours keep their other large foci.
+        **{
+            f"remove pieces under {share:.0%} of the largest": (
+                lambda labels, ml, share=share: remove_minor_tumours(labels, share)
+            )
+            for share in (0.1, 0.25)
         },
     }
 

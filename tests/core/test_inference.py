@@ -16,6 +16,7 @@ from napari_tumorseg.core.io import SEQUENCES, Exam, read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import card_labels, probabilities_to_labels
 from napari_tumorseg.core.models import TumorModel
+from napari_tumorseg.core.postprocess import keep_largest_component
 from napari_tumorseg.core.slices import slice_inference
 from napari_tumorseg.core.sliding import sliding_window
 from napari_tumorseg.core.unet import UNet
@@ -462,6 +463,18 @@ def test_card_labels_applies_the_rules():
     overridden = card_labels(probabilities, rules, 0.001, threshold=0.5)
     assert (overridden == 2).sum() == 0  # the 0.45 region is gone; the island too
     assert (overridden == 1).sum() == 32
+
+
+def test_card_labels_removes_pieces_under_a_share_of_the_largest_tumour():
+    probabilities = np.zeros((3, 20, 20, 20), np.float32)
+    probabilities[0, 2:8, 2:8, 2:8] = 0.9  # the main tumour: 216 voxels
+    probabilities[0, 12:16, 12:16, 12:16] = 0.9  # a second focus: 64 voxels (30 %)
+    probabilities[0, 17:19, 2:4, 2:4] = 0.9  # an island: 8 voxels (4 %)
+    labels = card_labels(probabilities, {"minor_share": 0.25}, 0.001)
+    assert (labels > 0).sum() == 216 + 64 and not labels[17:19, 2:4, 2:4].any()
+    largest = card_labels(probabilities, {"minor_share": 1.0}, 0.001)
+    np.testing.assert_array_equal(largest, keep_largest_component(labels))
+    assert (largest > 0).sum() == 216
 
 
 def test_segment_uses_the_cards_postprocess_rules():

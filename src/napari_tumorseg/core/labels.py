@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .postprocess import relabel_small_enhancing, remove_small_islands
+from .postprocess import relabel_small_enhancing, remove_minor_tumours, remove_small_islands
 
 
 def region_thresholds(threshold: float | Sequence[float] = 0.5) -> tuple[float, float, float]:
@@ -58,8 +58,11 @@ def card_labels(
     Rules (all optional; chosen per model on its validation exams with
     ``scripts/tune_postprocess.py``): ``thresholds`` (one or per region, default 0.5),
     ``et_min_ml`` (less enhancing tumour than this becomes core,
-    `postprocess.relabel_small_enhancing`) and ``island_ml`` (tumour pieces smaller than this
-    are removed, `postprocess.remove_small_islands`). ``threshold`` overrides the card's.
+    `postprocess.relabel_small_enhancing`), ``island_ml`` (tumour pieces smaller than this
+    are removed, `postprocess.remove_small_islands`) and ``minor_share`` (tumour pieces smaller
+    than this share of the largest are removed, `postprocess.remove_minor_tumours`; chosen
+    by cross-validation, ``scripts/cross_validate.py postprocess``). ``threshold`` overrides
+    the card's.
     """
     rules = rules or {}
     if threshold is None:
@@ -69,4 +72,6 @@ def card_labels(
         labels = relabel_small_enhancing(labels, float(rules["et_min_ml"]), voxel_ml)
     if rules.get("island_ml"):
         labels = remove_small_islands(labels, float(rules["island_ml"]), voxel_ml)
+    if rules.get("minor_share"):
+        labels = remove_minor_tumours(labels, float(rules["minor_share"]))
     return labels

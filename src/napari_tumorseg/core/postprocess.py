@@ -28,6 +28,19 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
     return np.where(labelled == sizes.argmax(), labels, 0).astype(labels.dtype)
 
 
+def remove_minor_tumours(labels: np.ndarray, share: float) -> np.ndarray:
+    """Remove connected tumour pieces smaller than ``share`` x the largest one's volume.
+
+    ``share`` = 1 keeps the largest tumour alone (`keep_largest_component`); a smaller share
+    also keeps a multifocal tumour's other large foci, and removes stray islands whatever the
+    tumour's size.
+    """
+    labelled, sizes = _components(labels > 0)
+    keep = sizes >= share * sizes.max(initial=0)
+    keep[0] = False
+    return np.where(keep[labelled], labels, 0).astype(labels.dtype)
+
+
 def remove_small_islands(labels: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
     """Remove connected tumour pieces smaller than ``min_ml`` millilitres."""
     labelled, sizes = _components(labels > 0)
