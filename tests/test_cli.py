@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from napari_tumorseg.cli import main
+from napari_tumorseg.core.bundled import DEFAULT_MODEL
 from napari_tumorseg.core.devices import select_device
 from napari_tumorseg.core.errors import TumorSegError
 
@@ -36,7 +37,7 @@ def _assert_exit_2(result, *fragments):
 
 
 def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
-    """The README's main command, with the bundled 3D model."""
+    """The README's main command, with the default model."""
     monkeypatch.delenv("DISPLAY", raising=False)
     out = tmp_path / "out"
     result = _run("demo", "--headless", out)
@@ -45,7 +46,8 @@ def test_headless_demo_writes_outputs_without_a_display(tmp_path, monkeypatch):
     assert set(report["metrics"]) == {"WT", "TC", "ET"}
     assert report["metrics"]["TC"]["dice"] > 0.8  # a real model, not a stub
     assert report["expert_volumes_ml"]["WT"] == pytest.approx(125.37, abs=0.01)
-    assert report["thresholds"] == "WT 0.5 / TC 0.65 / ET 0.5"  # the 3D card's
+    assert report["model"] == DEFAULT_MODEL
+    assert report["thresholds"] == "WT 0.5 / TC 0.7 / ET 0.5"  # the 2D card's
     seg = nib.load(str(out / "Brats18_TCIA01_378_1_seg.nii.gz"))
     t1 = nib.load(str(BRATS / "Brats18_TCIA01_378_1_t1.nii.gz"))
     assert seg.shape == t1.shape

@@ -3,7 +3,7 @@
 The public Python API works without Qt or napari::
 
     from napari_tumorseg import load_model, read_exam, run_to_end, segment
-    result = run_to_end(segment(read_exam("case/"), load_model("3d")))
+    result = run_to_end(segment(read_exam("case/"), load_model("2d")))
 
 The API's names are imported when first used (PEP 562): napari imports this package before
 it runs the reader or opens a sample exam, on its main thread, and the models' modules import

@@ -33,7 +33,7 @@ from .core.errors import TumorSegError
 from .core.inference import check_overlap
 from .core.io import REGIONS, OutputFiles
 from .core.metrics import tumour_volumes_ml
-from .core.models import TumorModel, load_model
+from .core.models import DEFAULT_MODEL, TumorModel, load_model
 from .core.postprocess import entropy_map
 from .pipeline import segment_exam
 
@@ -362,7 +362,7 @@ def segment_folders(
     out_dir: Path,
     prob_dir: Path | None = None,
     skip_existing: bool = False,
-    model: str = "3d",
+    model: str = DEFAULT_MODEL,
     log: Callable[[str], None] = print,
     on_written: Callable[[Path], None] | None = None,
     **options,

@@ -11,11 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+from .core.bundled import DEFAULT_MODEL
 from .core.errors import TumorSegError
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .core.models import list_models, user_models_dir
+    from .core.models import learnt_from, list_models, user_models_dir
 
     problems: list[str] = []
     cards = list_models(problems)
@@ -38,6 +39,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
             f"{card['label']:<20} {card['spatial_dims']}D  patch {card['patch_size']}  "
             f"spacing {card['spacing_mm']} mm{parent}{adapted}{dice}"
         )
+        if card.get("lineage"):
+            print(f"{'':<20} {learnt_from(card)}")
         if args.verbose:
             print(json.dumps({k: v for k, v in card.items() if k != "label"}, indent=2))
     print(f"user models folder: {user_models_dir()}")
@@ -113,7 +116,11 @@ def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for seq in ("t1", "t1ce", "t2", "flair"):
         parser.add_argument(f"--{seq}", type=Path, action=_SequenceFile, help=f"the {seq} scan")
-    parser.add_argument("--model", default="3d", help="3d, 2d or a user model NAME[@vK]")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"2d, 3d or a user model NAME[@vK] (default {DEFAULT_MODEL})",
+    )
 
 
 def _segment_options(args: argparse.Namespace) -> dict:
@@ -467,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT_DIR",
         help="no display: run the whole pipeline on the sample, write outputs here",
     )
-    demo.add_argument("--model", default="3d", help="model for the headless pipeline")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="model for the headless pipeline")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -45,7 +45,7 @@ from .batch import (
 from .core.devices import select_device
 from .core.errors import TumorSegError
 from .core.inference import check_overlap
-from .core.models import TumorModel, load_model
+from .core.models import DEFAULT_MODEL, TumorModel, load_model
 
 #: What to install when Dask is missing.
 INSTALL_HINT = 'pip install "napari-tumorseg[dask]" (from a checkout: pip install ".[dask]")'
@@ -274,7 +274,7 @@ def segment_folders_on_dask(
     out_dir: Path,
     prob_dir: Path | None = None,
     skip_existing: bool = False,
-    model: str = "3d",
+    model: str = DEFAULT_MODEL,
     address: str | None = None,
     workers: int | None = None,
     threads_per_worker: int | None = None,

@@ -36,7 +36,7 @@ from .core.io import (
 )
 from .core.jobs import run_to_end
 from .core.metrics import evaluate_labels, tumour_slice_range, tumour_volumes_ml
-from .core.models import TumorModel, load_model
+from .core.models import DEFAULT_MODEL, TumorModel, load_model
 from .core.preprocess import is_skull_stripped
 
 
@@ -209,7 +209,7 @@ class ExamOutcome:
 def segment_exam(
     exam: Exam,
     out: Path | None,
-    model: str | TumorModel = "3d",
+    model: str | TumorModel = DEFAULT_MODEL,
     prob_out: Path | None = None,
     device: str = "auto",
     overlap: float = 0.5,
@@ -275,7 +275,7 @@ def segment_exam(
 
 
 def run_headless_demo(
-    out_dir: Path, model: str = "3d", log: Callable[[str], None] = print
+    out_dir: Path, model: str = DEFAULT_MODEL, log: Callable[[str], None] = print
 ) -> list[Path]:
     """The whole pipeline on the sample exams, without a display.
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .bundled import BUNDLED, DEFAULT_MODEL
 from .errors import TumorSegError
 from .io import check_can_create, creation_mode
 from .unet import build_network
 
-BUNDLED = ("3d", "2d")
 WEIGHTS_FILE = "model.safetensors"
 HEAD_FILE = "exam_head.safetensors"
 CARD_FILE = "card.json"
@@ -157,13 +157,14 @@ def model_folder(name: str) -> Path:
     raise TumorSegError(f"model {base!r} has no version {version!r}")
 
 
-def load_model(name: str = "3d", device: str | torch.device = "cpu") -> TumorModel:
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device = "cpu") -> TumorModel:
     """Load a bundled or user model by name (contract 2.5).
 
     Parameters
     ----------
     name : str
-        ``"3d"``, ``"2d"``, a user model's name (its latest version) or ``NAME@v<k>``.
+        ``"2d"`` (`DEFAULT_MODEL`), ``"3d"``, a user model's name (its latest version) or
+        ``NAME@v<k>``.
     device : str or torch.device
         Where to put the network; weights stored in float16 are loaded as float32.
     """
@@ -344,6 +345,32 @@ def save_user_model(
         with contextlib.suppress(OSError):
             folder.rmdir()  # the empty claim; save_model replaces it only once complete
         raise
+
+
+def learnt_from(card: dict) -> str:
+    """One line saying what a model learnt from: the training exams of a bundled model, the
+    corrected exams and slices of a fine-tuned version (its card's ``lineage``, oldest
+    first), for the Segment dock and ``tumorseg models -v``."""
+    lineage = card.get("lineage") or []
+    if not lineage:
+        exams = (card.get("training") or {}).get("train_exams") or []
+        return f"trained on {len(exams)} expert-labelled exams" if exams else ""
+    root = lineage[0].get("parent", "?")
+    exams = list(dict.fromkeys(entry.get("exam", "?") for entry in lineage))
+    parts = []
+    for entry in lineage:
+        slices = entry.get("corrected_slices")
+        where = (
+            "every slice"
+            if slices == "all"
+            else f"slice{'s' if len(slices or []) != 1 else ''} "
+            + ", ".join(str(z) for z in slices or [])
+        )
+        parts.append(f"{entry.get('exam', '?')} ({entry.get('mode', '?')}, {where})")
+    return (
+        f"{root} fine-tuned on {len(exams)} exam{'s' if len(exams) != 1 else ''}: "
+        + "; ".join(parts)
+    )
 
 
 def list_models(problems: list[str] | None = None) -> list[dict]:
