@@ -1,6 +1,10 @@
 """Fine-tuning on 3 corrected slices: this exam, the other exams, and several exams in a row.
 
     python benchmarks/bench_finetune.py [--model 3d] [--seconds 60] [--adapt-seeds 3]
+    python benchmarks/bench_finetune.py --site --fold 1 [--recipe 2d-base] [--seconds 60]
+
+``--site``: chains of one site's exams with a cross-validation fold model (`_finetune_site`).
+Otherwise:
 
 A simulated user corrects 3 axial slices through the tumour of an exam (the expert labels on
 those slices only; the rest of the map is the model's output, seen and left alone). For each
@@ -68,7 +72,23 @@ def main(argv=None) -> None:
         help="seeds of the 'adapt' runs on exams starting below 0.85 WT (their mean is reported)",
     )
     parser.add_argument("--no-write", action="store_true")
+    site = parser.add_argument_group("site mode (`_finetune_site`)")
+    site.add_argument("--site", action="store_true", help="chains of one site's exams")
+    site.add_argument("--fold", type=int, default=1, help="the fold model and its exams")
+    site.add_argument("--recipe", default="2d-base", help="the cross-validation recipe")
+    site.add_argument("--data", type=Path, default=DATA / "brats2018" / "train")
+    site.add_argument(
+        "--candidates",
+        type=lambda text: text.split(","),
+        default=["keep", "calibration"],
+        help="comma-separated: keep, calibration",
+    )
     args = parser.parse_args(argv)
+    if args.site:
+        import _finetune_site
+
+        _finetune_site.run(args, simulate_user, corrected_slices, write_section, store_measured)
+        return
 
     import torch
 
@@ -243,6 +263,36 @@ def main(argv=None) -> None:
         # The 3D model's section is the one the issue's goals are judged in; others get their own.
         title = "Fine-tuning" if args.model == "3d" else f"Fine-tuning, the {args.model} model"
         write_section(title, "\n".join(lines))
+        command = (
+            f"python benchmarks/bench_finetune.py --model {args.model} --seconds {args.seconds:g}"
+        )
+        for mode in ("adapt", "keep"):
+            store_measured(
+                f"{mode}_{dims}d_three_exams",
+                command,
+                {
+                    "uncorrected_slices_wt_gain": round(
+                        float(np.mean([r[mode]["WT"] - r["before"]["WT"] for r in rows])), 4
+                    ),
+                    **(
+                        {"other_exams_worst_wt": round(min(a - b for _, _, b, a in forgetting), 4)}
+                        if mode == "keep"
+                        else {}
+                    ),
+                },
+            )
+
+
+def store_measured(key: str, command: str, figures: dict) -> None:
+    """Store what a mode was measured with (``key`` starts with the mode's name) in
+    `core.finetune.MEASURED_FILE`: the cards of the versions it makes repeat it."""
+    import json
+
+    from napari_tumorseg.core.finetune import MEASURED_FILE
+
+    data = json.loads(MEASURED_FILE.read_text()) if MEASURED_FILE.is_file() else {}
+    data[key] = {"command": command, "date": time.strftime("%Y-%m-%d"), **figures}
+    MEASURED_FILE.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _adapt_gain(row) -> float:

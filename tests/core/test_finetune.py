@@ -15,9 +15,9 @@ from napari_tumorseg.core.finetune import (
 )
 from napari_tumorseg.core.io import read_exam
 from napari_tumorseg.core.jobs import run_to_end
-from napari_tumorseg.core.models import load_model, user_models_dir
+from napari_tumorseg.core.models import learnt_from, load_model, user_models_dir
 
-from ..conftest import BRATS, make_tiny_model
+from ..conftest import BRATS, BRATS2023, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,40 @@ def test_finetune_saves_a_new_version_with_its_card(exam):
     assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.safetensors"]
     # The parent version is still there: "revert" is choosing it again.
     assert load_model("mine@v1").card["version"] == 1
+
+
+def test_a_versions_card_says_which_exams_and_slices_it_learnt_from(exam):
+    """Two "keep" rounds on two exams: the card's lineage names both exams (and their scans'
+    fingerprints, which differ), their corrected slices, and the figures "keep" was measured
+    with; `learnt_from` says it in a line."""
+    other = read_exam(BRATS2023)
+    model = load_model(make_tiny_model("chain"))
+    for case in (exam, other):
+        prediction = np.zeros(case.reference.spatial_shape, np.uint8)
+        if case.labels is not None:
+            corrected, edited, chosen = _three_corrected_slices(case, prediction)
+        else:  # no expert labels: the user paints oedema on 3 slices
+            z, y, x = (n // 2 for n in prediction.shape)
+            chosen = [z - 10, z, z + 10]
+            corrected = prediction.copy()
+            corrected[chosen, y - 8 : y + 8, x - 8 : x + 8] = 2
+            edited = corrected != prediction
+        run_to_end(
+            finetune_and_save(model, case, corrected, edited, name="chain", steps=2, seconds=None)
+        )
+        model = load_model("chain")
+    lineage = model.card["lineage"]
+    assert [entry["exam"] for entry in lineage] == [exam.name, other.name]
+    assert [entry["parent"] for entry in lineage] == ["chain@v1", "chain@v2"]
+    assert lineage[1]["corrected_slices"] == [int(z) for z in chosen]
+    fingerprints = [entry["exam_fingerprint"] for entry in lineage]
+    assert len(set(fingerprints)) == 2 and all(len(f) == 32 for f in fingerprints)
+    measured = lineage[0]["measured"]
+    assert measured and all("command" in figures for figures in measured.values())
+    line = learnt_from(model.card)
+    assert line.startswith("chain@v1 fine-tuned on 2 exams: ")
+    assert f"{other.name} (keep, slices {', '.join(str(z) for z in chosen)})" in line
+    assert learnt_from(load_model("chain@v1").card) == ""  # the tiny model: no training exams
 
 
 def test_no_correction_is_a_clear_error(exam):

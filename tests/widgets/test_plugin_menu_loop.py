@@ -89,6 +89,12 @@ def test_the_whole_loop_through_the_plugins_menu(loop, qtbot, tmp_path):
     adapted = _segment(qtbot, segment, segment.finetune)
     assert segment.model.currentText() == "mine@v2"
     assert segment._finetune_context["parent"] == "mine@v1"
+    # The dock says what the picked version learnt from: this exam twice, its slices.
+    slices = ", ".join(str(z) for z in SLICES)
+    assert segment.model_info.text() == (
+        f"{parent} fine-tuned on 1 exam: {CASE} (keep, slices {slices}); "
+        f"{CASE} (adapt, slices {slices})"
+    )
     assert "exam head fitted on the corrections" in segment.status.text()
     other = np.ones(expert.shape[0], bool)
     other[list(SLICES)] = False

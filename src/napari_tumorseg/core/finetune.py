@@ -48,7 +48,7 @@ from .inference import exam_to_channels, segment
 from .io import SEQUENCES, Exam, to_brats_labels
 from .jobs import map_events
 from .losses import dice_bce_loss
-from .models import TumorModel, check_can_save, save_user_model
+from .models import TumorModel, bundled_dir, check_can_save, save_user_model
 from .training import (
     CachedExam,
     cache_exam,
@@ -112,6 +112,24 @@ MODES_2D = {"keep": {"context": 0.9}}
 #: machine 60 s once made 2 steps, and a version that had learnt nothing was saved as if it
 #: had; now the budget stretches until this many, and the progress says how long that takes.
 MIN_KEEP_STEPS = 40
+
+#: What each mode was last measured with (benchmarks/bench_finetune.py writes it; a version's
+#: card repeats its mode's figures, `measured_figures`).
+MEASURED_FILE = bundled_dir() / "finetune_measured.json"
+
+
+def measured_figures(mode: str, spatial_dims: int) -> dict:
+    """The benchmark figures ``mode`` was last measured with on a model of ``spatial_dims``
+    (`MEASURED_FILE`, keys ``<mode>_<dims>d_<benchmark>``): each benchmark's command, date and
+    figures; empty when none were stored."""
+    import json
+
+    try:
+        data = json.loads(MEASURED_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    prefix = f"{mode}_{spatial_dims}d_"
+    return {key[len(prefix) :]: value for key, value in data.items() if key.startswith(prefix)}
 
 
 def recipe(mode: str, spatial_dims: int) -> dict:
@@ -426,9 +444,13 @@ def finetune(
 
 def _finetuned_card(model, exam, edited, labels, mode, steps, elapsed, settings) -> dict:
     n_edited = int(edited.sum()) if edited is not None else int(labels.size)
+    channels = exam_to_channels(exam)
+    present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
     entry = {
         "parent": model.label,
         "exam": exam.name,
+        # The exam by its scans, whatever its name (`refine.exam_fingerprint`).
+        "exam_fingerprint": refine.exam_fingerprint(channels.array, present, channels.spacing),
         "mode": mode,
         "corrected_voxels": n_edited,
         "corrected_slices": (
@@ -441,6 +463,7 @@ def _finetuned_card(model, exam, edited, labels, mode, steps, elapsed, settings)
             if settings.get("exam_head")
             else {**settings, "uncorrected_weight": UNCORRECTED_WEIGHT}
         ),
+        "measured": measured_figures(mode, model.card["spatial_dims"]),
     }
     return {
         **model.card,
@@ -512,7 +535,7 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
     )
     card["exam_head"] = {
         "exam": exam.name,
-        "fingerprint": refine.exam_fingerprint(channels.array, present, channels.spacing),
+        "fingerprint": card["finetune"]["exam_fingerprint"],
         "features": refine.N_FEATURES,
         "hidden": settings["hidden"],
         "training_voxels": len(features),

@@ -41,7 +41,7 @@ from ..core.errors import TumorSegError
 from ..core.inference import check_one_grid, segment
 from ..core.io import REGIONS, SEQUENCES, Exam, case_name
 from ..core.jobs import map_events
-from ..core.models import list_models, load_model
+from ..core.models import learnt_from, list_models, load_model
 from ..core.preprocess import is_skull_stripped
 from ._finetune import FinetuneSection
 from ._layout import Section, scrolling_form
@@ -139,6 +139,12 @@ class SegmentWidget(FinetuneSection, QWidget):
         self.legend = QLabel(legend_html())
         self.legend.setWordWrap(True)
         form.addRow("Model", self.model)
+        # What the picked model learnt from (a fine-tuned version: its exams and slices).
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self._cards: dict[str, dict] = {}
+        self.model.currentTextChanged.connect(self._show_model_info)
+        form.addRow(self.model_info)
         # Offered before the run when the picked scans still have their skull (`_offer_brain`).
         self.brain = QCheckBox(BRAIN_OFFER)
         self.brain.setToolTip(
@@ -220,7 +226,8 @@ class SegmentWidget(FinetuneSection, QWidget):
         """Fill the model picker: bundled 3D, bundled 2D, then user versions."""
         current = select or self.model.currentText()
         problems: list[str] = []
-        labels = [card["label"] for card in list_models(problems)]
+        self._cards = {card["label"]: card for card in list_models(problems)}
+        labels = list(self._cards)
         for problem in problems:
             if problem not in self._reported:  # once, not at every opening of the picker
                 self._reported.add(problem)
@@ -232,6 +239,12 @@ class SegmentWidget(FinetuneSection, QWidget):
         self._set_running(False)  # Run stays disabled while a job runs
         if not labels:
             self.status.setText("no model installed")
+
+    def _show_model_info(self, label: str) -> None:
+        text = learnt_from(self._cards.get(label, {}))
+        self.model_info.setText(text)
+        self.model_info.setToolTip(text)
+        self.model_info.setVisible(bool(text))
 
     # ------------------------------------------------------------------ running
     def _set_running(self, running: bool) -> None:

@@ -1,0 +1,308 @@
+"""The site mode of bench_finetune.py: does "keep for next exams" learn a site?
+
+    python benchmarks/bench_finetune.py --site --fold 1 [--recipe 2d-base] [--seconds 60]
+
+A radiologist corrects exam after exam from one scanner park. With a cross-validation fold
+model (`scripts/cross_validate.py train`), the fold's held-out CBICA exams -- one site, never
+trained on -- are corrected in a chain: the user segments an exam with the newest version,
+corrects 3 axial slices through the tumour (the expert labels there, `simulate_user`), and
+"keep" makes the next version from it. After each corrected exam, the exams of the chain not
+corrected yet are segmented with the newest version (whole exam, WT / TC / ET Dice against the
+expert): the change against the fold model is what the site's corrections carried over. After
+the last one, the fold's held-out exams of the other sites measure forgetting. Each exam of the
+chain is the last one once (the chain rotated), so the figure after n - 1 corrected exams
+rests on every exam.
+
+Candidates measured side by side:
+
+- ``keep``: the product's "keep for next exams" (`core.finetune`, the network fine-tuned);
+- ``calibration``: a site calibration, not shipped -- per region, logit' = logit +
+  a . (WT, TC, ET logits) + b, fitted by L-BFGS on the brain voxels of every corrected slice so
+  far (the lineage's corrections), applied with the exam head's rule (no tumour away from the
+  network's) -- the smallest "site head" there is.
+
+The fold model's labels get the bundled model's post-processing (its card's rules), as the
+product's would.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from cross_validate import fold_dir, make_folds, stratum  # noqa: E402
+
+REGIONS = ("WT", "TC", "ET")
+SITE = "CBICA"
+CANDIDATES = ("keep", "calibration")
+
+
+def rotations(exams: list[str]) -> list[list[str]]:
+    """Every rotation of ``exams``: each one ends a chain once."""
+    return [exams[i:] + exams[:i] for i in range(len(exams))]
+
+
+class SiteBench:
+    """A fold model, its held-out exams, and the helpers of the chains."""
+
+    def __init__(self, recipe: str, fold: int, data: Path, threads: int) -> None:
+        import torch
+
+        from napari_tumorseg.core.io import read_exam
+        from napari_tumorseg.core.models import bundled_dir, load_model_folder
+
+        torch.set_num_threads(threads)
+        folder = fold_dir(recipe, fold) / "model"
+        if not (folder / "card.json").is_file():
+            raise SystemExit(
+                f"no model for fold {fold} of {recipe} ({folder}): train it first with "
+                f"scripts/cross_validate.py train --recipe {recipe}"
+            )
+        self.model = load_model_folder(folder)
+        bundled = json.loads((bundled_dir() / self.model.card["name"] / "card.json").read_text())
+        self.model.card["postprocess"] = bundled.get("postprocess")
+        names = make_folds(sorted(p.name for p in data.iterdir() if p.is_dir()))[fold]
+        self.exams = {name: read_exam(data / name) for name in names}
+        self.site = [n for n in names if stratum(n) == SITE]
+        self.others = [n for n in names if stratum(n) != SITE]
+        self.results = {name: self.segment(self.model, name) for name in names}
+        self.base = {name: result.labels.array for name, result in self.results.items()}
+        self.base_dice = {name: self.dice(self.base[name], name) for name in names}
+
+    def segment(self, model, name: str):
+        from napari_tumorseg.core.inference import segment
+        from napari_tumorseg.core.jobs import run_to_end
+
+        return run_to_end(segment(self.exams[name], model, device="cpu"))
+
+    def predict(self, model, name: str) -> np.ndarray:
+        return self.segment(model, name).labels.array
+
+    def dice(self, labels: np.ndarray, name: str) -> np.ndarray:
+        from napari_tumorseg.core.metrics import evaluate_labels
+
+        exam = self.exams[name]
+        scores = evaluate_labels(labels, exam.labels.array, exam.reference.spacing, hd95=False)
+        return np.array([scores[r]["dice"] for r in REGIONS])
+
+
+def keep_chain(bench: SiteBench, chain: list[str], seconds: float, simulate_user):
+    """The product's "keep" along ``chain``: per step, the gains of the exams not corrected
+    yet; at the end, the other sites' WT change; the steps each "keep" made."""
+    from napari_tumorseg.core.finetune import finetune
+    from napari_tumorseg.core.jobs import run_to_end
+
+    model, prediction = bench.model, bench.base[chain[0]]
+    gains, steps = [], []
+    for k, name in enumerate(chain[:-1], start=1):
+        expert = bench.exams[name].labels.array
+        corrected, edited, _ = simulate_user(expert, prediction)
+        result = run_to_end(
+            finetune(model, bench.exams[name], corrected, edited, mode="keep", seconds=seconds)
+        )
+        model = result.model(model)
+        steps.append(result.steps)
+        rest = {n: bench.predict(model, n) for n in chain[k:]}
+        gains.append({n: bench.dice(rest[n], n) - bench.base_dice[n] for n in rest})
+        prediction = rest[chain[k]]
+    forgetting = {
+        n: float(bench.dice(bench.predict(model, n), n)[0] - bench.base_dice[n][0])
+        for n in bench.others
+    }
+    return gains, forgetting, steps
+
+
+class Calibration:
+    """The ``calibration`` candidate: features of each exam (the fold model's logits on its
+    brain voxels) computed once, fits on the pooled corrected slices."""
+
+    def __init__(self, bench: SiteBench, corrected_slices) -> None:
+        from napari_tumorseg.core import refine
+        from napari_tumorseg.core.inference import exam_to_channels
+        from napari_tumorseg.core.io import SEQUENCES
+        from napari_tumorseg.core.jobs import run_to_end
+
+        self.bench, self.cache = bench, {}
+        for name, exam in bench.exams.items():
+            channels = exam_to_channels(exam)
+            present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
+            probabilities = bench.results[name].probabilities.array
+            features, box, mask = run_to_end(
+                refine.head_features(channels.array, present, probabilities, channels.spacing)
+            )
+            rows = np.zeros(exam.labels.array.shape[0], bool)
+            rows[corrected_slices(exam.labels.array)] = True
+            self.cache[name] = (features[:, :3], box, mask, rows[box[0]], probabilities)
+
+    def fit(self, names: list[str]):
+        import torch
+
+        from napari_tumorseg.core.training import region_targets
+
+        xs, ys = [], []
+        for name in names:
+            logits, box, mask, rows, _ = self.cache[name]
+            on_rows = mask & rows[:, None, None]
+            xs.append(logits[on_rows[mask]])
+            expert = self.bench.exams[name].labels.array[box]
+            ys.append(region_targets(expert[on_rows]).T)
+        x = torch.from_numpy(np.concatenate(xs))
+        y = torch.from_numpy(np.concatenate(ys).astype(np.float32))
+        layer = torch.nn.Linear(3, 3)
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+        optimizer = torch.optim.LBFGS(
+            layer.parameters(), max_iter=50, line_search_fn="strong_wolfe"
+        )
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(x + layer(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return layer.requires_grad_(False)
+
+    def labels(self, layer, name: str) -> np.ndarray:
+        import torch
+
+        from napari_tumorseg.core import refine
+        from napari_tumorseg.core.labels import card_labels
+
+        logits, box, mask, _, probabilities = self.cache[name]
+        x = torch.from_numpy(logits)
+        refined = torch.sigmoid(x + layer(x)).numpy()
+        out = probabilities.copy()
+        crop = out[(slice(None), *box)]
+        for r in range(3):
+            crop[r][mask] = refined[:, r]
+        network = probabilities[(slice(None), *box)]
+        zone = refine._touching(crop[0] > 0.5, refine.keep_largest_component(network[0] > 0.5))
+        crop[:, (crop[0] > 0.5) & ~zone] = network[:, (crop[0] > 0.5) & ~zone]
+        # As for an exam head: fitted to the user's labels, cut at 0.5 (no card thresholds).
+        rules = {
+            k: v
+            for k, v in (self.bench.model.card.get("postprocess") or {}).items()
+            if k not in ("why", "thresholds")
+        }
+        spacing = self.bench.exams[name].reference.spacing
+        return card_labels(out, rules, float(np.prod(spacing)) / 1000)
+
+    def chain(self, chain: list[str]):
+        gains = []
+        for k in range(1, len(chain)):
+            layer = self.fit(chain[:k])
+            gains.append(
+                {
+                    n: self.bench.dice(self.labels(layer, n), n) - self.bench.base_dice[n]
+                    for n in chain[k:]
+                }
+            )
+        forgetting = {
+            n: float(self.bench.dice(self.labels(layer, n), n)[0] - self.bench.base_dice[n][0])
+            for n in self.bench.others
+        }
+        return gains, forgetting, []
+
+
+def run(args, simulate_user, corrected_slices, write_section, store_measured) -> None:
+    started = time.perf_counter()
+    bench = SiteBench(args.recipe, args.fold, args.data, args.threads)
+    if len(bench.site) < 2:
+        raise SystemExit(f"fold {args.fold} holds {len(bench.site)} {SITE} exam(s): no chain")
+    chains = rotations(bench.site)
+    results = {}
+    calibration = Calibration(bench, corrected_slices) if "calibration" in args.candidates else None
+    for candidate in args.candidates:
+        results[candidate] = []
+        for chain in chains:
+            if candidate == "keep":
+                outcome = keep_chain(bench, chain, args.seconds, simulate_user)
+            else:
+                outcome = calibration.chain(chain)
+            results[candidate].append((chain, *outcome))
+            print(candidate, chain, outcome, flush=True)
+    minutes = (time.perf_counter() - started) / 60
+    lines = report(args, bench, chains, results, minutes)
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section(f"Fine-tuning, a site's exams in a row (fold {args.fold})", "\n".join(lines))
+        if "keep" in results:
+            store_measured(
+                f"keep_{bench.model.card['spatial_dims']}d_site_chains",
+                f"python benchmarks/bench_finetune.py --site --fold {args.fold} --recipe "
+                f"{args.recipe} --seconds {args.seconds:g}",
+                summarise(results["keep"], len(bench.site)),
+            )
+
+
+def summarise(runs, n_site: int) -> dict:
+    """Mean gain (WT, TC, ET) on the next exams after 1 .. n - 1 corrected exams, and the
+    other sites' worst WT change."""
+    after = {}
+    for k in range(1, n_site):
+        deltas = [d for _, gains, _, _ in runs for d in gains[k - 1].values()]
+        after[k] = np.mean(deltas, axis=0).round(4).tolist()
+    worst = min((v for _, _, forgetting, _ in runs for v in forgetting.values()), default=0.0)
+    return {"gain_after": after, "other_sites_worst_wt": round(worst, 4)}
+
+
+def report(args, bench: SiteBench, chains, results, minutes: float) -> list[str]:
+    def fmt(values) -> str:
+        return " / ".join(f"{v:+.3f}" for v in values)
+
+    n = len(bench.site)
+    lines = [
+        f"Command: `python benchmarks/bench_finetune.py --site --fold {args.fold} --recipe "
+        f"{args.recipe} --seconds {args.seconds:g}` ({args.threads} CPU threads, {minutes:.0f} "
+        f"min in all). Fold {args.fold}'s model ({args.recipe}, never trained on these exams); "
+        f"the chain: its {n} held-out {SITE} exams ({', '.join(bench.site)}), each last once; "
+        f"other sites: {', '.join(bench.others) or 'none'}. Each corrected exam: 3 axial "
+        "slices with the expert labels. Change of Dice against the fold model on the exams of "
+        "the chain not corrected yet (whole exam, WT / TC / ET).",
+        "",
+        "Fold model, whole exam, WT / TC / ET: "
+        + "; ".join(
+            f"{name} {' / '.join(f'{v:.3f}' for v in bench.base_dice[name])}"
+            for name in bench.exams
+        )
+        + ".",
+        "",
+        "| candidate | chain | "
+        + " | ".join(f"after {k} corrected" for k in range(1, n))
+        + " | other sites, WT change | keep steps |",
+        "|---|---|" + "---|" * (n - 1) + "---|---|",
+    ]
+    for candidate, runs in results.items():
+        for chain, gains, forgetting, steps in runs:
+            lines.append(
+                f"| {candidate} | {' then '.join(c.replace('Brats18_', '') for c in chain)} | "
+                + " | ".join(fmt(np.mean(list(g.values()), axis=0)) for g in gains)
+                + " | "
+                + ", ".join(f"{k.replace('Brats18_', '')} {v:+.3f}" for k, v in forgetting.items())
+                + f" | {', '.join(map(str, steps)) or '-'} |"
+            )
+    lines += ["", "Mean over the chains:", ""]
+    for candidate, runs in results.items():
+        summary = summarise(runs, n)
+        last = summary["gain_after"][n - 1]
+        lines.append(
+            f"- {candidate}: "
+            + "; ".join(f"after {k}: {fmt(v)}" for k, v in summary["gain_after"].items())
+            + f"; other sites' worst WT change {summary['other_sites_worst_wt']:+.3f}. Goal "
+            f"(after 3 corrected exams WT >= +0.05, no other-site exam losing > 0.01): "
+            + (
+                "met"
+                if n - 1 >= 3 and last[0] >= 0.05 and summary["other_sites_worst_wt"] >= -0.01
+                else "NOT met"
+            )
+            + "."
+        )
+    return lines
