@@ -163,6 +163,9 @@ def test_a_versions_card_says_which_exams_and_slices_it_learnt_from(exam):
     assert line.startswith("chain@v1 fine-tuned on 2 exams: ")
     assert f"{other.name} (keep, slices {', '.join(str(z) for z in chosen)})" in line
     assert learnt_from(load_model("chain@v1").card) == ""  # the tiny model: no training exams
+    latest = learnt_from(model.card, latest=1)
+    assert latest.startswith("chain@v1 fine-tuned on 2 exams: 1 earlier round; ")
+    assert exam.name not in latest and other.name in latest
 
 
 def test_no_correction_is_a_clear_error(exam):

@@ -347,18 +347,21 @@ def save_user_model(
         raise
 
 
-def learnt_from(card: dict) -> str:
+def learnt_from(card: dict, latest: int | None = None) -> str:
     """One line saying what a model learnt from: the training exams of a bundled model, the
     corrected exams and slices of a fine-tuned version (its card's ``lineage``, oldest
-    first), for the Segment dock and ``tumorseg models -v``."""
+    first; only the ``latest`` rounds when given), for the Segment dock and
+    ``tumorseg models``."""
     lineage = card.get("lineage") or []
     if not lineage:
         exams = (card.get("training") or {}).get("train_exams") or []
         return f"trained on {len(exams)} expert-labelled exams" if exams else ""
     root = lineage[0].get("parent", "?")
     exams = list(dict.fromkeys(entry.get("exam", "?") for entry in lineage))
-    parts = []
-    for entry in lineage:
+    shown = lineage if latest is None else lineage[-latest:]
+    hidden = len(lineage) - len(shown)
+    parts = [f"{hidden} earlier round{'s' if hidden != 1 else ''}"] if hidden else []
+    for entry in shown:
         slices = entry.get("corrected_slices")
         where = (
             "every slice"
@@ -367,9 +370,8 @@ def learnt_from(card: dict) -> str:
             + ", ".join(str(z) for z in slices or [])
         )
         parts.append(f"{entry.get('exam', '?')} ({entry.get('mode', '?')}, {where})")
-    return (
-        f"{root} fine-tuned on {len(exams)} exam{'s' if len(exams) != 1 else ''}: "
-        + "; ".join(parts)
+    return f"{root} fine-tuned on {len(exams)} exam{'s' if len(exams) != 1 else ''}: " + "; ".join(
+        parts
     )
 
 

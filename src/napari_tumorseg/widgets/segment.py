@@ -109,6 +109,11 @@ class _ModelPicker(QComboBox):
         super().showPopup()
 
 
+#: The fine-tuning rounds the line under the model picker names (the tooltip names them all),
+#: so that a long lineage does not stretch the dock.
+MODEL_INFO_ROUNDS = 3
+
+
 class SegmentWidget(FinetuneSection, QWidget):
     """Pick the sequences and a model; Run fills WT/TC/ET probability layers live, then adds an
     editable BraTS labels layer and emits ``segmented`` with it."""
@@ -241,9 +246,10 @@ class SegmentWidget(FinetuneSection, QWidget):
             self.status.setText("no model installed")
 
     def _show_model_info(self, label: str) -> None:
-        text = learnt_from(self._cards.get(label, {}))
+        card = self._cards.get(label, {})
+        text = learnt_from(card, latest=MODEL_INFO_ROUNDS)
         self.model_info.setText(text)
-        self.model_info.setToolTip(text)
+        self.model_info.setToolTip(learnt_from(card))  # every round
         self.model_info.setVisible(bool(text))
 
     # ------------------------------------------------------------------ running
