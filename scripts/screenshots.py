@@ -1,10 +1,10 @@
 """Take the README's and the closing notes' screenshots under Xvfb.
 
-    xvfb-run -a -s "-screen 0 1920x1080x24" python scripts/screenshots.py [--model 3d] [--out docs]
+    xvfb-run -a -s "-screen 0 1920x1080x24" python scripts/screenshots.py [--model 2d] [--out docs]
 
 Every picture is the whole napari window at 1920 x 1080 with the four docks open, as from the
 Plugins menu. Writes demo.png (the labelled sample segmented, with the docks), segment_running.png
-(the probability maps filling in, halfway through the 3D model's first window),
+(the probability maps filling in, past two thirds of the run),
 register_before.png / register_after.png (the raw exam) and
 finetune_done.png (3 slices corrected with the expert labels, "Fine-tune on my corrections"
 pressed, the exam segmented again; the fine-tuned version goes to a temporary user folder) and
@@ -22,6 +22,8 @@ from pathlib import Path
 import napari
 import numpy as np
 from qtpy.QtWidgets import QApplication
+
+from napari_tumorseg.core.bundled import DEFAULT_MODEL
 
 PLUGIN = "napari-tumorseg"
 DOCKS = ("Register sequences", "Segment tumour", "Review and correct", "Tumour volumes")
@@ -69,7 +71,7 @@ def _shoot(viewer, app, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="3d")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +103,8 @@ def main() -> None:
     viewer.dims.set_point(0, z)
     expert.visible = False
     segment = docks["Segment tumour"]
-    # The live view: halfway through the second of the 3D model's windows, the first one's
-    # map is in and the progress bar is past the middle.
+    # The live view: the progress bar past two thirds, the maps filled in that far (window by
+    # window in 3D, slice by slice in 2D).
     segment.model.setCurrentText(args.model)
     done = []
     segment.segmented.connect(lambda layer: done.append(1))
