@@ -84,6 +84,12 @@ class SiteBench:
     def predict(self, model, name: str) -> np.ndarray:
         return self.segment(model, name).labels.array
 
+    def wt_volumes(self, name: str) -> tuple[float, float]:
+        """The fold model's whole tumour and the expert's, mL."""
+        exam = self.exams[name]
+        ml = exam.reference.voxel_volume_ml
+        return (self.base[name] > 0).sum() * ml, (exam.labels.array > 0).sum() * ml
+
     def dice(self, labels: np.ndarray, name: str) -> np.ndarray:
         from napari_tumorseg.core.metrics import evaluate_labels
 
@@ -272,6 +278,13 @@ def report(args, bench: SiteBench, chains, results, minutes: float) -> list[str]
         + "; ".join(
             f"{name} {' / '.join(f'{v:.3f}' for v in bench.base_dice[name])}"
             for name in bench.exams
+        )
+        + ".",
+        "",
+        "What a site could teach -- the fold model's whole tumour against the expert's: "
+        + "; ".join(
+            f"{name} {volumes[0]:.0f} / {volumes[1]:.0f} mL ({volumes[0] / volumes[1] - 1:+.0%})"
+            for name, volumes in ((n, bench.wt_volumes(n)) for n in bench.site)
         )
         + ".",
         "",
