@@ -16,7 +16,7 @@ from napari_tumorseg.core.io import SEQUENCES, Exam, read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import card_labels, probabilities_to_labels
 from napari_tumorseg.core.models import TumorModel
-from napari_tumorseg.core.postprocess import keep_largest_component
+from napari_tumorseg.core.postprocess import keep_largest_component, minor_tumours_note
 from napari_tumorseg.core.slices import slice_inference
 from napari_tumorseg.core.sliding import sliding_window
 from napari_tumorseg.core.unet import UNet
@@ -475,6 +475,12 @@ def test_card_labels_removes_pieces_under_a_share_of_the_largest_tumour():
     largest = card_labels(probabilities, {"minor_share": 1.0}, 0.001)
     np.testing.assert_array_equal(largest, keep_largest_component(labels))
     assert (largest > 0).sum() == 216
+    # What the user is told: the pieces and millilitres left out, or nothing.
+    (note,) = minor_tumours_note(labels, largest, 1.0, 0.001)
+    assert note.startswith("kept the largest tumour (the model card's rule): 1 other piece, 0.1 mL")
+    (note,) = minor_tumours_note(card_labels(probabilities, None, 0.001), labels, 0.25, 0.001)
+    assert note.startswith("removed pieces under 25% of the largest tumour (the model card's rule)")
+    assert minor_tumours_note(largest, largest, 1.0, 0.001) == ()
 
 
 def test_segment_uses_the_cards_postprocess_rules():

@@ -26,6 +26,7 @@ from .errors import TumorSegError
 from .io import SEQUENCES, Exam
 from .jobs import map_events
 from .labels import card_labels, region_thresholds
+from .postprocess import minor_tumours_note, remove_minor_tumours
 from .predictor import InferenceProgress
 from .preprocess import SKULL_ON_WARNING, Prepared, prepare
 from .slices import slice_inference
@@ -444,7 +445,15 @@ def segment(
         rules["thresholds"] = threshold
     rules["thresholds"] = list(region_thresholds(rules.get("thresholds", 0.5)))
     voxel_ml = float(np.prod(channels.spacing)) / 1000
-    labels = card_labels(probabilities, rules, voxel_ml)
+    # The card's last rule, minor tumour pieces, is applied here to say what it removed.
+    share = rules.get("minor_share")
+    labels = card_labels(
+        probabilities, {k: v for k, v in rules.items() if k != "minor_share"}, voxel_ml
+    )
+    if share:
+        kept = remove_minor_tumours(labels, float(share))
+        notes = (*notes, *minor_tumours_note(labels, kept, float(share), voxel_ml))
+        labels = kept
     return SegmentationResult(
         probabilities=channels.with_array(
             probabilities, name="probabilities", channels=REGION_NAMES

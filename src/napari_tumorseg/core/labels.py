@@ -59,9 +59,9 @@ def card_labels(
     ``scripts/tune_postprocess.py``): ``thresholds`` (one or per region, default 0.5),
     ``et_min_ml`` (less enhancing tumour than this becomes core,
     `postprocess.relabel_small_enhancing`), ``island_ml`` (tumour pieces smaller than this
-    are removed, `postprocess.remove_small_islands`) and ``minor_share`` (tumour pieces smaller
-    than this share of the largest are removed, `postprocess.remove_minor_tumours`; chosen
-    by cross-validation, ``scripts/cross_validate.py postprocess``). ``threshold`` overrides
+    are removed, `postprocess.remove_small_islands`) and, last, ``minor_share`` (tumour pieces
+    smaller than this share of the largest are removed, `postprocess.remove_minor_tumours`;
+    chosen by cross-validation, ``scripts/cross_validate.py postprocess``). ``threshold`` overrides
     the card's.
     """
     rules = rules or {}

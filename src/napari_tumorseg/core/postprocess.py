@@ -41,6 +41,27 @@ def remove_minor_tumours(labels: np.ndarray, share: float) -> np.ndarray:
     return np.where(keep[labelled], labels, 0).astype(labels.dtype)
 
 
+def minor_tumours_note(before: np.ndarray, after: np.ndarray, share: float, voxel_ml: float):
+    """What `remove_minor_tumours` (with ``share``) took from ``before`` to make ``after``, as
+    a note for the user -- a second focus of a multifocal tumour may be among the pieces --;
+    an empty tuple when it took nothing."""
+    removed = (before > 0) & (after == 0)
+    if not removed.any():
+        return ()
+    _, sizes = _components(removed)
+    pieces = int((sizes > 0).sum())
+    rule = (
+        "kept the largest tumour"
+        if share >= 1
+        else f"removed pieces under {share:.0%} of the largest tumour"
+    )
+    return (
+        f"{rule} (the model card's rule): {pieces} other piece{'s' if pieces != 1 else ''}, "
+        f"{removed.sum() * voxel_ml:.1f} mL, left out of the map; the WT probability layer "
+        "still shows them",
+    )
+
+
 def remove_small_islands(labels: np.ndarray, min_ml: float, voxel_ml: float) -> np.ndarray:
     """Remove connected tumour pieces smaller than ``min_ml`` millilitres."""
     labelled, sizes = _components(labels > 0)
