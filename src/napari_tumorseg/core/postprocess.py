@@ -58,7 +58,7 @@ def minor_tumours_note(before: np.ndarray, after: np.ndarray, share: float, voxe
     return (
         f"{rule} (the model card's rule): {pieces} other piece{'s' if pieces != 1 else ''}, "
         f"{removed.sum() * voxel_ml:.1f} mL, left out of the map; the WT probability layer "
-        "still shows them",
+        f"still shows {'it' if pieces == 1 else 'them'}",
     )
 
 
