@@ -290,6 +290,7 @@ def postprocess(args: argparse.Namespace) -> int:
         "change | exams losing > 0.01 WT | kept |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    best: tuple[float, str] | None = None  # the kept candidate with the best mean WT
     for candidate, table in scores.items():
         dice = {r: np.mean([e[r][0] for e in table.values()]) for r in REGIONS}
         hd = {r: np.mean([e[r][1] for e in table.values()]) for r in REGIONS}
@@ -302,6 +303,8 @@ def postprocess(args: argparse.Namespace) -> int:
         )
         kept = "-" if table is base else ("yes" if rises and worst >= -FOLD_NOISE else "no")
         losers = [n for n in table if table[n]["WT"][0] < base[n]["WT"][0] - FOLD_NOISE]
+        if kept == "yes" and (best is None or dice["WT"] > best[0]):
+            best = (dice["WT"], candidate)
         lines.append(
             f"| {candidate} | "
             + " | ".join(f"{dice[r]:.3f}" for r in REGIONS)
@@ -309,10 +312,16 @@ def postprocess(args: argparse.Namespace) -> int:
             + " | ".join(f"{hd[r]:.1f}" for r in REGIONS)
             + f" | {worst:+.3f} | {', '.join(losers) or 'none'} | {kept} |"
         )
-    lines += [
-        "",
-        f"Folds {', '.join(map(str, done))} of {N_FOLDS}: the choice waits for all five.",
-    ]
+    if len(done) < N_FOLDS:
+        verdict = f"Folds {', '.join(map(str, done))} of {N_FOLDS}: the choice waits for all five."
+    elif best is None:
+        verdict = "All five folds: no candidate is kept; the model's labels stay as they are."
+    else:
+        verdict = (
+            f"All five folds: of the kept candidates, the best mean WT Dice is "
+            f"{best[1]!r} ({best[0]:.3f})."
+        )
+    lines += ["", verdict]
     section = "\n".join(lines)
     print(section)
     _write_between(
