@@ -437,20 +437,26 @@ def finetune(
         interpolate_weights(network, parent, settings["interpolate"])
     network.eval().cpu()
     elapsed = time.perf_counter() - started
-    new_card = _finetuned_card(model, exam, edited, labels, mode, last, elapsed, settings)
+    channels = exam_to_channels(exam)
+    present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
+    fingerprint = refine.exam_fingerprint(channels.array, present, channels.spacing)
+    new_card = _finetuned_card(
+        model, exam, fingerprint, edited, labels, mode, last, elapsed, settings
+    )
     new_card.pop("exam_head", None)  # the parent's head belongs to the parent's exam
     return FinetuneResult(network, new_card, last, elapsed, losses)
 
 
-def _finetuned_card(model, exam, edited, labels, mode, steps, elapsed, settings) -> dict:
+def _finetuned_card(
+    model, exam, fingerprint, edited, labels, mode, steps, elapsed, settings
+) -> dict:
+    """The new version's card; ``fingerprint``: the exam's `refine.exam_fingerprint`."""
     n_edited = int(edited.sum()) if edited is not None else int(labels.size)
-    channels = exam_to_channels(exam)
-    present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
     entry = {
         "parent": model.label,
         "exam": exam.name,
         # The exam by its scans, whatever its name (`refine.exam_fingerprint`).
-        "exam_fingerprint": refine.exam_fingerprint(channels.array, present, channels.spacing),
+        "exam_fingerprint": fingerprint,
         "mode": mode,
         "corrected_voxels": n_edited,
         "corrected_slices": (
@@ -530,12 +536,13 @@ def _fit_exam_head(model, exam, labels, edited, mode, seed, segmentation):
         fitted,
     )
     elapsed = time.perf_counter() - started
+    fingerprint = refine.exam_fingerprint(channels.array, present, channels.spacing)
     card = _finetuned_card(
-        model, exam, edited, labels, mode, settings["iterations"], elapsed, settings
+        model, exam, fingerprint, edited, labels, mode, settings["iterations"], elapsed, settings
     )
     card["exam_head"] = {
         "exam": exam.name,
-        "fingerprint": card["finetune"]["exam_fingerprint"],
+        "fingerprint": fingerprint,
         "features": refine.N_FEATURES,
         "hidden": settings["hidden"],
         "training_voxels": len(features),
