@@ -695,17 +695,18 @@ def test_the_skull_warning_comes_with_the_first_event_before_the_network_runs(ti
     stripped.close()
 
 
-@pytest.mark.parametrize("window", [None, "fit"])
-def test_labels_hold_still_when_the_exam_is_padded_or_cropped_around_the_brain(window):
-    """The window plan is laid over the brain box, not the volume: padding the exam with 20
-    voxels of background per side, or cropping 20 voxels of background off, moves no label."""
+@pytest.mark.parametrize("dims, window", [(3, None), (3, "fit"), (2, None)])
+def test_labels_hold_still_when_the_exam_is_padded_or_cropped_around_the_brain(dims, window):
+    """The window plan (3D) or the slices (2D) are laid over the brain box, not the volume:
+    padding the exam with 20 voxels of background per side, or cropping 20 voxels of
+    background off, moves no label."""
     import dataclasses
 
     from napari_tumorseg.core.models import load_model
 
     from ..conftest import make_tiny_model
 
-    model = load_model(make_tiny_model("fov"))
+    model = load_model(make_tiny_model(f"fov{dims}d", spatial_dims=dims))
     channels = exam_to_channels(read_exam(BRATS))
     events = []
     base = run_to_end(segment(channels, model, device="cpu", window=window), events.append)
