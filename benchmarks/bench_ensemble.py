@@ -116,16 +116,19 @@ def main(argv=None) -> None:
         f"{cpu_description()}; {time.perf_counter() - began:.0f} s in all). Outside checks only "
         "(nothing here is cross-validated): Dice WT / TC / ET (HD95 WT) on the labelled sample "
         "against its expert labels and on TCGA-FG-6692 in BraTS space against the six-algorithm "
-        f"fusion; the mean of the members' probabilities, labelled with the default ({DEFAULT_MODEL}) "
-        "card's thresholds alone and with its whole post-processing (islands, the largest "
-        f"tumour). Fold models: `runs/cv/{args.recipe}` (each trained on 21-22 of the 27 exams). "
+        "fusion; the mean of the members' probabilities, labelled with the default "
+        f"({DEFAULT_MODEL}) card's thresholds alone and with its whole post-processing "
+        "(islands, the largest tumour). Fold models: "
+        f"`runs/cv/{args.recipe}` (each trained on 21-22 of the 27 exams). "
         "Seconds: the members' `segment` time per exam, one after the other.",
         "",
         f"| candidate | s per exam | {header} |",
         "|---|---|" + "---|" * (2 * len(exams)),
         *(
             f"| {name} | {seconds[name]:.1f} | "
-            + " | ".join(cell(scores[name][(e, k)]) for e, _, _ in exams for k in ("thresholds", "card"))
+            + " | ".join(
+                cell(scores[name][(e, k)]) for e, _, _ in exams for k in ("thresholds", "card")
+            )
             + " |"
             for name in candidates
         ),

@@ -5,6 +5,7 @@
         --recipe 2d-base [--folds 0,1,2,3,4] -- --dims 2 --steps 2000
     python scripts/cross_validate.py report [--recipes 2d-base,...]
     python scripts/cross_validate.py postprocess --recipe 2d-base
+    python scripts/cross_validate.py views --recipe 2d-base
 
 The exams are split into 5 folds stratified by site (BraTS 2013, CBICA, TCIA) and grade (the
 TCIA10/TCIA13 exams are the lower-grade ones): each stratum is dealt round the folds in turn,
@@ -16,7 +17,8 @@ ends. A fold whose model exists is skipped and an interrupted one resumes from i
 so running the same command again goes on where it stopped. `report` writes every recipe's
 per-fold and mean figures into docs/MODELS.md (between the cross-validation markers) and
 prints them. `postprocess` scores post-processing candidates (keep the largest tumour, remove
-small islands) on the finished folds' held-out exams, and says which the rule keeps.
+small islands) on the finished folds' held-out exams, and says which the rule keeps; `views`
+does the same for a 2D recipe run over coronal and sagittal slices as well as axial ones.
 """
 
 from __future__ import annotations
@@ -194,6 +196,59 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def choice_table(title: str, command: str, scores: dict, fold_of: dict[str, int]) -> str:
+    """The table of ``scores`` (candidate -> exam -> region -> (Dice, HD95)), the first
+    candidate the baseline, and which candidates the rule keeps: the mean Dice over exams rises
+    and no fold's mean WT Dice falls by more than `FOLD_NOISE`."""
+    base = scores[next(iter(scores))]
+    done = sorted(set(fold_of.values()))
+    lines = [
+        title,
+        "",
+        f"{command}: each candidate "
+        f"on the held-out exams of folds {', '.join(map(str, done))} ({len(fold_of)} exams); "
+        f"kept only if the mean over exams rises and no fold's mean WT Dice falls by more "
+        f"than {FOLD_NOISE}.",
+        "",
+        "| candidate | WT | TC | ET | HD95 WT (mm) | HD95 TC | HD95 ET | worst fold, WT Dice "
+        "change | exams losing > 0.01 WT | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    best: tuple[float, str] | None = None  # the kept candidate with the best mean WT
+    for candidate, table in scores.items():
+        dice = {r: np.mean([e[r][0] for e in table.values()]) for r in REGIONS}
+        hd = {r: np.mean([e[r][1] for e in table.values()]) for r in REGIONS}
+        worst = min(
+            np.mean([table[n]["WT"][0] - base[n]["WT"][0] for n in fold_of if fold_of[n] == k])
+            for k in done
+        )
+        rises = np.mean(list(dice.values())) > np.mean(
+            [np.mean([e[r][0] for e in base.values()]) for r in REGIONS]
+        )
+        kept = "-" if table is base else ("yes" if rises and worst >= -FOLD_NOISE else "no")
+        losers = [n for n in table if table[n]["WT"][0] < base[n]["WT"][0] - FOLD_NOISE]
+        if kept == "yes" and (best is None or dice["WT"] > best[0]):
+            best = (dice["WT"], candidate)
+        lines.append(
+            f"| {candidate} | "
+            + " | ".join(f"{dice[r]:.3f}" for r in REGIONS)
+            + " | "
+            + " | ".join(f"{hd[r]:.1f}" for r in REGIONS)
+            + f" | {worst:+.3f} | {', '.join(losers) or 'none'} | {kept} |"
+        )
+    if len(done) < N_FOLDS:
+        verdict = f"Folds {', '.join(map(str, done))} of {N_FOLDS}: the choice waits for all five."
+    elif best is None:
+        verdict = f"All five folds: no candidate is kept; {next(iter(scores))!r} stays."
+    else:
+        verdict = (
+            f"All five folds: of the kept candidates, the best mean WT Dice is "
+            f"{best[1]!r} ({best[0]:.3f})."
+        )
+    lines += ["", verdict]
+    return "\n".join(lines)
+
+
 #: Post-processing candidates for `postprocess`: name -> labels, voxel mL -> labels.
 def _candidates():
     from napari_tumorseg.core.postprocess import (
@@ -276,53 +331,12 @@ def postprocess(args: argparse.Namespace) -> int:
     if not fold_of:
         print(f"no finished fold of {args.recipe}")
         return 1
-    base = scores[next(iter(candidates))]
-    done = sorted(set(fold_of.values()))
-    lines = [
+    section = choice_table(
         f"### Post-processing, {args.recipe}",
-        "",
-        f"`python scripts/cross_validate.py postprocess --recipe {args.recipe}`: each candidate "
-        f"on the held-out exams of folds {', '.join(map(str, done))} ({len(fold_of)} exams); "
-        f"kept only if the mean over exams rises and no fold's mean WT Dice falls by more "
-        f"than {FOLD_NOISE}.",
-        "",
-        "| candidate | WT | TC | ET | HD95 WT (mm) | HD95 TC | HD95 ET | worst fold, WT Dice "
-        "change | exams losing > 0.01 WT | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    best: tuple[float, str] | None = None  # the kept candidate with the best mean WT
-    for candidate, table in scores.items():
-        dice = {r: np.mean([e[r][0] for e in table.values()]) for r in REGIONS}
-        hd = {r: np.mean([e[r][1] for e in table.values()]) for r in REGIONS}
-        worst = min(
-            np.mean([table[n]["WT"][0] - base[n]["WT"][0] for n in fold_of if fold_of[n] == k])
-            for k in done
-        )
-        rises = np.mean(list(dice.values())) > np.mean(
-            [np.mean([e[r][0] for e in base.values()]) for r in REGIONS]
-        )
-        kept = "-" if table is base else ("yes" if rises and worst >= -FOLD_NOISE else "no")
-        losers = [n for n in table if table[n]["WT"][0] < base[n]["WT"][0] - FOLD_NOISE]
-        if kept == "yes" and (best is None or dice["WT"] > best[0]):
-            best = (dice["WT"], candidate)
-        lines.append(
-            f"| {candidate} | "
-            + " | ".join(f"{dice[r]:.3f}" for r in REGIONS)
-            + " | "
-            + " | ".join(f"{hd[r]:.1f}" for r in REGIONS)
-            + f" | {worst:+.3f} | {', '.join(losers) or 'none'} | {kept} |"
-        )
-    if len(done) < N_FOLDS:
-        verdict = f"Folds {', '.join(map(str, done))} of {N_FOLDS}: the choice waits for all five."
-    elif best is None:
-        verdict = "All five folds: no candidate is kept; the model's labels stay as they are."
-    else:
-        verdict = (
-            f"All five folds: of the kept candidates, the best mean WT Dice is "
-            f"{best[1]!r} ({best[0]:.3f})."
-        )
-    lines += ["", verdict]
-    section = "\n".join(lines)
+        f"`python scripts/cross_validate.py postprocess --recipe {args.recipe}`",
+        scores,
+        fold_of,
+    )
     print(section)
     _write_between(
         f"<!-- postprocess {args.recipe}: begin -->",
@@ -345,16 +359,82 @@ def _write_between(begin: str, end: str, section: str) -> None:
     models_md.write_text(doc)
 
 
+#: The views `views` compares (a 2D fold model over these slices, maps averaged).
+VIEW_CANDIDATES = {
+    "axial (the card's)": ("axial",),
+    "axial + coronal": ("axial", "coronal"),
+    "axial + coronal + sagittal": ("axial", "coronal", "sagittal"),
+}
+
+
+def views(args: argparse.Namespace) -> int:
+    """Score a 2D recipe's fold models over more views than the axial slices, labelled with the
+    bundled model's post-processing (its card's rules), on every finished fold's held-out
+    exams."""
+    from evaluate_models import HD95_OF_A_MISS
+
+    from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
+    from napari_tumorseg.core.metrics import evaluate_labels
+    from napari_tumorseg.core.models import bundled_dir, load_model_folder
+
+    folds = make_folds(exam_names(args.data))
+    scores: dict[str, dict[str, dict]] = {c: {} for c in VIEW_CANDIDATES}
+    fold_of: dict[str, int] = {}
+    seconds: dict[str, list[float]] = {c: [] for c in VIEW_CANDIDATES}
+    for k, exams in enumerate(folds):
+        folder = fold_dir(args.recipe, k) / "model"
+        if not (folder / "card.json").is_file():
+            continue
+        model = load_model_folder(folder)
+        if model.card["spatial_dims"] != 2:
+            print(f"{args.recipe} is not a 2D recipe")
+            return 1
+        bundled = json.loads((bundled_dir() / model.card["name"] / "card.json").read_text())
+        model.card["postprocess"] = bundled.get("postprocess")
+        for name in exams:
+            exam = read_exam(args.data / name)
+            fold_of[name] = k
+            for candidate, chosen in VIEW_CANDIDATES.items():
+                result = run_to_end(segment(exam, model, device="cpu", views=chosen))
+                seconds[candidate].append(result.seconds)
+                grid = exam.reference
+                found = evaluate_labels(result.labels.array, exam.labels.array, grid.spacing)
+                scores[candidate][name] = {
+                    r: (s["dice"], min(s["hd95_mm"], HD95_OF_A_MISS)) for r, s in found.items()
+                }
+                print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
+    if not fold_of:
+        print(f"no finished fold of {args.recipe}")
+        return 1
+    section = choice_table(
+        f"### Views, {args.recipe}",
+        f"`python scripts/cross_validate.py views --recipe {args.recipe}` (labels with the "
+        "bundled 2D card's post-processing)",
+        scores,
+        fold_of,
+    )
+    section += "\n\nSeconds per exam (`segment`, 2 CPU threads): " + ", ".join(
+        f"{c} {np.mean(t):.1f}" for c, t in seconds.items()
+    )
+    print(section)
+    _write_between(
+        f"<!-- views {args.recipe}: begin -->", f"<!-- views {args.recipe}: end -->", section
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("folds", "train", "report", "postprocess"):
+    for name in ("folds", "train", "report", "postprocess", "views"):
         p = sub.add_parser(name)
         p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/brats2018/train")
-        if name in ("train", "postprocess"):
+        if name in ("train", "postprocess", "views"):
             p.add_argument("--recipe", required=True, help="name of the recipe (its folder)")
         if name == "train":
             p.add_argument("--folds", default="", help="e.g. 0,1 (default: all)")
@@ -369,6 +449,8 @@ def main(argv=None) -> int:
         return train(args, extra)
     if args.command == "postprocess":
         return postprocess(args)
+    if args.command == "views":
+        return views(args)
     return report(args)
 
 

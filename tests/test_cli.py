@@ -487,3 +487,16 @@ def test_segment_folders_takes_plain_strings(tmp_path, tiny_model):
     outcome = segment_folders([str(BRATS)], str(tmp_path / "out"), model=tiny_model, log=str)
     assert not outcome.failed
     assert [p.name for p in outcome.written] == ["brats2018_seg.nii.gz", "brats2018_report.json"]
+
+
+def test_views_are_checked_before_any_work(tmp_path):
+    """``--views`` names views a 2D model can run over; with a 3D model it is refused."""
+    out = tmp_path / "s.nii.gz"
+    result = _run("segment", BRATS, "--out", out, "--views", "axial,oblique")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown view(s) oblique: use some of axial, coronal, sagittal" in result.stderr
+    _assert_exit_2(
+        _run("segment", BRATS, "--out", out, "--model", "3d", "--views", "coronal"),
+        "--views is for 2D models",
+    )
+    assert not out.exists()

@@ -123,6 +123,19 @@ def _add_exam_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _views_option(text: str) -> tuple[str, ...]:
+    """``--views``: comma-separated views of `core.slices.VIEWS`."""
+    from .core.slices import VIEWS
+
+    views = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in views if v not in VIEWS]
+    if not views or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown view(s) {', '.join(unknown) or repr(text)}: use some of {', '.join(VIEWS)}"
+        )
+    return views
+
+
 def _segment_options(args: argparse.Namespace) -> dict:
     """`segment_exam`'s options from the command line (all but the exam and the outputs)."""
     return {
@@ -130,6 +143,7 @@ def _segment_options(args: argparse.Namespace) -> dict:
         "device": args.device,
         "overlap": args.overlap,
         "tta": args.tta,
+        "views": args.views,
         "precision": args.precision,
         "register": args.register,
         "reference": args.reference,
@@ -389,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=float, default=0.5, help="window overlap in [0, 1) (3D models)"
     )
     seg.add_argument("--tta", action="store_true", help="test-time mirroring")
+    seg.add_argument(
+        "--views",
+        type=_views_option,
+        help="2D models: the slices to run over, maps averaged, e.g. axial,coronal,sagittal "
+        "(default: the model card's, axial for the bundled 2d; each view costs one more pass)",
+    )
     seg.add_argument(
         "--precision",
         default="auto",

@@ -214,6 +214,7 @@ def segment_exam(
     device: str = "auto",
     overlap: float = 0.5,
     tta: bool = False,
+    views: tuple[str, ...] | None = None,
     register: bool = False,
     reference: str | None = None,
     log: Callable[[str], None] = print,
@@ -228,7 +229,8 @@ def segment_exam(
     file only once the probabilities were written too. ``model``: a name or a loaded model;
     ``out`` None: the probabilities only. With ``outputs`` the files are staged there, to be
     renamed into place with the caller's other files (a report) when it commits.
-    ``brain_extraction``: `extract_brain_if_needed`'s mode, after registration.
+    ``brain_extraction``: `extract_brain_if_needed`'s mode, after registration. ``views``:
+    a 2D model's slices (`segment`'s ``views``; None: the card's).
     """
     if out is None and prob_out is None:
         raise TumorSegError("no output given")
@@ -236,6 +238,8 @@ def segment_exam(
     check_overlap(overlap)
     select_device(device)  # an unavailable device fails before registration
     tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
+    if views is not None and tumour_model.card.get("spatial_dims") != 2:
+        raise TumorSegError(f"--views is for 2D models; {tumour_model.label} is a 3D model")
     check_brain_extraction(brain_extraction)  # so does a brain extraction not installed
     on_grid, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
     on_grid, brain = extract_brain_if_needed(on_grid, brain_extraction, log)
@@ -246,16 +250,23 @@ def segment_exam(
         + (f" (missing: {', '.join(missing)}; filled as the model card says)" if missing else "")
     )
     shown = [-1]
+    unit = "windows" if tumour_model.card.get("spatial_dims") == 3 else "slices"
 
     def report(event) -> None:
         tenth = 10 * event.done // max(event.total, 1)
         if tenth > shown[0]:
             shown[0] = tenth
-            log(f"  {event.done}/{event.total} windows" if event.total else "  ...")
+            log(f"  {event.done}/{event.total} {unit}" if event.total else "  ...")
 
     result = run_to_end(
         segment(
-            channels, tumour_model, device=device, overlap=overlap, tta=tta, precision=precision
+            channels,
+            tumour_model,
+            device=device,
+            overlap=overlap,
+            tta=tta,
+            precision=precision,
+            views=views,
         ),
         report,
     )

@@ -17,7 +17,7 @@ from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import card_labels, probabilities_to_labels
 from napari_tumorseg.core.models import TumorModel
 from napari_tumorseg.core.postprocess import keep_largest_component, minor_tumours_note
-from napari_tumorseg.core.slices import slice_inference
+from napari_tumorseg.core.slices import VIEWS, slice_inference, views_inference
 from napari_tumorseg.core.sliding import sliding_window
 from napari_tumorseg.core.unet import UNet
 from napari_tumorseg.core.volume import Volume
@@ -125,12 +125,19 @@ def _engine(mode, network, image, tta=False, mask=None, batch_size=2, activation
             tta=tta,
             activation=activation,
         )
+    if mode == "views":
+        assert activation == "sigmoid"
+        return views_inference(
+            network, image, tuple(VIEWS), batch_size=batch_size, mask=mask, tta=tta
+        )
     return slice_inference(
         network, image, batch_size=batch_size, mask=mask, tta=tta, activation=activation
     )
 
 
-@pytest.mark.parametrize(("mode", "tta"), list(itertools.product(["3d", "2d"], [False, True])))
+@pytest.mark.parametrize(
+    ("mode", "tta"), list(itertools.product(["3d", "2d", "views"], [False, True]))
+)
 def test_identity_network_reproduces_the_input(mode, tta):
     image = _random_image((4, 11, 23, 17)) * 0.9 + 0.05
     network = LogitIdentity()
@@ -138,6 +145,8 @@ def test_identity_network_reproduces_the_input(mode, tta):
     assert probabilities.dtype == np.float32
     assert probabilities.shape == (3, *image.shape[1:])
     np.testing.assert_allclose(probabilities, image[:3], atol=1e-5)
+    if mode == "views":
+        return
     _, logits = _drain(_engine(mode, LogitIdentity(), image, activation=None))
     np.testing.assert_allclose(logits, np.log(image[:3] / (1 - image[:3])), atol=1e-4)
 
@@ -186,7 +195,7 @@ def test_skipping_changes_nothing_where_the_brain_is():
     assert skipped[:, 20:, :, :4].max() == 0
 
 
-@pytest.mark.parametrize("mode", ["3d", "2d"])
+@pytest.mark.parametrize("mode", ["3d", "2d", "views"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_final_boxes_tile_the_output_once_with_final_values(mode, masked):
     image = _random_image((4, 13, 30, 22), seed=3)
@@ -195,6 +204,9 @@ def test_final_boxes_tile_the_output_once_with_final_values(mode, masked):
         mask = np.zeros(image.shape[1:], bool)
         mask[4:9, 3:12, 10:20] = True
     events, result = _drain(_engine(mode, _tiny_unet(3 if mode == "3d" else 2), image, mask=mask))
+    if mode == "views":  # every view's slices counted, final boxes in the last view only
+        slices_with_brain = [13, 30, 22] if mask is None else [5, 9, 10]
+        assert events[-1].total == sum(slices_with_brain)
     painted = np.zeros(image.shape[1:], np.int32)
     assert events[0].done == 0 and events[0].box is None
     for event in events:
@@ -208,6 +220,25 @@ def test_final_boxes_tile_the_output_once_with_final_values(mode, masked):
     assert (painted == 1).all()
     assert events[-1].done == events[-1].total
     assert [e.done for e in events] == sorted(e.done for e in events)
+
+
+def test_views_average_the_network_over_axial_coronal_and_sagittal_slices():
+    """A 2D network over three views: the mean of its slice-by-slice maps of the volume
+    transposed so that each view's slices come first (a 3x3 network: the views differ)."""
+    network = _tiny_unet(2)
+    image = _random_image((4, 9, 20, 14), seed=4)
+    _, mean = _drain(views_inference(network, image, ("axial", "coronal", "sagittal")))
+    maps = []
+    for order in ((0, 1, 2), (1, 0, 2), (2, 1, 0)):
+        moved = np.ascontiguousarray(image.transpose(0, *(a + 1 for a in order)))
+        _, own = _drain(slice_inference(network, moved))
+        maps.append(own.transpose(0, *(a + 1 for a in np.argsort(order))))
+    assert not np.allclose(maps[0], maps[1], atol=1e-3)
+    np.testing.assert_allclose(mean, np.mean(maps, axis=0), atol=1e-5)
+    _, axial = _drain(views_inference(network, image, ("axial",)))
+    np.testing.assert_allclose(axial, maps[0], atol=1e-6)
+    with pytest.raises(ValueError, match="views must be some of"):
+        run_to_end(views_inference(network, image, ("oblique",)))
 
 
 @pytest.mark.parametrize("mode", ["3d", "2d"])
@@ -734,3 +765,40 @@ def test_a_bad_inference_window_is_a_clear_error():
     model = load_model(make_tiny_model("fov"))
     with pytest.raises(TumorSegError, match='"fit" or a size in voxels'):
         run_to_end(segment(read_exam(BRATS), model, device="cpu", window="whole"))
+
+
+def test_a_2d_model_runs_over_the_views_asked_for_where_the_slices_allow(tmp_path):
+    """Three views on a 1 mm exam (every view's slices in the progress); on thick slices the
+    axial view alone, with a note; views for a 3D model or an unknown view: clear errors."""
+    import dataclasses
+
+    from napari_tumorseg.core.models import load_model
+
+    from ..conftest import make_tiny_model
+
+    model = load_model(make_tiny_model("views2d", spatial_dims=2))
+    channels = exam_to_channels(read_exam(BRATS))
+    views = ("axial", "coronal", "sagittal")
+    events = []
+    three = run_to_end(segment(channels, model, device="cpu", views=views), events.append)
+    axial = run_to_end(segment(channels, model, device="cpu"))
+    assert three.notes == () and axial.notes == ()
+    assert events[-1].total > 2 * max(e.total for e in _axial_events(channels, model))
+    assert not np.array_equal(three.probabilities.array, axial.probabilities.array)
+    affine = channels.affine.copy()
+    affine[:3, 2] *= 4.0  # slices (Z, the last column: x y z) 4 mm thick; the model reads 2 mm
+    thick = dataclasses.replace(channels, affine=affine)
+    result = run_to_end(segment(thick, model, device="cpu", views=views))
+    assert len(result.notes) == 1 and "coronal and sagittal view(s) left out" in result.notes[0]
+    alone = run_to_end(segment(thick, model, device="cpu", views=("axial",)))
+    np.testing.assert_array_equal(result.probabilities.array, alone.probabilities.array)
+    with pytest.raises(TumorSegError, match="unknown view"):
+        run_to_end(segment(channels, model, device="cpu", views=("oblique",)))
+    with pytest.raises(TumorSegError, match="views are for 2D models"):
+        run_to_end(segment(channels, make_tiny_model("views3d"), device="cpu", views=views))
+
+
+def _axial_events(channels, model):
+    events = []
+    run_to_end(segment(channels, model, device="cpu"), events.append)
+    return events

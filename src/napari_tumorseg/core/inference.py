@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from .labels import card_labels, region_thresholds
 from .postprocess import minor_tumours_note, remove_minor_tumours
 from .predictor import InferenceProgress
 from .preprocess import SKULL_ON_WARNING, Prepared, prepare
-from .slices import slice_inference
+from .slices import VIEWS, views_inference
 from .sliding import sliding_window
 from .volume import Volume
 from .windows import REGION_NAMES, Box
@@ -276,6 +276,7 @@ def segment(
     precision: str = "auto",
     postprocess: bool = True,
     window: str | int | None = None,
+    views: Sequence[str] | None = None,
 ) -> Generator[SegmentationProgress, None, SegmentationResult]:
     """Segment a brain tumour: prepare the exam, run the model, threshold to BraTS labels.
 
@@ -285,7 +286,8 @@ def segment(
     Steps: brain mask and crop to the brain's box, resampling to ``card["spacing_mm"]``,
     per-channel z-score, zeros for missing sequences (`preprocess.prepare`); then overlapping
     windows of ``card["patch_size"]`` (`sliding_window`, windows without brain skipped) for 3D
-    models or axial slices (`slice_inference`) for 2D models; then the map goes back onto the
+    models or slices (`views_inference`: axial, and the card's other views) for 2D models; then
+    the map goes back onto the
     input grid, the model's exam head where it was fitted on this exam (`refine`), and
     `probabilities_to_labels`.
 
@@ -323,6 +325,11 @@ def segment(
         ``patch_size``), ``"fit"`` (one window holding the whole brain box, rounded up to the
         network's divisor: no window grid for the labels to depend on, half the work of two
         overlapping windows), or a cubic window edge in voxels.
+    views : sequence of {"axial", "coronal", "sagittal"}, optional
+        2D models: the slices the network runs over, maps averaged (default: the card's
+        ``views``, else axial alone). Views other than axial need slices no thicker than
+        `MULTIVIEW_SLICE_RATIO` times the model's in-plane spacing; on thicker slices the
+        axial view runs alone and a note says so.
 
     Raises
     ------
@@ -354,6 +361,8 @@ def segment(
         raise TumorSegError("no sequence given: at least one of t1, t1ce, t2, flair is needed")
     card = model.card
     spatial_dims = int(card["spatial_dims"])
+    if spatial_dims != 2 and views is not None:
+        raise TumorSegError("views are for 2D models; a 3D model reads the whole volume")
     model_spacing = [float(s) for s in card["spacing_mm"]]
     if spatial_dims == 2:  # slice by slice: the exam's own slices, resampled in-plane only
         model_spacing = [float(channels.spacing[0]), *model_spacing[-2:]]
@@ -365,6 +374,7 @@ def segment(
     doubts = () if prepared.skull_stripped else (SKULL_ON_WARNING,)
     mask = prepared.mask if restrict_to_brain else None
     to_input = _ModelToInput(prepared, mask)
+    notes: tuple[str, ...] = ()
     torch_device = select_device(device)
     autocast_dtype(torch_device, precision)  # a wrong precision fails before any work
     if spatial_dims == 3:
@@ -380,9 +390,11 @@ def segment(
             precision=precision,
         )
     elif spatial_dims == 2:
-        engine = slice_inference(
+        views, notes = _views(views, card, float(channels.spacing[0]), model_spacing[-1])
+        engine = views_inference(
             model.network,
             prepared.image,
+            views,
             batch_size=batch_size or 16,
             mask=prepared.mask,
             device=torch_device,
@@ -429,13 +441,13 @@ def segment(
     if mask is not None:
         maps *= mask
     probabilities = prepared.to_input_grid(maps, mask=restrict_to_brain)
-    notes: tuple[str, ...] = ()
     rules = card.get("postprocess") if postprocess else None
     if getattr(model, "head", None) is not None:
-        probabilities, notes, applied = yield from map_events(
+        probabilities, head_notes, applied = yield from map_events(
             _apply_exam_head(model, channels, present, probabilities, overlap, tta),
             lambda f: SegmentationProgress(total, total, None, tail=tail, finishing=f),
         )
+        notes = (*notes, *head_notes)
         if rules and applied:
             # The head's probabilities are fitted to the user's labels (cut at 0.5): the
             # card's thresholds, chosen for the network's calibration, do not apply to them.
@@ -469,6 +481,28 @@ def segment(
         warnings=doubts,
         skull_stripped=prepared.skull_stripped,
     )
+
+
+#: The thickest slices, as a multiple of a 2D model's in-plane spacing, on which it also runs
+#: over coronal and sagittal slices: those of a thicker stack would be squashed.
+MULTIVIEW_SLICE_RATIO = 1.5
+
+
+def _views(views, card: dict, slice_mm: float, plane_mm: float) -> tuple[tuple[str, ...], tuple]:
+    """The views a 2D model runs over on slices ``slice_mm`` thick, and a note if some of
+    those asked for were left out."""
+    asked = tuple(views if views is not None else card.get("views", ("axial",)))
+    unknown = [v for v in asked if v not in VIEWS]
+    if not asked or unknown:
+        raise TumorSegError(f"unknown view(s) {unknown or asked}; use some of {list(VIEWS)}")
+    if slice_mm <= MULTIVIEW_SLICE_RATIO * plane_mm or asked == ("axial",):
+        return asked, ()
+    others = [v for v in asked if v != "axial"]
+    note = (
+        f"{' and '.join(others)} view(s) left out: the exam's slices are {slice_mm:.1f} mm "
+        f"thick (the model reads {plane_mm:g} mm); axial slices alone"
+    )
+    return ("axial",), (note,)
 
 
 def window_size(window, card: dict, shape, model) -> list[int]:

@@ -104,3 +104,86 @@ def slice_inference(
         full = (slice(0, depth), slice(0, height), slice(0, width))
         yield InferenceProgress(0, 0, full, current=current, device=predictor.device.type)
     return out.numpy()
+
+
+#: The views a 2D network can run over, as the axes order of a (z, y, x) volume whose first
+#: axis is then sliced: axial slices (z), coronal (y), sagittal (x).
+VIEWS = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 1, 0)}
+
+
+def views_inference(
+    network: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    views: tuple[str, ...] = ("axial",),
+    batch_size: int = 16,
+    mask: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    tta: bool = False,
+    precision: str = "auto",
+) -> Generator[InferenceProgress, None, np.ndarray]:
+    """`slice_inference` over the slices of each of ``views`` in turn, probabilities averaged.
+
+    The volume is transposed so that each view's slices come first, and the maps are
+    transposed back; this assumes (nearly) isotropic voxels, which the caller ensures.
+    Progress counts the slices of every view. Until the last view nothing is final: events
+    carry the window just computed and a preview (that view's map so far); during the last
+    view each slab of its slices is final (the mean of all views), so the final boxes of the
+    last view tile the output as `InferenceProgress` requires.
+    """
+    unknown = [v for v in views if v not in VIEWS]
+    if not views or unknown:
+        raise ValueError(f"views must be some of {list(VIEWS)}, got {list(views)}")
+    data = _as_tensor(image)
+    totals = []  # slices computed per view (those without a brain voxel are skipped)
+    for view in views:
+        order = VIEWS[view]
+        if mask is None:
+            totals.append(int(data.shape[1 + order[0]]))
+        else:
+            totals.append(int(mask.transpose(order).reshape(mask.shape[order[0]], -1).any(1).sum()))
+    total = sum(totals)
+    summed: np.ndarray | None = None
+    before = 0
+    for index, view in enumerate(views):
+        order = VIEWS[view]
+        inverse = tuple(int(i) for i in np.argsort(order))
+        last = index == len(views) - 1
+        engine = slice_inference(
+            network,
+            data.permute(0, *(a + 1 for a in order)).contiguous(),
+            batch_size=batch_size,
+            mask=None if mask is None else np.ascontiguousarray(mask.transpose(order)),
+            device=device,
+            tta=tta,
+            precision=precision,
+        )
+        while True:
+            try:
+                event = next(engine)
+            except StopIteration as stop:
+                maps = stop.value.transpose(0, *(a + 1 for a in inverse))
+                break
+            if event.done == 0 and event.total and index:
+                continue  # the first event of a later view: nothing computed yet
+            box = None if event.box is None else tuple(event.box[a] for a in inverse)
+            earlier = summed if last else None  # the previous views' sum, for final values
+
+            def current(region, _event=event, _order=order, _inverse=inverse, _sum=earlier):
+                own = _event.current(tuple(region[a] for a in _order))
+                own = own.transpose(0, *(a + 1 for a in _inverse))
+                if _sum is None:  # not the last view, or the only one
+                    return own
+                return (_sum[(slice(None), *region)] + own) / len(views)
+
+            yield InferenceProgress(
+                before + event.done,
+                total,
+                box if last else None,
+                window=box,
+                current=current if event.current is not None else None,
+                device=event.device,
+                part=event.part,
+            )
+        summed = maps if summed is None else summed + maps  # a new array: previews keep theirs
+        before += totals[index]
+    return summed / len(views)
