@@ -497,6 +497,6 @@ def test_views_are_checked_before_any_work(tmp_path):
     assert "unknown view(s) oblique: use some of axial, coronal, sagittal" in result.stderr
     _assert_exit_2(
         _run("segment", BRATS, "--out", out, "--model", "3d", "--views", "coronal"),
-        "--views is for 2D models",
+        "views are for 2D models",
     )
     assert not out.exists()

@@ -239,7 +239,7 @@ def segment_exam(
     select_device(device)  # an unavailable device fails before registration
     tumour_model = load_model(model) if isinstance(model, str) else model  # so does a model
     if views is not None and tumour_model.card.get("spatial_dims") != 2:
-        raise TumorSegError(f"--views is for 2D models; {tumour_model.label} is a 3D model")
+        raise TumorSegError(f"views are for 2D models; {tumour_model.label} is a 3D model")
     check_brain_extraction(brain_extraction)  # so does a brain extraction not installed
     on_grid, overlaps = prepare_exam(exam, register=register, reference=reference, log=log)
     on_grid, brain = extract_brain_if_needed(on_grid, brain_extraction, log)

@@ -287,9 +287,8 @@ def segment(
     per-channel z-score, zeros for missing sequences (`preprocess.prepare`); then overlapping
     windows of ``card["patch_size"]`` (`sliding_window`, windows without brain skipped) for 3D
     models or slices (`views_inference`: axial, and the card's other views) for 2D models; then
-    the map goes back onto the
-    input grid, the model's exam head where it was fitted on this exam (`refine`), and
-    `probabilities_to_labels`.
+    the map goes back onto the input grid, the model's exam head where it was fitted on this
+    exam (`refine`), and `probabilities_to_labels`.
 
     Parameters
     ----------
