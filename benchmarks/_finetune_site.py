@@ -27,7 +27,6 @@ product's would.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from cross_validate import fold_dir, make_folds, stratum  # noqa: E402
+from cross_validate import fold_dir, make_folds, stratum, with_bundled_rules  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 SITE = "CBICA"
@@ -55,7 +54,7 @@ class SiteBench:
         import torch
 
         from napari_tumorseg.core.io import read_exam
-        from napari_tumorseg.core.models import bundled_dir, load_model_folder
+        from napari_tumorseg.core.models import load_model_folder
 
         torch.set_num_threads(threads)
         folder = fold_dir(recipe, fold) / "model"
@@ -64,9 +63,7 @@ class SiteBench:
                 f"no model for fold {fold} of {recipe} ({folder}): train it first with "
                 f"scripts/cross_validate.py train --recipe {recipe}"
             )
-        self.model = load_model_folder(folder)
-        bundled = json.loads((bundled_dir() / self.model.card["name"] / "card.json").read_text())
-        self.model.card["postprocess"] = bundled.get("postprocess")
+        self.model = with_bundled_rules(load_model_folder(folder))
         names = make_folds(sorted(p.name for p in data.iterdir() if p.is_dir()))[fold]
         self.exams = {name: read_exam(data / name) for name in names}
         self.site = [n for n in names if stratum(n) == SITE]

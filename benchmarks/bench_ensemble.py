@@ -48,13 +48,10 @@ def outside_exams():
 def probabilities(exam, model) -> tuple[np.ndarray, float]:
     """The model's region probabilities on the exam's grid (no post-processing), seconds."""
     from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.jobs import run_to_end
 
-    run = segment(exam, model, device="cpu", postprocess=False)
-    try:
-        while True:
-            next(run)
-    except StopIteration as stop:
-        return stop.value.probabilities.array, stop.value.seconds
+    result = run_to_end(segment(exam, model, device="cpu", postprocess=False))
+    return result.probabilities.array, result.seconds
 
 
 def main(argv=None) -> None:

@@ -196,6 +196,23 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dice_hd95(found: dict) -> dict[str, tuple[float, float]]:
+    """Region -> (Dice, HD95) of `evaluate_labels`, a miss's HD95 capped as BraTS scores it."""
+    from evaluate_models import HD95_OF_A_MISS
+
+    return {r: (s["dice"], min(s["hd95_mm"], HD95_OF_A_MISS)) for r, s in found.items()}
+
+
+def with_bundled_rules(model):
+    """A fold model labelled as the product would label it: the post-processing of the
+    bundled model of its kind (its card's ``postprocess``), which no fold model carries."""
+    from napari_tumorseg.core.models import bundled_dir
+
+    card = json.loads((bundled_dir() / model.card["name"] / "card.json").read_text())
+    model.card["postprocess"] = card.get("postprocess")
+    return model
+
+
 def choice_table(title: str, command: str, scores: dict, fold_of: dict[str, int]) -> str:
     """The table of ``scores`` (candidate -> exam -> region -> (Dice, HD95)), the first
     candidate the baseline, and which candidates the rule keeps: the mean Dice over exams rises
@@ -306,8 +323,6 @@ def predictions(recipe: str, k: int, exams: list[str], data: Path) -> dict[str, 
 
 def postprocess(args: argparse.Namespace) -> int:
     """Score each post-processing candidate on every finished fold's held-out exams."""
-    from evaluate_models import HD95_OF_A_MISS
-
     from napari_tumorseg.core.metrics import evaluate_labels
 
     folds = make_folds(exam_names(args.data))
@@ -325,9 +340,7 @@ def postprocess(args: argparse.Namespace) -> int:
                 found = evaluate_labels(
                     apply(labels, grid.voxel_volume_ml), reference, grid.spacing
                 )
-                scores[candidate][name] = {
-                    r: (s["dice"], min(s["hd95_mm"], HD95_OF_A_MISS)) for r, s in found.items()
-                }
+                scores[candidate][name] = _dice_hd95(found)
     if not fold_of:
         print(f"no finished fold of {args.recipe}")
         return 1
@@ -371,13 +384,11 @@ def views(args: argparse.Namespace) -> int:
     """Score a 2D recipe's fold models over more views than the axial slices, labelled with the
     bundled model's post-processing (its card's rules), on every finished fold's held-out
     exams."""
-    from evaluate_models import HD95_OF_A_MISS
-
     from napari_tumorseg.core.inference import segment
     from napari_tumorseg.core.io import read_exam
     from napari_tumorseg.core.jobs import run_to_end
     from napari_tumorseg.core.metrics import evaluate_labels
-    from napari_tumorseg.core.models import bundled_dir, load_model_folder
+    from napari_tumorseg.core.models import load_model_folder
 
     folds = make_folds(exam_names(args.data))
     scores: dict[str, dict[str, dict]] = {c: {} for c in VIEW_CANDIDATES}
@@ -391,8 +402,7 @@ def views(args: argparse.Namespace) -> int:
         if model.card["spatial_dims"] != 2:
             print(f"{args.recipe} is not a 2D recipe")
             return 1
-        bundled = json.loads((bundled_dir() / model.card["name"] / "card.json").read_text())
-        model.card["postprocess"] = bundled.get("postprocess")
+        with_bundled_rules(model)
         for name in exams:
             exam = read_exam(args.data / name)
             fold_of[name] = k
@@ -401,9 +411,7 @@ def views(args: argparse.Namespace) -> int:
                 seconds[candidate].append(result.seconds)
                 grid = exam.reference
                 found = evaluate_labels(result.labels.array, exam.labels.array, grid.spacing)
-                scores[candidate][name] = {
-                    r: (s["dice"], min(s["hd95_mm"], HD95_OF_A_MISS)) for r, s in found.items()
-                }
+                scores[candidate][name] = _dice_hd95(found)
                 print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
     if not fold_of:
         print(f"no finished fold of {args.recipe}")
