@@ -2,6 +2,10 @@
 
     python benchmarks/bench_fov.py --model 3d --data ../shared/data/brats2018/train \
         [--exams A,B] [--threads 2] [--no-write]
+    python benchmarks/bench_fov.py --recipe 2d-bn [--folds 0] ...
+
+With ``--recipe`` each fold model of that cross-validation recipe (`scripts/cross_validate.py
+train`) runs over its own held-out exams: the goal's "every CV exam".
 
 The exam is prepared as `segment` prepares it (brain box, model spacing, z-scores), then the
 network runs over the same brain with its windows placed five ways, on the model grid:
@@ -29,14 +33,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from _report import write_section  # noqa: E402
+from cross_validate import exam_names, fold_dir, make_folds  # noqa: E402
 
 from napari_tumorseg.core.inference import exam_to_channels
 from napari_tumorseg.core.io import SEQUENCES, read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import region_thresholds
 from napari_tumorseg.core.metrics import region_scores
-from napari_tumorseg.core.models import load_model
+from napari_tumorseg.core.models import load_model, load_model_folder
 from napari_tumorseg.core.preprocess import prepare
 from napari_tumorseg.core.slices import slice_inference
 from napari_tumorseg.core.sliding import sliding_window
@@ -150,24 +156,53 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return region_scores(a, b, (1, 1, 1), hd95=False)["dice"]
 
 
+def _what(args: argparse.Namespace) -> str:
+    if not args.recipe:
+        return f"--model {args.model}"
+    return f"--recipe {args.recipe}" + (f" --folds {args.folds}" if args.folds else "")
+
+
+def _runs(args: argparse.Namespace):
+    """(exam name, model) pairs: ``--model`` over ``--exams`` (default: every exam), or each
+    finished fold model of ``--recipe`` over its held-out exams."""
+    wanted = [n for n in args.exams.split(",") if n]
+    if not args.recipe:
+        model = load_model(args.model)
+        for name in wanted or sorted(f.name for f in args.data.iterdir() if f.is_dir()):
+            yield name, model
+        return
+    folds = make_folds(exam_names(args.data))
+    chosen = [int(k) for k in args.folds.split(",")] if args.folds else range(len(folds))
+    for k in chosen:
+        folder = fold_dir(args.recipe, k) / "model"
+        if not (folder / "card.json").is_file():
+            print(f"fold {k} of {args.recipe} has no model yet: left out")
+            continue
+        model = load_model_folder(folder)
+        for name in folds[k]:
+            if not wanted or name in wanted:
+                yield name, model
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="3d")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/brats2018/train")
     p.add_argument("--exams", default="", help="comma-separated case folders (default: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recipe", default="", help="each fold model on its held-out exams")
+    p.add_argument("--folds", default="", help="with --recipe: e.g. 0,1 (default: all finished)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
-    names = [n for n in args.exams.split(",") if n] or sorted(
-        f.name for f in args.data.iterdir() if f.is_dir()
-    )
-    placed = variants(model)
+    runs = list(_runs(args))
+    if not runs:
+        sys.exit(f"no finished fold model of {args.recipe}: run scripts/cross_validate.py first")
+    placed = variants(runs[0][1])
     compared = [v for v in placed if v != "fit"]
     pairs = list(itertools.combinations(compared, 2))
     rows, worst, seconds = [], {}, {v: [] for v in placed}
-    for name in names:
+    for name, model in runs:
         maps = wt_maps(model, read_exam(args.data / name))
         scores = {pair: dice(maps[pair[0]][0], maps[pair[1]][0]) for pair in pairs}
         for v in placed:
@@ -184,10 +219,10 @@ def main(argv=None) -> int:
     mean_s = {v: float(np.mean(s)) for v, s in seconds.items()}
     body = "\n".join(
         [
-            f"`python benchmarks/bench_fov.py --model {args.model} --data {args.data} "
+            f"`python benchmarks/bench_fov.py {_what(args)} --data {args.data} "
             f"--threads {args.threads}"
             + (f" --exams {args.exams}" if args.exams else "")
-            + f"` ({len(names)} exams, {torch.get_num_threads()} threads). "
+            + f"` ({len(worst)} exams, {torch.get_num_threads()} threads). "
             "WT Dice between the label maps of the same network run with its windows placed in "
             "different ways (see the script's docstring); goal: at least 0.98 between every "
             "pair of (a)-(d), on every exam.",
@@ -207,7 +242,8 @@ def main(argv=None) -> int:
         ]
     )
     if not args.no_write:
-        write_section(f"Field of view ({args.model} model)", body)
+        title = f"{args.recipe} fold models" if args.recipe else f"{args.model} model"
+        write_section(f"Field of view ({title})", body)
     print(body)
     return 0
 

@@ -71,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--patch", type=int, default=None, help="patch edge (voxels)")
     p.add_argument("--features", default="16,32,64,128,256")
+    p.add_argument(
+        "--norm",
+        choices=("instance", "batch", "group"),
+        default="instance",
+        help="normalisation after each convolution; batch norm's running statistics make the "
+        "trained network's output independent of how much background a window holds",
+    )
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--spacing", type=float, default=None, help="model spacing (mm, isotropic)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -160,12 +167,17 @@ def main(argv=None) -> int:
         return 2
 
 
+#: Settings added after checkpoints were made, with the value those checkpoints were made with.
+SETTINGS_BEFORE_THEY_WERE_STORED = {"norm": "instance"}
+
+
 def check_resume(state: dict, config: dict, state_path: Path) -> None:
     """Refuse to resume a checkpoint made with other training settings."""
     stored = state.get("config")
     if stored is None:
         log(f"{state_path} predates stored settings: resuming without checking them")
         return
+    stored = {**SETTINGS_BEFORE_THEY_WERE_STORED, **stored}
     changed = sorted(
         k
         for k in set(stored) | set(config)
@@ -226,7 +238,7 @@ def run_training(args: argparse.Namespace) -> int:
         )
 
     sampler = make_sampler(args.seed)
-    network = UNet(args.dims, features=features, norm="instance")
+    network = UNet(args.dims, features=features, norm=args.norm)
     init_training = None
     if args.init is not None:
         parent = load_model(args.init)

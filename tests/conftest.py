@@ -15,7 +15,9 @@ def _user_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TUMORSEG_USER_DIR", str(tmp_path_factory.mktemp("user")))
 
 
-def make_tiny_model(name: str = "tiny", spatial_dims: int = 3, seed: int = 0) -> str:
+def make_tiny_model(
+    name: str = "tiny", spatial_dims: int = 3, seed: int = 0, norm: str = "instance"
+) -> str:
     """Save a small untrained U-Net as a user model; returns its label (``name@v1``)."""
     import torch
 
@@ -24,7 +26,7 @@ def make_tiny_model(name: str = "tiny", spatial_dims: int = 3, seed: int = 0) ->
     from napari_tumorseg.core.unet import UNet
 
     torch.manual_seed(seed)
-    network = UNet(spatial_dims, features=(4, 8, 16))
+    network = UNet(spatial_dims, features=(4, 8, 16), norm=norm)
     card = {
         "name": name,
         "version": 1,

@@ -96,6 +96,23 @@ def test_a_resume_with_other_training_settings_is_refused(tmp_path, data, capsys
     assert (tmp_path / "out" / "card.json").read_bytes() == card
 
 
+def test_batch_norm_is_a_setting_and_older_checkpoints_resume_as_instance_norm(tmp_path, data):
+    assert train_bundled.main(_args(tmp_path, data, "--norm", "batch")) == 0
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["architecture"]["norm"] == "batch"
+    assert train_bundled.main(_args(tmp_path, data, "--norm", "instance")) == 2  # another run
+
+    # A checkpoint made before the setting was stored was made with instance norm.
+    run = tmp_path / "run"
+    shutil.rmtree(run)
+    assert train_bundled.main(_args(tmp_path, data)) == 0
+    state = json.loads((run / "state.json").read_text())
+    del state["config"]["norm"]
+    (run / "state.json").write_text(json.dumps(state))
+    assert train_bundled.main(_args(tmp_path, data, "--minutes", "0.02")) == 0
+    assert train_bundled.main(_args(tmp_path, data, "--norm", "batch")) == 2
+
+
 @pytest.mark.parametrize(
     "problem, expected",
     [

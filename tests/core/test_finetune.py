@@ -131,6 +131,20 @@ def test_finetune_saves_a_new_version_with_its_card(exam):
     assert load_model("mine@v1").card["version"] == 1
 
 
+def test_a_fine_tune_keeps_the_batch_norm_statistics_of_its_parent(exam):
+    """A few patches of one exam must not replace statistics gathered over a training set."""
+    model = load_model(make_tiny_model("bn", spatial_dims=2, norm="batch"))
+    prediction = np.zeros(exam.reference.spatial_shape, np.uint8)
+    corrected, edited, _ = _three_corrected_slices(exam, prediction)
+    run_to_end(finetune_and_save(model, exam, corrected, edited, name="bn", steps=3, seconds=None))
+    parent, new = model.network.state_dict(), load_model("bn").network.state_dict()
+    running = [k for k in parent if "running" in k]
+    assert running
+    for k in running:
+        np.testing.assert_allclose(new[k].numpy(), parent[k].numpy(), rtol=1e-3)
+    assert any(not np.allclose(new[k], parent[k]) for k in parent if "weight" in k)
+
+
 def test_a_versions_card_says_which_exams_and_slices_it_learnt_from(exam):
     """Two "keep" rounds on two exams: the card's lineage names both exams (and their scans'
     fingerprints, which differ), their corrected slices, and the figures "keep" was measured

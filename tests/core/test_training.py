@@ -67,6 +67,29 @@ def test_train_steps_learns_and_stops_when_closed():
     assert not network.training  # left in eval mode whatever happened
 
 
+@pytest.mark.parametrize("norm_statistics", [True, False])
+def test_a_fine_tune_can_keep_the_batch_norm_statistics(norm_statistics):
+    torch.manual_seed(0)
+    network = UNet(2, features=(4, 8), norm="batch")
+    before = {k: v.clone() for k, v in network.state_dict().items() if "running" in k}
+    sampler = PatchSampler([_toy_exam()], (16, 16), batch_size=2, p_drop_other=0.0)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    run = train_steps(
+        network,
+        iter(sampler),
+        optimizer,
+        lambda step, elapsed: 1e-2,
+        max_steps=3,
+        bf16=False,
+        norm_statistics=norm_statistics,
+    )
+    assert len(list(run)) == 3
+    after = network.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert bool(moved) == norm_statistics
+    assert any(p.grad is not None for p in network.parameters())  # it trained either way
+
+
 def test_cache_matches_the_inference_preprocessing():
     exam = read_exam(BRATS)
     cached = cache_exam(exam, [2.0, 2.0, 2.0])

@@ -425,6 +425,7 @@ def finetune(
         regulariser=regulariser,
         device=device,
         teacher=frozen if settings["distill"] else None,
+        norm_statistics=False,
     )
     last = 0
     for progress in run:

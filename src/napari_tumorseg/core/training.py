@@ -320,6 +320,7 @@ def train_steps(
     device: torch.device | str = "cpu",
     bf16: bool | None = None,
     teacher: torch.nn.Module | None = None,
+    norm_statistics: bool = True,
 ) -> Generator[TrainProgress, None, int]:
     """Train ``network`` until ``max_steps`` steps or ``seconds`` have passed, yielding progress.
     The time budget ends a run only once it has made ``min_steps`` steps.
@@ -336,10 +337,18 @@ def train_steps(
     teacher's probabilities on the same augmented patch as their targets
     instead of the batch's labels: distillation where the labels are not a correction
     (learning without forgetting, Li & Hoiem 2017), with no sharpening towards hard labels.
+
+    With ``norm_statistics=False`` batch-norm layers keep the running statistics they have and
+    normalise with them (a fine-tune: a few patches of one exam would replace statistics
+    gathered over whole training sets). Instance norm has none: it is unaffected.
     """
     device = torch.device(device)
     bf16 = uses_bf16(device) if bf16 is None else bf16
     network.to(device).train()
+    if not norm_statistics:
+        for module in network.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     started = time.perf_counter()
     step = start_step
     try:
