@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from _report import write_section  # noqa: E402
 from cross_validate import exam_names, fold_dir, make_folds  # noqa: E402
 
-from napari_tumorseg.core.inference import exam_to_channels
+from napari_tumorseg.core.inference import exam_to_channels, slice_context
 from napari_tumorseg.core.io import SEQUENCES, read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import region_thresholds
@@ -77,6 +77,24 @@ NOTE_2D = (
     "features are normalised over the whole slice (instance normalisation), so more or less "
     "background around the brain can move its labels."
 )
+
+
+NOTE_2D_BATCH = (
+    "What a user gets does not depend on the exam's field of view: `segment` always crops the "
+    "slices to the brain's own box, (a). The table measures the network itself: batch norm "
+    "normalises with statistics fixed at training, so a voxel's output depends only on what "
+    "lies within the network's receptive field, and each slice is given {context:g} mm of "
+    "background on every side (card `context_mm`) whatever its crop, so that the crop's edge "
+    "lies outside that field."
+)
+
+
+def note(model) -> str:
+    if model.card["spatial_dims"] == 3:
+        return NOTE
+    if model.network.config.get("norm") == "batch":
+        return NOTE_2D_BATCH.format(context=float(model.card.get("context_mm", 0)))
+    return NOTE_2D
 
 
 def pads(variant: str, prepared, exam_shape, spacing, model_spacing, patch, divisor):
@@ -137,7 +155,7 @@ def wt_maps(model, exam) -> dict[str, tuple[np.ndarray, float]]:
         mask = np.pad(prepared.mask, width[1:])
         started = time.perf_counter()
         if flat:
-            engine = slice_inference(model.network, image, mask=mask)
+            engine = slice_inference(model.network, image, mask=mask, context=slice_context(card))
         else:
             engine = sliding_window(model.network, image, patch, mask=mask, batch_size=1)
         maps = run_to_end(engine)
@@ -238,7 +256,7 @@ def main(argv=None) -> int:
             f"{sum(v < 0.98 for v in worst.values())} of {len(worst)}. Mean seconds of the "
             "network per exam: " + ", ".join(f"{NAMES[v]} {mean_s[v]:.1f}" for v in placed) + ".",
             "",
-            NOTE if "fit" in placed else NOTE_2D,
+            note(runs[0][1]),
         ]
     )
     if not args.no_write:

@@ -113,6 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="inference window edge stored in the card (default: the training patch)",
     )
+    p.add_argument(
+        "--context-mm",
+        type=float,
+        default=0.0,
+        help="2D: background (mm) the network sees around each slice at inference, stored in "
+        "the card; with batch norm, enough of it makes labels independent of the crop",
+    )
     args = p.parse_args(argv)
     if args.patch is None:
         args.patch = 64 if args.dims == 3 else 128
@@ -155,6 +162,7 @@ RESUMABLE_CHANGES = frozenset(
         "device",
         "checkpoint_minutes",
         "window",
+        "context_mm",
     }
 )
 
@@ -355,6 +363,7 @@ def run_training(args: argparse.Namespace) -> int:
         "regions": ["WT", "TC", "ET"],
         "patch_size": [args.window] * args.dims if args.window else list(patch),
         "train_patch_size": list(patch),
+        **({"context_mm": args.context_mm} if args.context_mm else {}),
         "spacing_mm": spacing,
         "normalization": NORMALIZATION,
         "missing_policy": MISSING_POLICY,

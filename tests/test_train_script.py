@@ -99,8 +99,12 @@ def test_a_resume_with_other_training_settings_is_refused(tmp_path, data, capsys
 def test_batch_norm_is_a_setting_and_older_checkpoints_resume_as_instance_norm(tmp_path, data):
     assert train_bundled.main(_args(tmp_path, data, "--norm", "batch")) == 0
     card = json.loads((tmp_path / "out" / "card.json").read_text())
-    assert card["architecture"]["norm"] == "batch"
+    assert card["architecture"]["norm"] == "batch" and "context_mm" not in card
     assert train_bundled.main(_args(tmp_path, data, "--norm", "instance")) == 2  # another run
+    # The context is an inference setting: a finished run takes it and is scored again.
+    assert train_bundled.main(_args(tmp_path, data, "--norm", "batch", "--context-mm", "8")) == 0
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["context_mm"] == 8 and card["training"]["config"]["context_mm"] == 8
 
     # A checkpoint made before the setting was stored was made with instance norm.
     run = tmp_path / "run"

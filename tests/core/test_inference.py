@@ -802,3 +802,51 @@ def _axial_events(channels, model):
     events = []
     run_to_end(segment(channels, model, device="cpu"), events.append)
     return events
+
+
+def test_with_enough_context_a_batch_norm_network_ignores_how_tightly_slices_are_cropped():
+    """Batch norm with fixed statistics: a voxel's output depends on its receptive field
+    alone. Given ``context`` zeros beyond that field on every side, a tight crop and the same
+    slices padded with background give the same map; without it the crop's edge shows, and an
+    instance-norm network moves with the background whatever the context."""
+    torch.manual_seed(0)
+    network = UNet(2, features=(4, 8), norm="batch").eval()
+    for module in network.modules():  # statistics as after training: not the identity
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    image = _random_image((4, 3, 20, 14), seed=5)
+    padded = np.pad(image, [(0, 0), (0, 0), (8, 8), (8, 8)])
+    inner = (slice(None), slice(None), slice(8, 28), slice(8, 22))
+
+    def maps(net, img, context):
+        return _drain(slice_inference(net, img, context=context))[1]
+
+    np.testing.assert_allclose(
+        maps(network, padded, 32)[inner], maps(network, image, 32), atol=1e-5
+    )
+    assert not np.allclose(maps(network, padded, 0)[inner], maps(network, image, 0), atol=1e-3)
+    instance = _tiny_unet(2)
+    assert not np.allclose(maps(instance, padded, 32)[inner], maps(instance, image, 32), atol=1e-3)
+
+
+def test_segment_gives_a_2d_model_the_context_its_card_asks_for(monkeypatch):
+    from napari_tumorseg.core.models import load_model
+
+    from ..conftest import make_tiny_model
+
+    model = load_model(make_tiny_model("context2d", spatial_dims=2, norm="batch"))
+    seen = []
+    real = slices.slice_inference
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("context"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(slices, "slice_inference", spy)
+    channels = exam_to_channels(read_exam(BRATS))
+    plain = run_to_end(segment(channels, model, device="cpu"))
+    model.card["context_mm"] = 32.0  # the tiny model reads 2 mm pixels: 16 of them
+    wide = run_to_end(segment(channels, model, device="cpu"))
+    assert seen == [0, 16]
+    assert not np.array_equal(plain.probabilities.array, wide.probabilities.array)

@@ -264,6 +264,12 @@ def check_overlap(overlap: float) -> float:
     return overlap
 
 
+def slice_context(card: dict) -> int:
+    """Zero voxels a 2D model sees around each slice on every side (card ``context_mm``, at
+    the card's in-plane spacing): see `slices.slice_inference`."""
+    return round(float(card.get("context_mm", 0)) / float(card["spacing_mm"][-1]))
+
+
 def segment(
     exam_or_channels: Exam | Volume,
     model,
@@ -399,6 +405,7 @@ def segment(
             device=torch_device,
             tta=tta,
             precision=precision,
+            context=slice_context(card),
         )
     else:
         raise TumorSegError(f"model card says spatial_dims={spatial_dims}; expected 2 or 3")

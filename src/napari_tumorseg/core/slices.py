@@ -20,13 +20,14 @@ def slice_inference(
     tta: bool = False,
     activation: str | None = "sigmoid",
     precision: str = "auto",
+    context: int = 0,
 ) -> Generator[InferenceProgress, None, np.ndarray]:
     """Slice-by-slice inference of a 2D network over the axial slices of a (C, z, y, x) image.
 
-    Each slice is zero-padded (symmetrically) in Y and X to a multiple of ``network.divisor``
-    (at least two of them), slices run in batches, and the outputs are cropped back and
-    re-stacked. A generator like `sliding_window`: each event's ``box`` is the slab of slices
-    just finished.
+    Each slice is zero-padded (symmetrically) in Y and X by ``context`` voxels per side at
+    least, and to a multiple of ``network.divisor`` (at least two of them), slices run in
+    batches, and the outputs are cropped back and re-stacked. A generator like
+    `sliding_window`: each event's ``box`` is the slab of slices just finished.
 
     Parameters
     ----------
@@ -40,6 +41,11 @@ def slice_inference(
         (z, y, x) brain mask: slices without a mask voxel are not computed (their output is 0).
     device, tta, activation, precision
         As in `sliding_window` (TTA mirrors Y and X: 4 passes).
+    context : int
+        Background (zeros) the network sees around the image on each side of Y and X: a
+        network without instance normalisation gives the same output for a voxel whatever the
+        slice holds beyond its receptive field, so with enough of it the labels no longer
+        depend on how tightly the image was cropped.
 
     Returns
     -------
@@ -54,7 +60,7 @@ def slice_inference(
     depth, height, width = data.shape[1:]
     divisor = int(getattr(network, "divisor", 1))
     # At least two divisors wide: instance norm needs more than one voxel at the deepest level.
-    pad_y, pad_x = (max(-(-n // divisor), 2) * divisor - n for n in (height, width))
+    pad_y, pad_x = (max(-(-(n + 2 * context) // divisor), 2) * divisor - n for n in (height, width))
     # F.pad order: last axis first, (before, after).
     padding = (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2)
     inside = (
@@ -120,6 +126,7 @@ def views_inference(
     device: str | torch.device = "cpu",
     tta: bool = False,
     precision: str = "auto",
+    context: int = 0,
 ) -> Generator[InferenceProgress, None, np.ndarray]:
     """`slice_inference` over the slices of each of ``views`` in turn, probabilities averaged.
 
@@ -156,6 +163,7 @@ def views_inference(
             device=device,
             tta=tta,
             precision=precision,
+            context=context,
         )
         while True:
             try:
