@@ -14,7 +14,8 @@ BraTS 2013 exams fall in 3 of the 5 folds. `train` trains one model per fold wit
 `train_bundled.py` (everything after ``--`` is passed to it), holding the fold's exams out;
 the fold model is validated on them (Dice and HD95, with and without t1ce) when its training
 ends. A fold whose model exists is skipped and an interrupted one resumes from its checkpoint,
-so running the same command again goes on where it stopped. `report` writes every recipe's
+so running the same command again goes on where it stopped; `--rescore` runs finished folds
+again for their scores alone, after a change of an inference setting. `report` writes every recipe's
 per-fold and mean figures into docs/MODELS.md (between the cross-validation markers) and
 prints them. `postprocess` scores post-processing candidates (keep the largest tumour, remove
 small islands) on the finished folds' held-out exams, and says which the rule keeps; `views`
@@ -79,7 +80,7 @@ def train(args: argparse.Namespace, extra: list[str]) -> int:
     wanted = [int(f) for f in args.folds.split(",")] if args.folds else range(len(folds))
     for k in wanted:
         out = fold_dir(args.recipe, k) / "model"
-        if (out / "card.json").is_file():
+        if (out / "card.json").is_file() and not args.rescore:
             print(f"fold {k}: done ({out})", flush=True)
             continue
         print(f"fold {k}: validation {folds[k]}", flush=True)
@@ -113,6 +114,19 @@ def _row(label: str, dice: dict, hd95: dict | None) -> str:
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def _resumed(done: list[dict]) -> list[str]:
+    """A line naming the commands that resumed or re-scored the folds (e.g. a new inference
+    setting for a finished run), if any."""
+    commands = {}
+    for d in done:
+        for command in d["card"]["training"].get("resumed_with", []):
+            commands.setdefault(command, []).append(str(d["fold"]))
+    if not commands:
+        return []
+    said = "; ".join(f"`{c}` (fold {', '.join(k)})" for c, k in commands.items())
+    return ["", f"Resumed or re-scored with: {said}."]
+
+
 def recipe_table(recipe: str) -> str:
     """Per-fold and exam-mean Dice and HD95 of one recipe, with all sequences and without t1ce."""
     done = fold_metrics(recipe)
@@ -127,6 +141,7 @@ def recipe_table(recipe: str) -> str:
         f"minutes: {', '.join(str(d['card']['training']['minutes']) for d in done)}, wall time "
         "on 2 cores shared with other work -- the steps are fixed, so the minutes say nothing "
         "about the recipe). The fold models' own labels: no post-processing.",
+        *_resumed(done),
         "",
         "| fold (held-out exams) | WT | TC | ET | HD95 WT (mm) | HD95 TC | HD95 ET |",
         "|---|---|---|---|---|---|---|",
@@ -446,6 +461,12 @@ def main(argv=None) -> int:
             p.add_argument("--recipe", required=True, help="name of the recipe (its folder)")
         if name == "train":
             p.add_argument("--folds", default="", help="e.g. 0,1 (default: all)")
+            p.add_argument(
+                "--rescore",
+                action="store_true",
+                help="run finished folds again: no more steps (their checkpoints are at the "
+                "step budget), scored again with changed inference settings (e.g. --context-mm)",
+            )
         if name == "report":
             p.add_argument("--recipes", default="", help="default: every recipe under runs/cv")
     args = parser.parse_args(argv)
