@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from _report import write_section  # noqa: E402
 from cross_validate import exam_names, fold_dir, make_folds  # noqa: E402
 
-from napari_tumorseg.core.inference import exam_to_channels, slice_context
+from napari_tumorseg.core.inference import exam_to_channels, model_grid_spacing, slice_context
 from napari_tumorseg.core.io import SEQUENCES, read_exam
 from napari_tumorseg.core.jobs import run_to_end
 from napari_tumorseg.core.labels import region_thresholds
@@ -74,7 +74,7 @@ NOTE = (
 NOTE_2D = (
     "What a user gets does not depend on the exam's field of view: `segment` always crops the "
     "slices to the brain's own box, (a). The table measures the network itself: each slice's "
-    "features are normalised over the whole slice (instance normalisation), so more or less "
+    "features are normalised over the whole slice ({norm} normalisation), so more or less "
     "background around the brain can move its labels."
 )
 
@@ -83,18 +83,21 @@ NOTE_2D_BATCH = (
     "What a user gets does not depend on the exam's field of view: `segment` always crops the "
     "slices to the brain's own box, (a). The table measures the network itself: batch norm "
     "normalises with statistics fixed at training, so a voxel's output depends only on what "
-    "lies within the network's receptive field, and each slice is given {context:g} mm of "
+    "lies within the network's receptive field; each slice is given {context:g} mm of "
     "background on every side (card `context_mm`) whatever its crop, so that the crop's edge "
-    "lies outside that field."
+    "lies far enough from the brain to matter little (zeros at the edge are not the features "
+    "of background, and a crop that moves the slice by other than a multiple of the network's "
+    "down-sampling also moves its labels a little)."
 )
 
 
 def note(model) -> str:
     if model.card["spatial_dims"] == 3:
         return NOTE
-    if model.network.config.get("norm") == "batch":
+    norm = model.network.config.get("norm", "instance")
+    if norm == "batch":
         return NOTE_2D_BATCH.format(context=float(model.card.get("context_mm", 0)))
-    return NOTE_2D
+    return NOTE_2D.format(norm=norm)
 
 
 def pads(variant: str, prepared, exam_shape, spacing, model_spacing, patch, divisor):
@@ -133,7 +136,9 @@ def wt_maps(model, exam) -> dict[str, tuple[np.ndarray, float]]:
     channels = exam_to_channels(exam)
     card = model.card
     present = [SEQUENCES.index(s) for s in (channels.channels or SEQUENCES)]
-    prepared = prepare(channels.array, channels.spacing, card["spacing_mm"], present=present)
+    # As `segment` prepares it: the brain's own box, the model's grid.
+    spacing = model_grid_spacing(card, channels.spacing)
+    prepared = prepare(channels.array, channels.spacing, spacing, present=present, margin=0)
     threshold = region_thresholds((card.get("postprocess") or {}).get("thresholds", 0.5))[0]
     shape = prepared.image.shape[1:]
     flat = card["spatial_dims"] == 2
@@ -144,7 +149,7 @@ def wt_maps(model, exam) -> dict[str, tuple[np.ndarray, float]]:
             prepared,
             channels.array.shape[1:],
             channels.spacing,
-            card["spacing_mm"],
+            spacing,
             list(card["patch_size"]),
             model.network.divisor,
         )

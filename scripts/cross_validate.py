@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,14 +76,34 @@ def fold_dir(recipe: str, fold: int) -> Path:
     return CV_DIR / recipe / f"fold{fold}"
 
 
+def _not_rescorable(state_path: Path) -> str | None:
+    """Why a finished fold cannot be run again for its scores alone (None: it can): without
+    its checkpoint at the step budget, the run would train on."""
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return f"its checkpoint {state_path} cannot be read"
+    budget = (state.get("config") or {}).get("steps")
+    if budget is None or state.get("step", 0) < budget:
+        return f"its checkpoint {state_path} is not at a step budget (step {state.get('step')})"
+    return None
+
+
 def train(args: argparse.Namespace, extra: list[str]) -> int:
     folds = make_folds(exam_names(args.data))
     wanted = [int(f) for f in args.folds.split(",")] if args.folds else range(len(folds))
     for k in wanted:
         out = fold_dir(args.recipe, k) / "model"
-        if (out / "card.json").is_file() and not args.rescore:
-            print(f"fold {k}: done ({out})", flush=True)
-            continue
+        if (out / "card.json").is_file():
+            if not args.rescore:
+                print(f"fold {k}: done ({out})", flush=True)
+                continue
+            problem = _not_rescorable(fold_dir(args.recipe, k) / "run" / "state.json")
+            if problem:
+                print(f"fold {k}: cannot be scored again: {problem}", file=sys.stderr)
+                return 2
+            # Labels cached by `predictions` came from the old settings.
+            shutil.rmtree(fold_dir(args.recipe, k) / "labels", ignore_errors=True)
         print(f"fold {k}: validation {folds[k]}", flush=True)
         code = train_bundled.main(
             [
@@ -127,6 +148,20 @@ def _resumed(done: list[dict]) -> list[str]:
     return ["", f"Resumed or re-scored with: {said}."]
 
 
+#: Card keys of inference settings: folds scored with different ones are not one recipe.
+INFERENCE_SETTINGS = ("context_mm", "views", "patch_size")
+
+
+def _mixed_settings(done: list[dict]) -> list[str]:
+    said = []
+    for key in INFERENCE_SETTINGS:
+        values = {json.dumps(d["card"].get(key)): d["fold"] for d in done}
+        if len(values) > 1:
+            by_fold = ", ".join(f"fold {d['fold']}: {d['card'].get(key)}" for d in done)
+            said.append(f"`{key}` differs between the folds ({by_fold})")
+    return ["", "**Not one recipe yet**: " + "; ".join(said) + "."] if said else []
+
+
 def recipe_table(recipe: str) -> str:
     """Per-fold and exam-mean Dice and HD95 of one recipe, with all sequences and without t1ce."""
     done = fold_metrics(recipe)
@@ -142,6 +177,7 @@ def recipe_table(recipe: str) -> str:
         "on 2 cores shared with other work -- the steps are fixed, so the minutes say nothing "
         "about the recipe). The fold models' own labels: no post-processing.",
         *_resumed(done),
+        *_mixed_settings(done),
         "",
         "| fold (held-out exams) | WT | TC | ET | HD95 WT (mm) | HD95 TC | HD95 ET |",
         "|---|---|---|---|---|---|---|",

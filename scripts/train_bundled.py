@@ -121,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the card; with batch norm, enough of it makes labels independent of the crop",
     )
     args = p.parse_args(argv)
+    if args.context_mm < 0:
+        p.error(f"--context-mm must be 0 or more, got {args.context_mm}")
     if args.patch is None:
         args.patch = 64 if args.dims == 3 else 128
     if args.batch is None:
@@ -250,7 +252,15 @@ def run_training(args: argparse.Namespace) -> int:
     init_training = None
     if args.init is not None:
         parent = load_model(args.init)
-        network.load_state_dict(parent.network.state_dict())
+        try:
+            network.load_state_dict(parent.network.state_dict())
+        except RuntimeError:
+            theirs = parent.network.config
+            raise TumorSegError(
+                f"{args.init} cannot start this run: it has {theirs['norm']} norm and features "
+                f"{theirs['features']}, this run {args.norm} norm and features {list(features)}",
+                parent.path,
+            ) from None
         init_training = {
             k: parent.card["training"].get(k) for k in ("steps", "minutes", "config", "warm_start")
         }

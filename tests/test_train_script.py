@@ -117,6 +117,19 @@ def test_batch_norm_is_a_setting_and_older_checkpoints_resume_as_instance_norm(t
     assert train_bundled.main(_args(tmp_path, data, "--norm", "batch")) == 2
 
 
+def test_a_warm_start_from_another_architecture_is_a_clear_refusal(tmp_path, data, capsys):
+    from .conftest import make_tiny_model
+
+    parent = make_tiny_model("parent")  # 3D, instance norm, features 4, 8, 16
+    args = _args(tmp_path, data, "--features", "4,8,16", "--norm", "batch", "--init", parent)
+    assert train_bundled.main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot start this run: it has instance norm" in err and "this run batch" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # argparse's own refusal
+        train_bundled.main(_args(tmp_path, data, "--context-mm", "-1"))
+
+
 @pytest.mark.parametrize(
     "problem, expected",
     [

@@ -828,6 +828,8 @@ def test_with_enough_context_a_batch_norm_network_ignores_how_tightly_slices_are
     assert not np.allclose(maps(network, padded, 0)[inner], maps(network, image, 0), atol=1e-3)
     instance = _tiny_unet(2)
     assert not np.allclose(maps(instance, padded, 32)[inner], maps(instance, image, 32), atol=1e-3)
+    with pytest.raises(ValueError, match="context must be 0 or more"):
+        maps(network, image, -1)
 
 
 def test_segment_gives_a_2d_model_the_context_its_card_asks_for(monkeypatch):
@@ -850,3 +852,7 @@ def test_segment_gives_a_2d_model_the_context_its_card_asks_for(monkeypatch):
     wide = run_to_end(segment(channels, model, device="cpu"))
     assert seen == [0, 16]
     assert not np.array_equal(plain.probabilities.array, wide.probabilities.array)
+    model.card["context_mm"] = -4.0
+    with pytest.raises(TumorSegError, match="context_mm=-4.0; expected 0 or more"):
+        next(segment(channels, model, device="cpu"))
+    assert len(seen) == 2  # refused before any work

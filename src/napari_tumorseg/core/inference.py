@@ -264,10 +264,22 @@ def check_overlap(overlap: float) -> float:
     return overlap
 
 
+def model_grid_spacing(card: dict, spacing) -> list[float]:
+    """The spacing (mm, Z Y X) an exam of ``spacing`` is resampled to for the model: the card's,
+    except a 2D model's slices, which stay the exam's own (resampled in-plane only)."""
+    model_spacing = [float(s) for s in card["spacing_mm"]]
+    if int(card["spatial_dims"]) == 2:
+        model_spacing = [float(spacing[0]), *model_spacing[-2:]]
+    return model_spacing
+
+
 def slice_context(card: dict) -> int:
     """Zero voxels a 2D model sees around each slice on every side (card ``context_mm``, at
     the card's in-plane spacing): see `slices.slice_inference`."""
-    return round(float(card.get("context_mm", 0)) / float(card["spacing_mm"][-1]))
+    context = float(card.get("context_mm", 0))
+    if not context >= 0:
+        raise TumorSegError(f"model card says context_mm={context}; expected 0 or more mm")
+    return round(context / float(card["spacing_mm"][-1]))
 
 
 def segment(
@@ -368,9 +380,8 @@ def segment(
     spatial_dims = int(card["spatial_dims"])
     if spatial_dims != 2 and views is not None:
         raise TumorSegError("views are for 2D models; a 3D model reads the whole volume")
-    model_spacing = [float(s) for s in card["spacing_mm"]]
-    if spatial_dims == 2:  # slice by slice: the exam's own slices, resampled in-plane only
-        model_spacing = [float(channels.spacing[0]), *model_spacing[-2:]]
+    model_spacing = model_grid_spacing(card, channels.spacing)
+    context = slice_context(card) if spatial_dims == 2 else 0  # a bad card fails before work
     present = [SEQUENCES.index(s) for s in used]
     # The brain's own box, no margin: a margin is cut short where the brain reaches the
     # volume's edge (BraTS exams' lowest slice), so the crop -- and every label -- would move
@@ -405,7 +416,7 @@ def segment(
             device=torch_device,
             tta=tta,
             precision=precision,
-            context=slice_context(card),
+            context=context,
         )
     else:
         raise TumorSegError(f"model card says spatial_dims={spatial_dims}; expected 2 or 3")

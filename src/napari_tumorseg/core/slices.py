@@ -42,10 +42,10 @@ def slice_inference(
     device, tta, activation, precision
         As in `sliding_window` (TTA mirrors Y and X: 4 passes).
     context : int
-        Background (zeros) the network sees around the image on each side of Y and X: a
-        network without instance normalisation gives the same output for a voxel whatever the
-        slice holds beyond its receptive field, so with enough of it the labels no longer
-        depend on how tightly the image was cropped.
+        Background (zeros) the network sees around the image on each side of Y and X. A
+        batch-norm network's output at a voxel depends on what lies around it alone, the
+        slice's edge included: with enough background between the brain and that edge, how
+        tightly the image was cropped hardly moves the labels (docs/MODELS.md).
 
     Returns
     -------
@@ -57,6 +57,8 @@ def slice_inference(
     data = _as_tensor(image)
     if data.ndim != 4:
         raise ValueError(f"slice inference needs a (C, z, y, x) image, got {tuple(data.shape)}")
+    if context < 0:
+        raise ValueError(f"context must be 0 or more voxels, got {context}")
     depth, height, width = data.shape[1:]
     divisor = int(getattr(network, "divisor", 1))
     # At least two divisors wide: instance norm needs more than one voxel at the deepest level.
