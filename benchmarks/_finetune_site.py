@@ -35,7 +35,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from cross_validate import fold_dir, make_folds, stratum, with_bundled_rules  # noqa: E402
+from cross_validate import (  # noqa: E402
+    exam_names,
+    fold_dir,
+    make_folds,
+    stratum,
+    with_bundled_rules,
+)
 
 REGIONS = ("WT", "TC", "ET")
 SITE = "CBICA"
@@ -64,7 +70,7 @@ class SiteBench:
                 f"scripts/cross_validate.py train --recipe {recipe}"
             )
         self.model = with_bundled_rules(load_model_folder(folder))
-        names = make_folds(sorted(p.name for p in data.iterdir() if p.is_dir()))[fold]
+        names = make_folds(exam_names(data))[fold]  # the folds the models were trained on
         self.exams = {name: read_exam(data / name) for name in names}
         self.site = [n for n in names if stratum(n) == SITE]
         self.others = [n for n in names if stratum(n) != SITE]

@@ -220,7 +220,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     runs = list(_runs(args))
     if not runs:
-        sys.exit(f"no finished fold model of {args.recipe}: run scripts/cross_validate.py first")
+        sys.exit(
+            f"no finished fold model of {args.recipe}: run scripts/cross_validate.py first"
+            if args.recipe
+            else f"no exam to measure in {args.data}"
+        )
     placed = variants(runs[0][1])
     compared = [v for v in placed if v != "fit"]
     pairs = list(itertools.combinations(compared, 2))

@@ -155,8 +155,7 @@ INFERENCE_SETTINGS = ("context_mm", "views", "patch_size")
 def _mixed_settings(done: list[dict]) -> list[str]:
     said = []
     for key in INFERENCE_SETTINGS:
-        values = {json.dumps(d["card"].get(key)): d["fold"] for d in done}
-        if len(values) > 1:
+        if len({json.dumps(d["card"].get(key)) for d in done}) > 1:
             by_fold = ", ".join(f"fold {d['fold']}: {d['card'].get(key)}" for d in done)
             said.append(f"`{key}` differs between the folds ({by_fold})")
     return ["", "**Not one recipe yet**: " + "; ".join(said) + "."] if said else []
