@@ -372,6 +372,21 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "demo" in result.stdout and "models" in result.stdout
 
 
+def test_the_headless_commands_load_nothing_of_napari():
+    """`tumorseg segment` starts in seconds on 2 cores, imports included (docs/BENCHMARKS.md,
+    "Whole process"): the CLI and the pipeline load neither napari, Qt, nor the plugin's napari
+    modules (the sample reader is imported by the demo alone)."""
+    code = (
+        "import sys, napari_tumorseg.cli, napari_tumorseg.pipeline, napari_tumorseg.batch\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5')"
+        " or m in ('napari_tumorseg._reader', 'napari_tumorseg._sample_data',"
+        " 'napari_tumorseg._layers')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_finetune_stores_a_user_model_that_segment_can_use(tmp_path, tiny_model):
     seg = tmp_path / "seg.nii.gz"
     assert _run("segment", BRATS, "--out", seg, "--model", tiny_model).returncode == 0

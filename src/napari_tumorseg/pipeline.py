@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ._sample_data import sample_exam_dir
 from .core.brain import BrainResult
 from .core.devices import select_device
 from .core.errors import TumorSegError
@@ -298,6 +297,9 @@ def run_headless_demo(
 
     Returns the files written.
     """
+    # The napari sample module (and its readers) only here: `tumorseg segment` starts faster.
+    from ._sample_data import sample_exam_dir
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     exam = read_exam(sample_exam_dir("brats2018"))

@@ -243,9 +243,11 @@ def _conv_in_parts(
     conv: nn.Module, x: torch.Tensor, parts: int, context: Callable[[], AbstractContextManager]
 ) -> Generator[None, None, torch.Tensor]:
     """``conv(x)`` computed in ``parts`` slabs of output slices along the first spatial axis,
-    yielding after each; each slab reads the input slices under its kernel (zero padding
-    added once), so the result is ``conv(x)``'s. (Slabs of output channels instead ran the
-    3D model at half its speed: convolutions with few output channels are slow.)"""
+    yielding after each; each slab reads the input slices under its kernel (zeros where they
+    fall outside ``x``, so only the first and last slabs are padded) and is written into the
+    output in place, so the result is ``conv(x)``'s without a padded copy of ``x`` or a
+    concatenation of the slabs. (Slabs of output channels instead ran the 3D model at half its
+    speed: convolutions with few output channels are slow.)"""
     size = x.shape[2]
     plain = (
         parts <= 1
@@ -262,18 +264,22 @@ def _conv_in_parts(
     function = F.conv3d if x.dim() == 5 else F.conv2d
     stride, kernel, pad = conv.stride[0], conv.kernel_size[0], conv.padding[0]
     rest = (0, *conv.padding[1:])  # the other axes are padded by the convolution itself
-    with context():
-        padded = F.pad(x, (0, 0) * (x.dim() - 3) + (pad, pad)) if pad else x
     parts = min(parts, out_size)
     bounds = [round(i * out_size / parts) for i in range(parts + 1)]
-    outputs = []
+    out = None
     for first, last in zip(bounds, bounds[1:]):
         with context():
-            slab = padded[:, :, first * stride : (last - 1) * stride + kernel]
-            outputs.append(function(slab, conv.weight, conv.bias, conv.stride, rest))
+            low, high = first * stride - pad, (last - 1) * stride - pad + kernel
+            slab = x[:, :, max(low, 0) : min(high, size)]
+            if low < 0 or high > size:
+                edges = (max(-low, 0), max(high - size, 0))
+                slab = F.pad(slab, (0, 0) * (x.dim() - 3) + edges)
+            y = function(slab, conv.weight, conv.bias, conv.stride, rest)
+            if out is None:
+                out = y.new_empty((*y.shape[:2], out_size, *y.shape[3:]))
+            out[:, :, first:last] = y
         yield
-    with context():
-        return torch.cat(outputs, dim=2)
+    return out
 
 
 def build_network(config: dict) -> UNet:
