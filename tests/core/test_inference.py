@@ -832,6 +832,32 @@ def test_with_enough_context_a_batch_norm_network_ignores_how_tightly_slices_are
         maps(network, image, -1)
 
 
+def test_with_context_the_slices_meet_the_network_at_one_phase_whatever_the_crop():
+    """A network that down-samples by 4 sees an image moved by 1-3 voxels differently (the
+    pooling grid falls elsewhere on it): a crop that moves the brain by other than a multiple
+    of 4 moves the labels. With context and a mask, the engine puts the mask's first row and
+    column on that grid wherever the crop left them, so every crop gives the same map."""
+    torch.manual_seed(0)
+    network = UNet(2, features=(4, 8, 16), norm="batch").eval()
+    assert network.divisor == 4
+    for module in network.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    image = _random_image((4, 3, 20, 14), seed=5)
+    mask = np.ones(image.shape[1:], dtype=bool)
+    width = [(0, 0), (0, 0), (3, 2), (1, 6)]  # odd shifts: not multiples of the divisor
+    moved, moved_mask = np.pad(image, width), np.pad(mask, width[1:])
+    inner = (slice(None), slice(None), slice(3, 23), slice(1, 15))
+
+    def maps(img, brain, context):
+        return _drain(slice_inference(network, img, mask=brain, context=context))[1]
+
+    np.testing.assert_allclose(maps(moved, moved_mask, 48)[inner], maps(image, mask, 48), atol=1e-5)
+    # Without the mask the engine has no brain to anchor on: the phase moves with the crop.
+    assert not np.allclose(maps(moved, None, 48)[inner], maps(image, None, 48), atol=1e-3)
+
+
 def test_segment_gives_a_2d_model_the_context_its_card_asks_for(monkeypatch):
     from napari_tumorseg.core.models import load_model
 

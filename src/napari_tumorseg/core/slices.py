@@ -24,10 +24,13 @@ def slice_inference(
 ) -> Generator[InferenceProgress, None, np.ndarray]:
     """Slice-by-slice inference of a 2D network over the axial slices of a (C, z, y, x) image.
 
-    Each slice is zero-padded (symmetrically) in Y and X by ``context`` voxels per side at
-    least, and to a multiple of ``network.divisor`` (at least two of them), slices run in
-    batches, and the outputs are cropped back and re-stacked. A generator like
-    `sliding_window`: each event's ``box`` is the slab of slices just finished.
+    Each slice is zero-padded in Y and X by ``context`` voxels per side at least, and to a
+    multiple of ``network.divisor`` (at least two of them), slices run in batches, and the
+    outputs are cropped back and re-stacked. The padding is split evenly between the two
+    sides, except with ``context`` and a ``mask``: then the mask's first row and column (over
+    all slices) are put on a multiple of ``network.divisor``, wherever the crop left them, so
+    that the network's down-sampling meets the brain at one phase whatever the crop. A
+    generator like `sliding_window`: each event's ``box`` is the slab of slices just finished.
 
     Parameters
     ----------
@@ -61,16 +64,6 @@ def slice_inference(
         raise ValueError(f"context must be 0 or more voxels, got {context}")
     depth, height, width = data.shape[1:]
     divisor = int(getattr(network, "divisor", 1))
-    # At least two divisors wide: instance norm needs more than one voxel at the deepest level.
-    pad_y, pad_x = (max(-(-(n + 2 * context) // divisor), 2) * divisor - n for n in (height, width))
-    # F.pad order: last axis first, (before, after).
-    padding = (pad_x // 2, pad_x - pad_x // 2, pad_y // 2, pad_y - pad_y // 2)
-    inside = (
-        slice(None),
-        slice(None),
-        slice(pad_y // 2, pad_y // 2 + height),
-        slice(pad_x // 2, pad_x // 2 + width),
-    )
     if mask is not None:
         if tuple(mask.shape) != (depth, height, width):
             raise ValueError(
@@ -79,6 +72,24 @@ def slice_inference(
         kept = np.flatnonzero(mask.reshape(depth, -1).any(axis=1)).tolist()
     else:
         kept = list(range(depth))
+    # Zeros before Y and X: half the padding, or (anchored) what puts the mask's first row and
+    # column on a multiple of the divisor with at least ``context`` zeros before them.
+    lead: list[int | None] = [None, None]
+    if context and mask is not None and kept:
+        starts = [int(np.flatnonzero(mask.any(axis=(0, 2 - a)))[0]) for a in (0, 1)]
+        lead = [context + (-(s + context)) % divisor for s in starts]
+    pads = []
+    for n, first in zip((height, width), lead):
+        needed = n + 2 * context if first is None else first + n + context
+        # At least two divisors wide: instance norm needs more than one voxel at the deepest
+        # level.
+        extra = max(-(-needed // divisor), 2) * divisor - n
+        first = extra // 2 if first is None else first
+        pads.append((first, extra - first))
+    (top, bottom), (left, right) = pads
+    # F.pad order: last axis first, (before, after).
+    padding = (left, right, top, bottom)
+    inside = (slice(None), slice(None), slice(top, top + height), slice(left, left + width))
     predictor = _Predictor(network, device, tta, 2, precision)
     total = len(kept)
     out: torch.Tensor | None = None
