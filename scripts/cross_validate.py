@@ -6,6 +6,7 @@
     python scripts/cross_validate.py report [--recipes 2d-base,...]
     python scripts/cross_validate.py postprocess --recipe 2d-base
     python scripts/cross_validate.py views --recipe 2d-base
+    python scripts/cross_validate.py ensemble --recipes 2d-base,2d-bn
 
 The exams are split into 5 folds stratified by site (BraTS 2013, CBICA, TCIA) and grade (the
 TCIA10/TCIA13 exams are the lower-grade ones): each stratum is dealt round the folds in turn,
@@ -19,7 +20,8 @@ again for their scores alone, after a change of an inference setting. `report` w
 per-fold and mean figures into docs/MODELS.md (between the cross-validation markers) and
 prints them. `postprocess` scores post-processing candidates (keep the largest tumour, remove
 small islands) on the finished folds' held-out exams, and says which the rule keeps; `views`
-does the same for a 2D recipe run over coronal and sagittal slices as well as axial ones.
+does the same for a 2D recipe run over coronal and sagittal slices as well as axial ones, and
+`ensemble` for the mean of several recipes' fold models against each recipe alone.
 """
 
 from __future__ import annotations
@@ -483,13 +485,74 @@ def views(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensemble(args: argparse.Namespace) -> int:
+    """Score the mean of several recipes' fold models (the probabilities of each fold's models
+    averaged, labelled with the bundled model's post-processing) against each recipe alone, on
+    the held-out exams of the folds that every recipe has finished."""
+    from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
+    from napari_tumorseg.core.labels import card_labels
+    from napari_tumorseg.core.metrics import evaluate_labels
+    from napari_tumorseg.core.models import load_model_folder
+
+    recipes = [r for r in args.recipes.split(",") if r]
+    if len(recipes) < 2:
+        print("an ensemble needs two recipes or more, e.g. --recipes 2d-base,2d-bn")
+        return 1
+    members = {r: [i] for i, r in enumerate(recipes)}
+    members[f"mean of {' and '.join(recipes)}"] = list(range(len(recipes)))
+    scores: dict[str, dict[str, dict]] = {c: {} for c in members}
+    seconds: dict[str, list[float]] = {c: [] for c in members}
+    fold_of: dict[str, int] = {}
+    for k, exams in enumerate(make_folds(exam_names(args.data))):
+        folders = [fold_dir(r, k) / "model" for r in recipes]
+        if not all((f / "card.json").is_file() for f in folders):
+            continue
+        models = [with_bundled_rules(load_model_folder(f)) for f in folders]
+        rules = models[0].card.get("postprocess")
+        for name in exams:
+            exam = read_exam(args.data / name)
+            fold_of[name] = k
+            grid = exam.reference
+            results = [
+                run_to_end(segment(exam, m, device="cpu", postprocess=False)) for m in models
+            ]
+            for candidate, chosen in members.items():
+                mean = np.mean([results[i].probabilities.array for i in chosen], axis=0)
+                labels = card_labels(mean, rules, grid.voxel_volume_ml)
+                found = evaluate_labels(labels, exam.labels.array, grid.spacing)
+                scores[candidate][name] = _dice_hd95(found)
+                seconds[candidate].append(sum(results[i].seconds for i in chosen))
+                print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
+    if not fold_of:
+        print(f"no fold that {', '.join(recipes)} have all finished")
+        return 1
+    joined = "+".join(recipes)
+    section = choice_table(
+        f"### Ensemble, {' + '.join(recipes)}",
+        f"`python scripts/cross_validate.py ensemble --recipes {','.join(recipes)}` (labels with "
+        "the bundled card's post-processing)",
+        scores,
+        fold_of,
+    )
+    section += "\n\nSeconds per exam (`segment` of each member, 2 CPU threads): " + ", ".join(
+        f"{c} {np.mean(t):.1f}" for c, t in seconds.items()
+    )
+    print(section)
+    _write_between(
+        f"<!-- ensemble {joined}: begin -->", f"<!-- ensemble {joined}: end -->", section
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("folds", "train", "report", "postprocess", "views"):
+    for name in ("folds", "train", "report", "postprocess", "views", "ensemble"):
         p = sub.add_parser(name)
         p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/brats2018/train")
         if name in ("train", "postprocess", "views"):
@@ -504,6 +567,8 @@ def main(argv=None) -> int:
             )
         if name == "report":
             p.add_argument("--recipes", default="", help="default: every recipe under runs/cv")
+        if name == "ensemble":
+            p.add_argument("--recipes", required=True, help="two or more, e.g. 2d-base,2d-bn")
     args = parser.parse_args(argv)
     if args.command == "folds":
         for k, fold in enumerate(make_folds(exam_names(args.data))):
@@ -515,6 +580,8 @@ def main(argv=None) -> int:
         return postprocess(args)
     if args.command == "views":
         return views(args)
+    if args.command == "ensemble":
+        return ensemble(args)
     return report(args)
 
 

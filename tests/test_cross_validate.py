@@ -73,3 +73,44 @@ def test_the_report_says_when_folds_were_scored_with_different_inference_setting
     assert "`context_mm` differs between the folds (fold 0: 32.0, fold 1: None)" in said
     assert "patch_size" not in said
     assert cross_validate._mixed_settings(done[:1]) == []
+
+
+def test_an_ensemble_is_scored_against_each_recipe_on_the_folds_all_have(tmp_path, monkeypatch):
+    """Two recipes' fold models on a held-out exam: each alone and their mean, labelled with the
+    bundled 2D card's rules, in a choice table; a fold one recipe has not finished is left out.
+    Two recipes with the same weights: their mean scores exactly what each scores alone."""
+    import shutil
+
+    from napari_tumorseg.core.models import user_models_dir
+
+    from .conftest import BRATS, make_tiny_model
+
+    exam = "Brats18_TCIA01_378_1"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / exam).symlink_to(BRATS)
+    make_tiny_model("tinyfold", spatial_dims=2)
+    cv = tmp_path / "cv"
+    for recipe, folds in (("ra", (0, 1)), ("rb", (0,))):
+        for k in folds:
+            folder = cv / recipe / f"fold{k}" / "model"
+            shutil.copytree(user_models_dir() / "tinyfold" / "v1", folder)
+            card = json.loads((folder / "card.json").read_text())
+            (folder / "card.json").write_text(json.dumps({**card, "name": "2d"}))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "MODELS.md").write_text("# Bundled models\n")
+    monkeypatch.setattr(cross_validate, "CV_DIR", cv)
+    monkeypatch.setattr(cross_validate, "ROOT", tmp_path)
+    monkeypatch.setattr(cross_validate, "make_folds", lambda names: [names, names])
+    argv = ["ensemble", "--data", str(tmp_path / "data"), "--recipes", "ra,rb"]
+    assert cross_validate.main(argv) == 0
+    doc = (tmp_path / "docs" / "MODELS.md").read_text()
+    assert "<!-- ensemble ra+rb: begin -->" in doc and "### Ensemble, ra + rb" in doc
+    assert "folds 0 (1 exams)" in doc  # fold 1: recipe rb has no model there
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:7]
+        for line in doc.splitlines()
+        if line.startswith(("| ra ", "| rb ", "| mean of ra and rb "))
+    }
+    assert set(rows) == {"ra", "rb", "mean of ra and rb"}
+    assert rows["ra"] == rows["rb"] == rows["mean of ra and rb"]
+    assert cross_validate.main(["ensemble", "--recipes", "ra"]) == 1  # one recipe is no ensemble
