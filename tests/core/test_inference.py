@@ -710,6 +710,29 @@ def test_progress_moves_inside_a_3d_window_and_closing_stops_within_it():
     assert calls == []
 
 
+def test_progress_moves_inside_a_batch_of_slices_and_closing_stops_within_it():
+    """A batch of 16 slices takes a second on 2 cores, 2-4 s in the viewer beside its software
+    rendering: the 2D engine yields between the network's convolutions too, so the bar moves
+    within a batch and Cancel acts within one convolution."""
+    network = _tiny_unet(2)
+    image = _random_image((4, 10, 24, 24))
+    events, maps = _drain(slice_inference(network, image, batch_size=4))
+    inside = [e for e in events if e.part > 0]
+    assert len(inside) >= 9 * 3  # three batches (4, 4 and 2 slices), ten convolutions each
+    assert all(e.box is None and 0 < e.part < 4 for e in inside)
+    fractions = [(e.done + e.part) / e.total for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert sum(e.box[0].stop - e.box[0].start for e in events if e.box) == 10
+    np.testing.assert_allclose(maps, _drain(slice_inference(network, image, batch_size=10))[1])
+    calls = []
+    network.head.register_forward_hook(lambda *args: calls.append(1))
+    engine = slice_inference(network, image, batch_size=4)
+    next(engine)
+    assert next(engine).part > 0
+    engine.close()  # inside the first batch: its last convolution never runs
+    assert calls == []
+
+
 def test_the_skull_warning_comes_with_the_first_event_before_the_network_runs(tiny_model):
     """A user hears that the exam still has its skull before the wait, not after it."""
     from napari_tumorseg.core.preprocess import SKULL_ON_WARNING

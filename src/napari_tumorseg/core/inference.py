@@ -114,8 +114,9 @@ class SegmentationProgress:
         ``preview() -> (box, (3, *box) float32)``: the blend so far over ``window``, mapped to
         the input grid. Only values inside final boxes are exact.
     part : float
-        Fraction of the batch after ``done`` computed so far (`InferenceProgress.part`): a
-        3D window takes seconds, and progress moves within it.
+        Windows or slices of the batch after ``done`` computed so far
+        (`InferenceProgress.part`): a 3D window, or a batch of slices, takes seconds, and
+        progress moves within it.
     warnings : tuple of str
         Doubts about the input known before the network runs (e.g. a skull still on), on the
         first event only, so that a user hears of them before waiting for the result (they

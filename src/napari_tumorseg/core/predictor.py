@@ -45,8 +45,9 @@ class InferenceProgress:
     device : str
         The device the network ran on (``"cpu"`` after an out-of-memory fallback).
     part : float
-        Fraction of the batch after ``done`` computed so far, in [0, 1): events in the middle
-        of a batch (``box`` and ``window`` None) say how far its forward pass has got.
+        Windows or slices of the batch after ``done`` computed so far, in [0, batch size):
+        events in the middle of a batch (``box`` and ``window`` None) say how far its forward
+        pass has got, so ``(done + part) / total`` is the share of the work done.
     """
 
     done: int

@@ -104,8 +104,19 @@ def slice_inference(
         batch = data[:, indices].transpose(0, 1)  # (B, C, y, x)
         if any(padding):
             batch = torch.nn.functional.pad(batch, padding)
+        # Progress within the batch: a batch of slices takes a second or more on 2 cores.
+        steps = predictor.steps(batch)
+        while True:
+            try:
+                part = next(steps)
+            except StopIteration as stop:
+                logits = stop.value
+                break
+            yield InferenceProgress(
+                first, total, None, part=part * len(indices), device=predictor.device.type
+            )
         with torch.inference_mode():
-            logits = predictor(batch)[inside]
+            logits = logits[inside]
             if activation == "sigmoid":
                 logits = torch.sigmoid_(logits)
             if out is None:
@@ -184,7 +195,7 @@ def views_inference(
             except StopIteration as stop:
                 maps = stop.value.transpose(0, *(a + 1 for a in inverse))
                 break
-            if event.done == 0 and event.total and index:
+            if event.done == 0 and not event.part and event.total and index:
                 continue  # the first event of a later view: nothing computed yet
             box = None if event.box is None else tuple(event.box[a] for a in inverse)
             earlier = summed if last else None  # the previous views' sum, for final values

@@ -107,7 +107,9 @@ def sliding_window(
             except StopIteration as stop:
                 logits = stop.value
                 break
-            yield InferenceProgress(first, total, None, part=part, device=predictor.device.type)
+            yield InferenceProgress(
+                first, total, None, part=part * len(batch), device=predictor.device.type
+            )
         with torch.inference_mode():
             if blender is None:
                 blender = WindowBlender(logits.shape[1], shape, activation, logits.device)
