@@ -396,19 +396,28 @@ def postprocess(args: argparse.Namespace) -> int:
     if not fold_of:
         print(f"no finished fold of {args.recipe}")
         return 1
-    section = choice_table(
+    table = choice_table(
         f"### Post-processing, {args.recipe}",
         f"`python scripts/cross_validate.py postprocess --recipe {args.recipe}`",
         scores,
         fold_of,
     )
-    print(section)
-    _write_between(
-        f"<!-- postprocess {args.recipe}: begin -->",
-        f"<!-- postprocess {args.recipe}: end -->",
-        section,
-    )
+    _publish(f"postprocess {args.recipe}", table)
     return 0
+
+
+def _publish(
+    key: str, table: str, seconds: dict[str, list[float]] | None = None, timed: str = ""
+) -> None:
+    """Print a `choice_table` (with each candidate's mean ``seconds`` per exam, timed as
+    ``timed`` says) and put it between the ``<!-- key: begin/end -->`` markers of
+    docs/MODELS.md."""
+    if seconds is not None:
+        table += f"\n\nSeconds per exam ({timed}, 2 CPU threads): " + ", ".join(
+            f"{c} {np.mean(t):.1f}" for c, t in seconds.items()
+        )
+    print(table)
+    _write_between(f"<!-- {key}: begin -->", f"<!-- {key}: end -->", table)
 
 
 def _write_between(begin: str, end: str, section: str) -> None:
@@ -468,20 +477,14 @@ def views(args: argparse.Namespace) -> int:
     if not fold_of:
         print(f"no finished fold of {args.recipe}")
         return 1
-    section = choice_table(
+    table = choice_table(
         f"### Views, {args.recipe}",
         f"`python scripts/cross_validate.py views --recipe {args.recipe}` (labels with the "
         "bundled 2D card's post-processing)",
         scores,
         fold_of,
     )
-    section += "\n\nSeconds per exam (`segment`, 2 CPU threads): " + ", ".join(
-        f"{c} {np.mean(t):.1f}" for c, t in seconds.items()
-    )
-    print(section)
-    _write_between(
-        f"<!-- views {args.recipe}: begin -->", f"<!-- views {args.recipe}: end -->", section
-    )
+    _publish(f"views {args.recipe}", table, seconds, "`segment`")
     return 0
 
 
@@ -528,21 +531,14 @@ def ensemble(args: argparse.Namespace) -> int:
     if not fold_of:
         print(f"no fold that {', '.join(recipes)} have all finished")
         return 1
-    joined = "+".join(recipes)
-    section = choice_table(
+    table = choice_table(
         f"### Ensemble, {' + '.join(recipes)}",
         f"`python scripts/cross_validate.py ensemble --recipes {','.join(recipes)}` (labels with "
         "the bundled card's post-processing)",
         scores,
         fold_of,
     )
-    section += "\n\nSeconds per exam (`segment` of each member, 2 CPU threads): " + ", ".join(
-        f"{c} {np.mean(t):.1f}" for c, t in seconds.items()
-    )
-    print(section)
-    _write_between(
-        f"<!-- ensemble {joined}: begin -->", f"<!-- ensemble {joined}: end -->", section
-    )
+    _publish(f"ensemble {'+'.join(recipes)}", table, seconds, "`segment` of each member")
     return 0
 
 

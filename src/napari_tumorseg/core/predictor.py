@@ -110,6 +110,22 @@ class _Predictor:
                     raise
                 self._fall_back_to_cpu(exc)
 
+    def events(
+        self, batch: torch.Tensor, done: int, total: int
+    ) -> Generator[InferenceProgress, None, torch.Tensor]:
+        """`steps` as an engine's events: ``batch`` holds the windows or slices after ``done``
+        of ``total``, and each event's ``part`` counts those computed so far (fractions of the
+        batch's count). Returns the logits."""
+        steps = self.steps(batch)
+        while True:
+            try:
+                part = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield InferenceProgress(
+                done, total, None, part=part * len(batch), device=self.device.type
+            )
+
     @contextmanager
     def _step(self):
         """Inference mode and autocast, entered for each step only: the caller's code between

@@ -105,16 +105,7 @@ def slice_inference(
         if any(padding):
             batch = torch.nn.functional.pad(batch, padding)
         # Progress within the batch: a batch of slices takes a second or more on 2 cores.
-        steps = predictor.steps(batch)
-        while True:
-            try:
-                part = next(steps)
-            except StopIteration as stop:
-                logits = stop.value
-                break
-            yield InferenceProgress(
-                first, total, None, part=part * len(indices), device=predictor.device.type
-            )
+        logits = yield from predictor.events(batch, first, total)
         with torch.inference_mode():
             logits = logits[inside]
             if activation == "sigmoid":

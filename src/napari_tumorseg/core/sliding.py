@@ -100,16 +100,7 @@ def sliding_window(
     for first in range(0, total, batch_size):
         batch = plan.kept[first : first + batch_size]
         windows = torch.stack([_crop_window(data, start, plan.patch) for _, start in batch])
-        steps = predictor.steps(windows)
-        while True:
-            try:
-                part = next(steps)
-            except StopIteration as stop:
-                logits = stop.value
-                break
-            yield InferenceProgress(
-                first, total, None, part=part * len(batch), device=predictor.device.type
-            )
+        logits = yield from predictor.events(windows, first, total)
         with torch.inference_mode():
             if blender is None:
                 blender = WindowBlender(logits.shape[1], shape, activation, logits.device)
