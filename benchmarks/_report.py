@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import resource
+import subprocess
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
@@ -41,3 +44,16 @@ def cpu_description() -> str:
     except OSError:
         pass
     return f"{name}, native bfloat16: {'yes' if cpu_bf16_is_fast() else 'no'}"
+
+
+def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, all its threads) of one run of ``command``, which
+    must succeed: otherwise the benchmark stops with the command and its error output."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, command))} failed:\n{done.stderr[-3000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_description, write_section  # noqa: E402
+from _report import cpu_description, run_timed, write_section  # noqa: E402
 
 SAMPLE = ROOT / "sample_data" / "brats2018"
 SEQUENCES = ("t1", "t1ce", "t2", "flair")
@@ -48,12 +47,7 @@ def _exams(root: Path, count: int) -> list[Path]:
 def _batch(cases, out: Path, model: str, *extra: str) -> float:
     command = [sys.executable, "-m", "napari_tumorseg.cli", "segment", *map(str, cases)]
     command += ["--out-dir", str(out), "--model", model, *extra]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return wall
+    return run_timed(command)[0]
 
 
 def _labels(out: Path) -> dict[str, np.ndarray]:

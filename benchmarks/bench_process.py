@@ -23,18 +23,16 @@ slice or window holds. Writes "Whole process" in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cpu_description, write_section  # noqa: E402
+from _report import cpu_description, run_timed, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAM = ROOT / "sample_data" / "brats2018"
@@ -45,32 +43,18 @@ IMPORTS = {
 }
 
 
-def commands(model: str, threads: int, out: Path) -> dict[str, list[str]]:
-    """The cases of one model: name -> command line writing its label map under ``out``."""
+def commands(model: str, threads: int, out: Path) -> dict[str, tuple[list[str], Path]]:
+    """The cases of one model: name -> (command line, the label map it writes under ``out``)."""
     python = sys.executable
     ours = [python, "-m", "napari_tumorseg.cli", "segment", str(EXAM), "--model", model]
     monai = [python, str(MONAI_SCRIPT), str(EXAM)]
+    options = ["--model", model, "--threads", str(threads)]
+    mine, whole, cropped = (out / f"{kind}_{model}.nii.gz" for kind in ("ours", "monai", "crop"))
     return {
-        "tumorseg segment": ours + ["--out", str(out / f"ours_{model}.nii.gz")],
-        "MONAI, whole volume": monai
-        + [str(out / f"monai_{model}.nii.gz"), "--model", model, "--threads", str(threads)],
-        "MONAI, cropped": monai
-        + [str(out / f"monaic_{model}.nii.gz"), "--model", model, "--threads", str(threads)]
-        + ["--crop"],
+        "tumorseg segment": ([*ours, "--out", str(mine)], mine),
+        "MONAI, whole volume": ([*monai, str(whole), *options], whole),
+        "MONAI, cropped": ([*monai, str(cropped), *options, "--crop"], cropped),
     }
-
-
-def timed(command: list[str], env: dict) -> tuple[float, float]:
-    """Wall and CPU seconds of one run of ``command`` (which must succeed)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
 
 
 def agreement(ours: Path, theirs: Path) -> str:
@@ -86,8 +70,6 @@ def agreement(ours: Path, theirs: Path) -> str:
 
 
 def main(argv=None) -> int:
-    import os
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="2d,3d", help="comma-separated bundled models")
     p.add_argument("--repeats", type=int, default=3)
@@ -99,7 +81,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        cases = {(m, name): c for m in models for name, c in commands(m, args.threads, out).items()}
+        outputs = {m: commands(m, args.threads, out) for m in models}
+        cases = {(m, name): c for m, named in outputs.items() for name, (c, _) in named.items()}
         cases.update(
             {
                 ("-", f"imports ({side})"): [sys.executable, "-c", code]
@@ -110,7 +93,7 @@ def main(argv=None) -> int:
         cpus: dict = {key: [] for key in cases}
         for repeat in range(args.repeats):
             for key, command in cases.items():
-                wall, cpu = timed(command, env)
+                wall, cpu = run_timed(command, env)
                 walls[key].append(wall)
                 cpus[key].append(cpu)
                 print(
@@ -118,15 +101,13 @@ def main(argv=None) -> int:
                     flush=True,
                 )
         rows = []
-        for model in models:
+        for model, named in outputs.items():
             ours = statistics.median(walls[(model, "tumorseg segment")])
-            for name in commands(model, args.threads, out):
+            mine = named["tumorseg segment"][1]
+            for name, (_, written) in named.items():
                 wall = statistics.median(walls[(model, name)])
                 cpu = statistics.median(cpus[(model, name)])
-                labels = "-"
-                if name != "tumorseg segment":
-                    file = "monai" if name.endswith("volume") else "monaic"
-                    labels = agreement(out / f"ours_{model}.nii.gz", out / f"{file}_{model}.nii.gz")
+                labels = "-" if written == mine else agreement(mine, written)
                 rows.append(
                     f"| {model} | {name} | {wall:.2f} | {cpu:.2f} | {wall / ours:.2f}x | {labels} |"
                 )

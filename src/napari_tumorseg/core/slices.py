@@ -79,13 +79,13 @@ def slice_inference(
         starts = [int(np.flatnonzero(mask.any(axis=(0, 2 - a)))[0]) for a in (0, 1)]
         lead = [context + (-(s + context)) % divisor for s in starts]
     pads = []
-    for n, first in zip((height, width), lead):
-        needed = n + 2 * context if first is None else first + n + context
+    for n, before in zip((height, width), lead):
+        needed = n + 2 * context if before is None else before + n + context
         # At least two divisors wide: instance norm needs more than one voxel at the deepest
         # level.
         extra = max(-(-needed // divisor), 2) * divisor - n
-        first = extra // 2 if first is None else first
-        pads.append((first, extra - first))
+        before = extra // 2 if before is None else before
+        pads.append((before, extra - before))
     (top, bottom), (left, right) = pads
     # F.pad order: last axis first, (before, after).
     padding = (left, right, top, bottom)
