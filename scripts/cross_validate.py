@@ -445,38 +445,25 @@ def views(args: argparse.Namespace) -> int:
     """Score a 2D recipe's fold models over more views than the axial slices, labelled with the
     bundled model's post-processing (its card's rules), on every finished fold's held-out
     exams."""
-    from napari_tumorseg.core.inference import segment
-    from napari_tumorseg.core.io import read_exam
-    from napari_tumorseg.core.jobs import run_to_end
-    from napari_tumorseg.core.metrics import evaluate_labels
     from napari_tumorseg.core.models import load_model_folder
 
-    folds = make_folds(exam_names(args.data))
-    scores: dict[str, dict[str, dict]] = {c: {} for c in VIEW_CANDIDATES}
-    fold_of: dict[str, int] = {}
-    seconds: dict[str, list[float]] = {c: [] for c in VIEW_CANDIDATES}
-    for k, exams in enumerate(folds):
+    names = list(VIEW_CANDIDATES["axial + coronal + sagittal"])
+
+    def parts(k: int):
         folder = fold_dir(args.recipe, k) / "model"
         if not (folder / "card.json").is_file():
-            continue
-        model = load_model_folder(folder)
+            return None
+        model = with_bundled_rules(load_model_folder(folder))
         if model.card["spatial_dims"] != 2:
-            print(f"{args.recipe} is not a 2D recipe")
-            return 1
-        with_bundled_rules(model)
-        for name in exams:
-            exam = read_exam(args.data / name)
-            fold_of[name] = k
-            for candidate, chosen in VIEW_CANDIDATES.items():
-                result = run_to_end(segment(exam, model, device="cpu", views=chosen))
-                seconds[candidate].append(result.seconds)
-                grid = exam.reference
-                found = evaluate_labels(result.labels.array, exam.labels.array, grid.spacing)
-                scores[candidate][name] = _dice_hd95(found)
-                print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
-    if not fold_of:
+            raise SystemExit(f"{args.recipe} is not a 2D recipe")
+        return [(model, (view,)) for view in names]
+
+    candidates = {c: [names.index(v) for v in chosen] for c, chosen in VIEW_CANDIDATES.items()}
+    found = _score_means(args.data, parts, candidates)
+    if found is None:
         print(f"no finished fold of {args.recipe}")
         return 1
+    scores, seconds, fold_of = found
     table = choice_table(
         f"### Views, {args.recipe}",
         f"`python scripts/cross_validate.py views --recipe {args.recipe}` (labels with the "
@@ -484,7 +471,7 @@ def views(args: argparse.Namespace) -> int:
         scores,
         fold_of,
     )
-    _publish(f"views {args.recipe}", table, seconds, "`segment`")
+    _publish(f"views {args.recipe}", table, seconds, "`segment` over each view, summed")
     return 0
 
 
@@ -492,45 +479,26 @@ def ensemble(args: argparse.Namespace) -> int:
     """Score the mean of several recipes' fold models (the probabilities of each fold's models
     averaged, labelled with the bundled model's post-processing) against each recipe alone, on
     the held-out exams of the folds that every recipe has finished."""
-    from napari_tumorseg.core.inference import segment
-    from napari_tumorseg.core.io import read_exam
-    from napari_tumorseg.core.jobs import run_to_end
-    from napari_tumorseg.core.labels import card_labels
-    from napari_tumorseg.core.metrics import evaluate_labels
     from napari_tumorseg.core.models import load_model_folder
 
     recipes = [r for r in args.recipes.split(",") if r]
     if len(recipes) < 2:
         print("an ensemble needs two recipes or more, e.g. --recipes 2d-base,2d-bn")
         return 1
-    members = {r: [i] for i, r in enumerate(recipes)}
-    members[f"mean of {' and '.join(recipes)}"] = list(range(len(recipes)))
-    scores: dict[str, dict[str, dict]] = {c: {} for c in members}
-    seconds: dict[str, list[float]] = {c: [] for c in members}
-    fold_of: dict[str, int] = {}
-    for k, exams in enumerate(make_folds(exam_names(args.data))):
+
+    def parts(k: int):
         folders = [fold_dir(r, k) / "model" for r in recipes]
         if not all((f / "card.json").is_file() for f in folders):
-            continue
-        models = [with_bundled_rules(load_model_folder(f)) for f in folders]
-        rules = models[0].card.get("postprocess")
-        for name in exams:
-            exam = read_exam(args.data / name)
-            fold_of[name] = k
-            grid = exam.reference
-            results = [
-                run_to_end(segment(exam, m, device="cpu", postprocess=False)) for m in models
-            ]
-            for candidate, chosen in members.items():
-                mean = np.mean([results[i].probabilities.array for i in chosen], axis=0)
-                labels = card_labels(mean, rules, grid.voxel_volume_ml)
-                found = evaluate_labels(labels, exam.labels.array, grid.spacing)
-                scores[candidate][name] = _dice_hd95(found)
-                seconds[candidate].append(sum(results[i].seconds for i in chosen))
-                print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
-    if not fold_of:
+            return None
+        return [(with_bundled_rules(load_model_folder(f)), None) for f in folders]
+
+    candidates = {r: [i] for i, r in enumerate(recipes)}
+    candidates[f"mean of {' and '.join(recipes)}"] = list(range(len(recipes)))
+    found = _score_means(args.data, parts, candidates)
+    if found is None:
         print(f"no fold that {', '.join(recipes)} have all finished")
         return 1
+    scores, seconds, fold_of = found
     table = choice_table(
         f"### Ensemble, {' + '.join(recipes)}",
         f"`python scripts/cross_validate.py ensemble --recipes {','.join(recipes)}` (labels with "
@@ -538,8 +506,45 @@ def ensemble(args: argparse.Namespace) -> int:
         scores,
         fold_of,
     )
-    _publish(f"ensemble {'+'.join(recipes)}", table, seconds, "`segment` of each member")
+    _publish(f"ensemble {'+'.join(recipes)}", table, seconds, "`segment` of each member, summed")
     return 0
+
+
+def _score_means(data: Path, parts, candidates: dict[str, list[int]]):
+    """Each candidate -- the mean of some parts' probabilities, labelled with the first part's
+    card rules -- scored on every fold's held-out exams where ``parts(k)`` gives the fold's
+    parts (``(model, views)`` pairs, each run once per exam). Returns (scores, seconds, fold of
+    each exam), or None when no fold has its parts; a candidate's seconds are its parts'."""
+    from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
+    from napari_tumorseg.core.labels import card_labels
+    from napari_tumorseg.core.metrics import evaluate_labels
+
+    scores: dict[str, dict[str, dict]] = {c: {} for c in candidates}
+    seconds: dict[str, list[float]] = {c: [] for c in candidates}
+    fold_of: dict[str, int] = {}
+    for k, exams in enumerate(make_folds(exam_names(data))):
+        fold_parts = parts(k)
+        if fold_parts is None:
+            continue
+        rules = fold_parts[0][0].card.get("postprocess")
+        for name in exams:
+            exam = read_exam(data / name)
+            fold_of[name] = k
+            grid = exam.reference
+            results = [
+                run_to_end(segment(exam, model, device="cpu", postprocess=False, views=views))
+                for model, views in fold_parts
+            ]
+            for candidate, chosen in candidates.items():
+                mean = np.mean([results[i].probabilities.array for i in chosen], axis=0)
+                labels = card_labels(mean, rules, grid.voxel_volume_ml)
+                found = evaluate_labels(labels, exam.labels.array, grid.spacing)
+                scores[candidate][name] = _dice_hd95(found)
+                seconds[candidate].append(sum(results[i].seconds for i in chosen))
+                print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
+    return (scores, seconds, fold_of) if fold_of else None
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 from .conftest import ROOT
 
@@ -75,10 +76,10 @@ def test_the_report_says_when_folds_were_scored_with_different_inference_setting
     assert cross_validate._mixed_settings(done[:1]) == []
 
 
-def test_an_ensemble_is_scored_against_each_recipe_on_the_folds_all_have(tmp_path, monkeypatch):
-    """Two recipes' fold models on a held-out exam: each alone and their mean, labelled with the
-    bundled 2D card's rules, in a choice table; a fold one recipe has not finished is left out.
-    Two recipes with the same weights: their mean scores exactly what each scores alone."""
+def _fold_models(tmp_path, monkeypatch, folds_of: dict[str, tuple[int, ...]]) -> Path:
+    """Tiny 2D fold models (named as the bundled 2D model, whose rules they take) under a CV
+    folder for each recipe and fold of ``folds_of``; one held-out exam, the sample, in each of
+    two folds; MODELS.md in a temporary root. Returns the data folder."""
     import shutil
 
     from napari_tumorseg.core.models import user_models_dir
@@ -90,7 +91,7 @@ def test_an_ensemble_is_scored_against_each_recipe_on_the_folds_all_have(tmp_pat
     (tmp_path / "data" / exam).symlink_to(BRATS)
     make_tiny_model("tinyfold", spatial_dims=2)
     cv = tmp_path / "cv"
-    for recipe, folds in (("ra", (0, 1)), ("rb", (0,))):
+    for recipe, folds in folds_of.items():
         for k in folds:
             folder = cv / recipe / f"fold{k}" / "model"
             shutil.copytree(user_models_dir() / "tinyfold" / "v1", folder)
@@ -101,16 +102,64 @@ def test_an_ensemble_is_scored_against_each_recipe_on_the_folds_all_have(tmp_pat
     monkeypatch.setattr(cross_validate, "CV_DIR", cv)
     monkeypatch.setattr(cross_validate, "ROOT", tmp_path)
     monkeypatch.setattr(cross_validate, "make_folds", lambda names: [names, names])
-    argv = ["ensemble", "--data", str(tmp_path / "data"), "--recipes", "ra,rb"]
+    return tmp_path / "data"
+
+
+def _rows(doc: str, candidates) -> dict[str, list[str]]:
+    """Each candidate's row of a choice table: Dice and HD95 of WT, TC, ET as printed."""
+    return {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:7]
+        for line in doc.splitlines()
+        if line.startswith(tuple(f"| {c} |" for c in candidates))
+    }
+
+
+def test_an_ensemble_is_scored_against_each_recipe_on_the_folds_all_have(tmp_path, monkeypatch):
+    """Two recipes' fold models on a held-out exam: each alone and their mean, labelled with the
+    bundled 2D card's rules, in a choice table; a fold one recipe has not finished is left out.
+    Two recipes with the same weights: their mean scores exactly what each scores alone."""
+    data = _fold_models(tmp_path, monkeypatch, {"ra": (0, 1), "rb": (0,)})
+    argv = ["ensemble", "--data", str(data), "--recipes", "ra,rb"]
     assert cross_validate.main(argv) == 0
     doc = (tmp_path / "docs" / "MODELS.md").read_text()
     assert "<!-- ensemble ra+rb: begin -->" in doc and "### Ensemble, ra + rb" in doc
     assert "folds 0 (1 exams)" in doc  # fold 1: recipe rb has no model there
-    rows = {
-        line.split(" | ")[0].strip("| "): line.split(" | ")[1:7]
-        for line in doc.splitlines()
-        if line.startswith(("| ra ", "| rb ", "| mean of ra and rb "))
-    }
+    rows = _rows(doc, ("ra", "rb", "mean of ra and rb"))
     assert set(rows) == {"ra", "rb", "mean of ra and rb"}
     assert rows["ra"] == rows["rb"] == rows["mean of ra and rb"]
     assert cross_validate.main(["ensemble", "--recipes", "ra"]) == 1  # one recipe is no ensemble
+
+
+def test_views_are_each_run_once_and_the_axial_row_is_what_segment_gives(tmp_path, monkeypatch):
+    """Every view's map computed once per exam, each candidate the mean of its views: the axial
+    candidate's row holds exactly the scores of `segment` over axial slices with the bundled
+    card's rules, and the table says which candidates the rule keeps."""
+    from napari_tumorseg.core.inference import segment
+    from napari_tumorseg.core.io import read_exam
+    from napari_tumorseg.core.jobs import run_to_end
+    from napari_tumorseg.core.metrics import evaluate_labels
+    from napari_tumorseg.core.models import load_model_folder
+
+    data = _fold_models(tmp_path, monkeypatch, {"rv": (0,)})
+    calls = []
+    real = segment
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("views"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("napari_tumorseg.core.inference.segment", counted)
+    assert cross_validate.main(["views", "--data", str(data), "--recipe", "rv"]) == 0
+    assert sorted(calls) == [("axial",), ("coronal",), ("sagittal",)]  # one exam, fold 0
+    doc = (tmp_path / "docs" / "MODELS.md").read_text()
+    rows = _rows(doc, cross_validate.VIEW_CANDIDATES)
+    assert set(rows) == set(cross_validate.VIEW_CANDIDATES)
+
+    model = cross_validate.with_bundled_rules(
+        load_model_folder(tmp_path / "cv" / "rv" / "fold0" / "model")
+    )
+    exam = read_exam(next(data.iterdir()))
+    labels = run_to_end(real(exam, model, device="cpu", views=("axial",))).labels.array
+    found = evaluate_labels(labels, exam.labels.array, exam.reference.spacing)
+    expected = [f"{found[r]['dice']:.3f}" for r in ("WT", "TC", "ET")]
+    assert rows["axial (the card's)"][:3] == expected
