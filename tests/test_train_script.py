@@ -189,3 +189,14 @@ def test_a_steps_budget_makes_exactly_that_many_steps_and_scores_hd95(tmp_path, 
     validation = card["metrics"]["validation"]
     assert set(validation["hd95"]["case2"]) == {"WT", "TC", "ET"}
     assert all(0 <= v <= 373.13 for v in validation["hd95"]["case2"].values())
+
+
+def test_with_no_validation_exam_every_exam_is_trained_on_and_the_card_says_so(tmp_path, data):
+    """--validation "": the model a recipe's cross-validation chose, trained on all the exams;
+    its card has no validation figures (none was held out) and says where the estimate is."""
+    assert train_bundled.main(_args(tmp_path, data, "--validation", "")) == 0
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["training"]["train_exams"] == ["case0", "case1", "case2"]
+    assert card["training"]["validation_exams"] == []
+    assert card["metrics"]["validation"] is None and "mean" not in card["metrics"]
+    assert "cross-validation" in card["metrics"]["note"]
