@@ -1,6 +1,7 @@
 """The site mode of bench_finetune.py: does "keep for next exams" learn a site?
 
     python benchmarks/bench_finetune.py --site --fold 1 [--recipe 2d-base] [--seconds 60]
+    python benchmarks/bench_finetune.py --site --deployed 2d [--chain-length 4 --chains 3]
 
 A radiologist corrects exam after exam from one scanner park. With a cross-validation fold
 model (`scripts/cross_validate.py train`), the fold's held-out CBICA exams -- one site, never
@@ -12,6 +13,13 @@ expert): the change against the fold model is what the site's corrections carrie
 the last one, the fold's held-out exams of the other sites measure forgetting. Each exam of the
 chain is the last one once (the chain rotated), so the figure after n - 1 corrected exams
 rests on every exam.
+
+With ``--deployed MODEL`` the model is a bundled or user model taken to a new site instead:
+the chains are groups of ``--chain-length`` of the CBICA exams its card's training never saw
+(neither trained nor validated on), each group rotated; forgetting is measured on the other
+sites' exams it never saw and on the sample exam. The bundled 2D model was trained on 11 exams of
+which one came from CBICA, so its CBICA exams are what a radiologist at a new site meets; a fold
+model was trained on 12-13 CBICA exams, with little of the site left to learn.
 
 Candidates measured side by side:
 
@@ -45,6 +53,8 @@ from cross_validate import (  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 SITE = "CBICA"
+#: The sample exam's name (a TCIA exam, never trained on).
+SAMPLE = "Brats18_TCIA01_378_1"
 CANDIDATES = ("keep", "calibration")
 
 
@@ -54,29 +64,83 @@ def rotations(exams: list[str]) -> list[list[str]]:
 
 
 class SiteBench:
-    """A fold model, its held-out exams, and the helpers of the chains."""
+    """A model, the exams of its chains and of the other sites, and the helpers of the chains.
 
-    def __init__(self, recipe: str, fold: int, data: Path, threads: int) -> None:
+    ``exams``: name -> case folder; ``chains``: lists of names, each corrected in turn;
+    ``others``: the names forgetting is measured on."""
+
+    def __init__(
+        self, model, described: str, exams: dict, chains: list, others: list, threads: int
+    ) -> None:
         import torch
 
         from napari_tumorseg.core.io import read_exam
-        from napari_tumorseg.core.models import load_model_folder
 
         torch.set_num_threads(threads)
+        self.model, self.described = model, described
+        self.exams = {name: read_exam(folder) for name, folder in exams.items()}
+        self.chains, self.others = chains, others
+        self.site = sorted({n for chain in chains for n in chain})
+        self.results = {name: self.segment(self.model, name) for name in self.exams}
+        self.base = {name: result.labels.array for name, result in self.results.items()}
+        self.base_dice = {name: self.dice(self.base[name], name) for name in self.exams}
+
+    @classmethod
+    def of_fold(cls, recipe: str, fold: int, data: Path, threads: int) -> SiteBench:
+        """A cross-validation fold model; chains: its held-out CBICA exams, each rotation."""
+        from napari_tumorseg.core.models import load_model_folder
+
         folder = fold_dir(recipe, fold) / "model"
         if not (folder / "card.json").is_file():
             raise SystemExit(
                 f"no model for fold {fold} of {recipe} ({folder}): train it first with "
                 f"scripts/cross_validate.py train --recipe {recipe}"
             )
-        self.model = with_bundled_rules(load_model_folder(folder))
+        model = with_bundled_rules(load_model_folder(folder))
         names = make_folds(exam_names(data))[fold]  # the folds the models were trained on
-        self.exams = {name: read_exam(data / name) for name in names}
-        self.site = [n for n in names if stratum(n) == SITE]
-        self.others = [n for n in names if stratum(n) != SITE]
-        self.results = {name: self.segment(self.model, name) for name in names}
-        self.base = {name: result.labels.array for name, result in self.results.items()}
-        self.base_dice = {name: self.dice(self.base[name], name) for name in names}
+        site = [n for n in names if stratum(n) == SITE]
+        if len(site) < 2:
+            raise SystemExit(f"fold {fold} holds {len(site)} {SITE} exam(s): no chain")
+        return cls(
+            model,
+            f"Fold {fold}'s model ({recipe}, never trained on these exams)",
+            {n: data / n for n in names},
+            rotations(site),
+            [n for n in names if stratum(n) != SITE],
+            threads,
+        )
+
+    @classmethod
+    def of_deployed(cls, name: str, data: Path, threads: int, length: int, count: int) -> SiteBench:
+        """A bundled or user model at a new site: ``count`` groups of ``length`` of the CBICA
+        exams its training never saw, each rotated; the others: the other sites' unseen exams
+        and the sample exam."""
+        from napari_tumorseg.core.models import load_model
+
+        model = load_model(name)
+        training = model.card.get("training") or {}
+        seen = {*training.get("train_exams", ()), *training.get("validation_exams", ())}
+        unseen = [n for n in exam_names(data) if n not in seen]
+        site = [n for n in unseen if stratum(n) == SITE]
+        groups = [site[i : i + length] for i in range(0, len(site) - length + 1, length)]
+        if length < 2 or not groups:
+            raise SystemExit(
+                f"{name} has {len(site)} {SITE} exam(s) it never saw: no chain of {length}"
+            )
+        groups = groups[:count]
+        # Exams it was validated on but never trained on measure forgetting too.
+        trained = set(training.get("train_exams", ()))
+        others = [n for n in exam_names(data) if n not in trained and stratum(n) != SITE]
+        exams = {n: data / n for n in [*(n for g in groups for n in g), *others]}
+        exams[SAMPLE] = ROOT / "sample_data" / "brats2018"
+        return cls(
+            model,
+            f"The {model.label} model at a new site (trained on {len(seen)} exams, none of these)",
+            exams,
+            [chain for group in groups for chain in rotations(group)],
+            [*others, SAMPLE],
+            threads,
+        )
 
     def segment(self, model, name: str):
         from napari_tumorseg.core.inference import segment
@@ -223,15 +287,27 @@ class Calibration:
 
 def run(args, simulate_user, corrected_slices, write_section, store_measured) -> None:
     started = time.perf_counter()
-    bench = SiteBench(args.recipe, args.fold, args.data, args.threads)
-    if len(bench.site) < 2:
-        raise SystemExit(f"fold {args.fold} holds {len(bench.site)} {SITE} exam(s): no chain")
-    chains = rotations(bench.site)
+    if args.deployed:
+        bench = SiteBench.of_deployed(
+            args.deployed, args.data, args.threads, args.chain_length, args.chains
+        )
+        command = (
+            f"python benchmarks/bench_finetune.py --site --deployed {args.deployed} "
+            f"--chain-length {args.chain_length} --chains {args.chains} --seconds {args.seconds:g}"
+        )
+        title, key = f"Fine-tuning, a new site's exams in a row ({args.deployed} model)", "deployed"
+    else:
+        bench = SiteBench.of_fold(args.recipe, args.fold, args.data, args.threads)
+        command = (
+            f"python benchmarks/bench_finetune.py --site --fold {args.fold} --recipe "
+            f"{args.recipe} --seconds {args.seconds:g}"
+        )
+        title, key = f"Fine-tuning, a site's exams in a row (fold {args.fold})", "chains"
     results = {}
     calibration = Calibration(bench, corrected_slices) if "calibration" in args.candidates else None
     for candidate in args.candidates:
         results[candidate] = []
-        for chain in chains:
+        for chain in bench.chains:
             if candidate == "keep":
                 outcome = keep_chain(bench, chain, args.seconds, simulate_user)
             else:
@@ -239,16 +315,15 @@ def run(args, simulate_user, corrected_slices, write_section, store_measured) ->
             results[candidate].append((chain, *outcome))
             print(candidate, chain, outcome, flush=True)
     minutes = (time.perf_counter() - started) / 60
-    lines = report(args, bench, chains, results, minutes)
+    lines = report(command, args.threads, bench, results, minutes)
     print("\n".join(lines))
     if not args.no_write:
-        write_section(f"Fine-tuning, a site's exams in a row (fold {args.fold})", "\n".join(lines))
+        write_section(title, "\n".join(lines))
         if "keep" in results:
             store_measured(
-                f"keep_{bench.model.card['spatial_dims']}d_site_chains",
-                f"python benchmarks/bench_finetune.py --site --fold {args.fold} --recipe "
-                f"{args.recipe} --seconds {args.seconds:g}",
-                summarise(results["keep"], len(bench.site)),
+                f"keep_{bench.model.card['spatial_dims']}d_site_{key}",
+                command,
+                summarise(results["keep"], len(bench.chains[0])),
             )
 
 
@@ -263,28 +338,27 @@ def summarise(runs, n_site: int) -> dict:
     return {"gain_after": after, "other_sites_worst_wt": round(worst, 4)}
 
 
-def report(args, bench: SiteBench, chains, results, minutes: float) -> list[str]:
+def report(command: str, threads: int, bench: SiteBench, results, minutes: float) -> list[str]:
     def fmt(values) -> str:
         return " / ".join(f"{v:+.3f}" for v in values)
 
-    n = len(bench.site)
+    n = len(bench.chains[0])
     lines = [
-        f"Command: `python benchmarks/bench_finetune.py --site --fold {args.fold} --recipe "
-        f"{args.recipe} --seconds {args.seconds:g}` ({args.threads} CPU threads, {minutes:.0f} "
-        f"min in all). Fold {args.fold}'s model ({args.recipe}, never trained on these exams); "
-        f"the chain: its {n} held-out {SITE} exams ({', '.join(bench.site)}), each last once; "
-        f"other sites: {', '.join(bench.others) or 'none'}. Each corrected exam: 3 axial "
-        "slices with the expert labels. Change of Dice against the fold model on the exams of "
-        "the chain not corrected yet (whole exam, WT / TC / ET).",
+        f"Command: `{command}` ({threads} CPU threads, {minutes:.0f} min in all). "
+        f"{bench.described}; the chains: {len(bench.chains)} orders of {n} of its {SITE} exams "
+        f"({', '.join(bench.site)}), each exam last once in its group; other sites: "
+        f"{', '.join(bench.others) or 'none'}. Each corrected exam: 3 axial slices with the "
+        "expert labels. Change of Dice against the model on the exams of the chain not "
+        "corrected yet (whole exam, WT / TC / ET).",
         "",
-        "Fold model, whole exam, WT / TC / ET: "
+        "The model, whole exam, WT / TC / ET: "
         + "; ".join(
             f"{name} {' / '.join(f'{v:.3f}' for v in bench.base_dice[name])}"
             for name in bench.exams
         )
         + ".",
         "",
-        "What a site could teach -- the fold model's whole tumour against the expert's: "
+        "What a site could teach -- the model's whole tumour against the expert's: "
         + "; ".join(
             f"{name} {volumes[0]:.0f} / {volumes[1]:.0f} mL ({volumes[0] / volumes[1] - 1:+.0%})"
             for name, volumes in ((n, bench.wt_volumes(n)) for n in bench.site)

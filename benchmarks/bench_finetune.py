@@ -76,6 +76,13 @@ def main(argv=None) -> None:
     site.add_argument("--site", action="store_true", help="chains of one site's exams")
     site.add_argument("--fold", type=int, default=1, help="the fold model and its exams")
     site.add_argument("--recipe", default="2d-base", help="the cross-validation recipe")
+    site.add_argument(
+        "--deployed",
+        help="a bundled or user model taken to a new site instead of a fold model: chains of "
+        "the CBICA exams its training never saw",
+    )
+    site.add_argument("--chain-length", type=int, default=4, help="exams per chain (--deployed)")
+    site.add_argument("--chains", type=int, default=3, help="groups of exams (--deployed)")
     site.add_argument("--data", type=Path, default=DATA / "brats2018" / "train")
     site.add_argument(
         "--candidates",
