@@ -10,6 +10,12 @@ training). The rule, fixed by the issue: an ensemble replaces the default only i
 it on the outside checks.
 
     python benchmarks/bench_ensemble.py [--recipe 2d-base] [--no-write]
+    python benchmarks/bench_ensemble.py --recipe "" --extra 2d-bn=runs/bundled/2d-bn \
+        --mean 2d+2d-bn
+
+``--extra NAME=FOLDER`` adds a model from its folder (e.g. a recipe trained on all the exams by
+``train_bundled.py --validation ""``), ``--mean A+B`` the mean of named members; ``--recipe ""``
+leaves the fold models out.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ def probabilities(exam, model) -> tuple[np.ndarray, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", default="2d-base")
+    parser.add_argument("--recipe", default="2d-base", help='fold models\' recipe; "" for none')
+    parser.add_argument("--extra", action="append", default=[], help="NAME=FOLDER, a model")
+    parser.add_argument("--mean", action="append", default=[], help="A+B, a mean of members")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -69,21 +77,33 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(2)
     began = time.perf_counter()
-    folds = sorted((ROOT / "runs" / "cv" / args.recipe).glob("fold*/model/card.json"))
-    if not folds:
-        sys.exit(f"no fold model of {args.recipe}: run scripts/cross_validate.py train first")
+    folds = []
+    if args.recipe:
+        folds = sorted((ROOT / "runs" / "cv" / args.recipe).glob("fold*/model/card.json"))
+        if not folds:
+            sys.exit(f"no fold model of {args.recipe}: run scripts/cross_validate.py train first")
     models = {"2d": load_model("2d"), "3d": load_model("3d")}
     for card in folds:
         models[f"fold {card.parent.parent.name[4:]}"] = load_model_folder(card.parent)
+    for extra in args.extra:
+        name, _, folder = extra.partition("=")
+        if not (Path(folder) / "card.json").is_file():
+            sys.exit(f"--extra {extra}: no model card in {folder}")
+        models[name] = load_model_folder(Path(folder))
     fold_names = [n for n in models if n.startswith("fold")]
     rules = models[DEFAULT_MODEL].card.get("postprocess", {})
     thresholds = {"thresholds": rules.get("thresholds", 0.5)}
-    candidates = {
-        **{name: [name] for name in models},
-        f"mean of the {len(fold_names)} fold models": fold_names,
-        f"mean of the {len(fold_names)} fold models and 2d": [*fold_names, "2d"],
-        "mean of 2d and 3d": ["2d", "3d"],
-    }
+    candidates = {name: [name] for name in models}
+    if fold_names:
+        candidates[f"mean of the {len(fold_names)} fold models"] = fold_names
+        candidates[f"mean of the {len(fold_names)} fold models and 2d"] = [*fold_names, "2d"]
+    candidates["mean of 2d and 3d"] = ["2d", "3d"]
+    for mean in args.mean:
+        members = mean.split("+")
+        unknown = [m for m in members if m not in models]
+        if unknown:
+            sys.exit(f"--mean {mean}: no model named {', '.join(unknown)}")
+        candidates[f"mean of {' and '.join(members)}"] = members
 
     scores: dict[str, dict[str, dict]] = {name: {} for name in candidates}
     seconds: dict[str, float] = {name: 0.0 for name in candidates}
@@ -108,16 +128,22 @@ def main(argv=None) -> None:
         )
 
     header = " | ".join(f"{e} {k}" for e, _, _ in exams for k in ("thresholds", "card"))
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
-        f"Command: `python benchmarks/bench_ensemble.py --recipe {args.recipe}` (2 CPU cores of "
+        f"Command: `python benchmarks/bench_ensemble.py {command}` (2 CPU cores of "
         f"{cpu_description()}; {time.perf_counter() - began:.0f} s in all). Outside checks only "
         "(nothing here is cross-validated): Dice WT / TC / ET (HD95 WT) on the labelled sample "
         "against its expert labels and on TCGA-FG-6692 in BraTS space against the six-algorithm "
         "fusion; the mean of the members' probabilities, labelled with the default "
         f"({DEFAULT_MODEL}) card's thresholds alone and with its whole post-processing "
-        "(islands, the largest tumour). Fold models: "
-        f"`runs/cv/{args.recipe}` (each trained on 21-22 of the 27 exams). "
-        "Seconds: the members' `segment` time per exam, one after the other.",
+        "(islands, the largest tumour). "
+        + (
+            f"Fold models: `runs/cv/{args.recipe}` (each trained on 21-22 of the 27 exams). "
+            if fold_names
+            else ""
+        )
+        + "".join(f"{e.partition('=')[0]}: `{e.partition('=')[2]}`. " for e in args.extra)
+        + "Seconds: the members' `segment` time per exam, one after the other.",
         "",
         f"| candidate | s per exam | {header} |",
         "|---|---|" + "---|" * (2 * len(exams)),
@@ -135,7 +161,11 @@ def main(argv=None) -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_section("Ensembles (outside checks)", "\n".join(lines))
+        title = "Ensembles (outside checks)"
+        if args.extra:  # the fold models' table stays
+            names = ", ".join(e.partition("=")[0] for e in args.extra)
+            title = f"Ensembles with {names} (outside checks)"
+        write_section(title, "\n".join(lines))
 
 
 if __name__ == "__main__":
