@@ -433,12 +433,17 @@ def _write_between(begin: str, end: str, section: str) -> None:
     models_md.write_text(doc)
 
 
-#: The views `views` compares (a 2D fold model over these slices, maps averaged).
-VIEW_CANDIDATES = {
-    "axial (the card's)": ("axial",),
-    "axial + coronal": ("axial", "coronal"),
-    "axial + coronal + sagittal": ("axial", "coronal", "sagittal"),
-}
+#: The views `views` runs, in order: its candidates are the first one, the first two, ...
+VIEW_ORDER = ("axial", "coronal", "sagittal")
+
+
+def view_candidates(views: tuple[str, ...] = VIEW_ORDER) -> dict[str, tuple[str, ...]]:
+    """Candidate name -> views: the axial slices alone (the cards'), then each further view of
+    ``views`` added in turn."""
+    return {
+        (" + ".join(views[:n]) + (" (the card's)" if n == 1 else "")): views[:n]
+        for n in range(1, len(views) + 1)
+    }
 
 
 def views(args: argparse.Namespace) -> int:
@@ -447,7 +452,10 @@ def views(args: argparse.Namespace) -> int:
     exams."""
     from napari_tumorseg.core.models import load_model_folder
 
-    names = list(VIEW_CANDIDATES["axial + coronal + sagittal"])
+    names = [v for v in args.views.split(",") if v]
+    if not names or names[0] != "axial" or any(v not in VIEW_ORDER for v in names):
+        print(f"--views: axial first, then some of {', '.join(VIEW_ORDER[1:])}")
+        return 1
 
     def parts(k: int):
         folder = fold_dir(args.recipe, k) / "model"
@@ -458,7 +466,9 @@ def views(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.recipe} is not a 2D recipe")
         return [(model, (view,)) for view in names]
 
-    candidates = {c: [names.index(v) for v in chosen] for c, chosen in VIEW_CANDIDATES.items()}
+    candidates = {
+        c: list(range(len(chosen))) for c, chosen in view_candidates(tuple(names)).items()
+    }
     found = _score_means(args.data, parts, candidates)
     if found is None:
         print(f"no finished fold of {args.recipe}")
@@ -558,6 +568,12 @@ def main(argv=None) -> int:
         p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/brats2018/train")
         if name in ("train", "postprocess", "views"):
             p.add_argument("--recipe", required=True, help="name of the recipe (its folder)")
+        if name == "views":
+            p.add_argument(
+                "--views",
+                default=",".join(VIEW_ORDER),
+                help="the views to run, axial first: the candidates add them in this order",
+            )
         if name == "train":
             p.add_argument("--folds", default="", help="e.g. 0,1 (default: all)")
             p.add_argument(

@@ -152,8 +152,8 @@ def test_views_are_each_run_once_and_the_axial_row_is_what_segment_gives(tmp_pat
     assert cross_validate.main(["views", "--data", str(data), "--recipe", "rv"]) == 0
     assert sorted(calls) == [("axial",), ("coronal",), ("sagittal",)]  # one exam, fold 0
     doc = (tmp_path / "docs" / "MODELS.md").read_text()
-    rows = _rows(doc, cross_validate.VIEW_CANDIDATES)
-    assert set(rows) == set(cross_validate.VIEW_CANDIDATES)
+    rows = _rows(doc, cross_validate.view_candidates())
+    assert set(rows) == {"axial (the card's)", "axial + coronal", "axial + coronal + sagittal"}
 
     model = cross_validate.with_bundled_rules(
         load_model_folder(tmp_path / "cv" / "rv" / "fold0" / "model")
@@ -163,3 +163,22 @@ def test_views_are_each_run_once_and_the_axial_row_is_what_segment_gives(tmp_pat
     found = evaluate_labels(labels, exam.labels.array, exam.reference.spacing)
     expected = [f"{found[r]['dice']:.3f}" for r in ("WT", "TC", "ET")]
     assert rows["axial (the card's)"][:3] == expected
+
+
+def test_views_can_stop_at_coronal_and_must_start_axial(tmp_path, monkeypatch):
+    from napari_tumorseg.core.inference import segment
+
+    data = _fold_models(tmp_path, monkeypatch, {"rv": (0,)})
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("views"))
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr("napari_tumorseg.core.inference.segment", counted)
+    argv = ["views", "--data", str(data), "--recipe", "rv"]
+    assert cross_validate.main([*argv, "--views", "coronal,axial"]) == 1
+    assert cross_validate.main([*argv, "--views", "axial,coronal"]) == 0
+    assert calls == [("axial",), ("coronal",)]
+    rows = _rows((tmp_path / "docs" / "MODELS.md").read_text(), cross_validate.view_candidates())
+    assert set(rows) == {"axial (the card's)", "axial + coronal"}
