@@ -469,20 +469,19 @@ def views(args: argparse.Namespace) -> int:
     candidates = {
         c: list(range(len(chosen))) for c, chosen in view_candidates(tuple(names)).items()
     }
-    found = _score_means(args.data, parts, candidates)
-    if found is None:
-        print(f"no finished fold of {args.recipe}")
-        return 1
-    scores, seconds, fold_of = found
-    table = choice_table(
+    return _score_means(
+        args.data,
+        parts,
+        candidates,
         f"### Views, {args.recipe}",
-        f"`python scripts/cross_validate.py views --recipe {args.recipe}` (labels with the "
+        f"`python scripts/cross_validate.py views --recipe {args.recipe}"
+        + ("" if tuple(names) == VIEW_ORDER else f" --views {','.join(names)}")
+        + "` (labels with the "
         "bundled 2D card's post-processing)",
-        scores,
-        fold_of,
+        f"views {args.recipe}",
+        "`segment` over each view, summed",
+        f"no finished fold of {args.recipe}",
     )
-    _publish(f"views {args.recipe}", table, seconds, "`segment` over each view, summed")
-    return 0
 
 
 def ensemble(args: argparse.Namespace) -> int:
@@ -504,27 +503,34 @@ def ensemble(args: argparse.Namespace) -> int:
 
     candidates = {r: [i] for i, r in enumerate(recipes)}
     candidates[f"mean of {' and '.join(recipes)}"] = list(range(len(recipes)))
-    found = _score_means(args.data, parts, candidates)
-    if found is None:
-        print(f"no fold that {', '.join(recipes)} have all finished")
-        return 1
-    scores, seconds, fold_of = found
-    table = choice_table(
+    return _score_means(
+        args.data,
+        parts,
+        candidates,
         f"### Ensemble, {' + '.join(recipes)}",
         f"`python scripts/cross_validate.py ensemble --recipes {','.join(recipes)}` (labels with "
         "the bundled card's post-processing)",
-        scores,
-        fold_of,
+        f"ensemble {'+'.join(recipes)}",
+        "`segment` of each member, summed",
+        f"no fold that {', '.join(recipes)} have all finished",
     )
-    _publish(f"ensemble {'+'.join(recipes)}", table, seconds, "`segment` of each member, summed")
-    return 0
 
 
-def _score_means(data: Path, parts, candidates: dict[str, list[int]]):
+def _score_means(
+    data: Path,
+    parts,
+    candidates: dict[str, list[int]],
+    title: str,
+    command: str,
+    key: str,
+    timed: str,
+    nothing: str,
+) -> int:
     """Each candidate -- the mean of some parts' probabilities, labelled with the first part's
     card rules -- scored on every fold's held-out exams where ``parts(k)`` gives the fold's
-    parts (``(model, views)`` pairs, each run once per exam). Returns (scores, seconds, fold of
-    each exam), or None when no fold has its parts; a candidate's seconds are its parts'."""
+    parts (``(model, views)`` pairs, each run once per exam); the `choice_table` published
+    under ``key`` (a candidate's seconds are its parts'). Prints ``nothing`` and returns 1 when
+    no fold has its parts."""
     from napari_tumorseg.core.inference import segment
     from napari_tumorseg.core.io import read_exam
     from napari_tumorseg.core.jobs import run_to_end
@@ -554,7 +560,11 @@ def _score_means(data: Path, parts, candidates: dict[str, list[int]]):
                 scores[candidate][name] = _dice_hd95(found)
                 seconds[candidate].append(sum(results[i].seconds for i in chosen))
                 print(f"  fold {k}: {name}, {candidate}: WT {found['WT']['dice']:.3f}", flush=True)
-    return (scores, seconds, fold_of) if fold_of else None
+    if not fold_of:
+        print(nothing)
+        return 1
+    _publish(key, choice_table(title, command, scores, fold_of), seconds, timed)
+    return 0
 
 
 def main(argv=None) -> int:
