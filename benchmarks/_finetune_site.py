@@ -135,7 +135,8 @@ class SiteBench:
         exams[SAMPLE] = ROOT / "sample_data" / "brats2018"
         return cls(
             model,
-            f"The {model.label} model at a new site (trained on {len(seen)} exams, none of these)",
+            f"The {model.label} model at a new site (trained or validated on {len(seen)} "
+            "exams, none of these)",
             exams,
             [chain for group in groups for chain in rotations(group)],
             [*others, SAMPLE],

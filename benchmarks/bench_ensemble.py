@@ -21,6 +21,7 @@ leaves the fold models out.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
         )
 
     header = " | ".join(f"{e} {k}" for e, _, _ in exams for k in ("thresholds", "card"))
-    command = " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"Command: `python benchmarks/bench_ensemble.py {command}` (2 CPU cores of "
         f"{cpu_description()}; {time.perf_counter() - began:.0f} s in all). Outside checks only "

@@ -407,6 +407,11 @@ def run_training(args: argparse.Namespace) -> int:
         card["metrics"]["validation"] = validate(model, folders, log=log)
         log("validation, t1ce missing")
         card["metrics"]["validation_without_t1ce"] = validate(model, folders, ("t1ce",), log=log)
+        card["metrics"]["mean"] = card["metrics"]["validation"]["mean"]
+        card["metrics"]["command"] = (
+            f"python scripts/evaluate_models.py --model {card['name']} "
+            f"--data ../shared/data/brats2018/train --exams {','.join(validation)}"
+        )
     else:  # every labelled exam trained on: the recipe's cross-validation is its estimate
         card["metrics"]["validation"] = None
         card["metrics"]["note"] = (
@@ -417,12 +422,6 @@ def run_training(args: argparse.Namespace) -> int:
         log("test (sample exam, never trained on)")
         card["metrics"]["test_sample"] = validate(model, [args.sample], log=log)
         card["metrics"]["test_sample_without_t1ce"] = validate(model, [args.sample], drop=("t1ce",))
-    if folders:
-        card["metrics"]["mean"] = card["metrics"]["validation"]["mean"]
-        card["metrics"]["command"] = (
-            f"python scripts/evaluate_models.py --model {card['name']} "
-            f"--data ../shared/data/brats2018/train --exams {','.join(validation)}"
-        )
     save_model(network, card, args.out, half=True)
     log(f"saved {args.out}: {json.dumps(card['metrics'].get('mean'))}")
     return 0

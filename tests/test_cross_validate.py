@@ -130,6 +130,20 @@ def test_an_ensemble_is_scored_against_each_recipe_on_the_folds_all_have(tmp_pat
     assert cross_validate.main(["ensemble", "--recipes", "ra"]) == 1  # one recipe is no ensemble
 
 
+def _count_views(monkeypatch) -> list:
+    """The ``views`` of every `segment` call cross_validate makes from now on."""
+    from napari_tumorseg.core import inference
+
+    calls, real = [], inference.segment
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("views"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "segment", counted)
+    return calls
+
+
 def test_views_are_each_run_once_and_the_axial_row_is_what_segment_gives(tmp_path, monkeypatch):
     """Every view's map computed once per exam, each candidate the mean of its views: the axial
     candidate's row holds exactly the scores of `segment` over axial slices with the bundled
@@ -141,14 +155,7 @@ def test_views_are_each_run_once_and_the_axial_row_is_what_segment_gives(tmp_pat
     from napari_tumorseg.core.models import load_model_folder
 
     data = _fold_models(tmp_path, monkeypatch, {"rv": (0,)})
-    calls = []
-    real = segment
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("views"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("napari_tumorseg.core.inference.segment", counted)
+    calls = _count_views(monkeypatch)
     assert cross_validate.main(["views", "--data", str(data), "--recipe", "rv"]) == 0
     assert sorted(calls) == [("axial",), ("coronal",), ("sagittal",)]  # one exam, fold 0
     doc = (tmp_path / "docs" / "MODELS.md").read_text()
@@ -159,23 +166,15 @@ def test_views_are_each_run_once_and_the_axial_row_is_what_segment_gives(tmp_pat
         load_model_folder(tmp_path / "cv" / "rv" / "fold0" / "model")
     )
     exam = read_exam(next(data.iterdir()))
-    labels = run_to_end(real(exam, model, device="cpu", views=("axial",))).labels.array
+    labels = run_to_end(segment(exam, model, device="cpu", views=("axial",))).labels.array
     found = evaluate_labels(labels, exam.labels.array, exam.reference.spacing)
     expected = [f"{found[r]['dice']:.3f}" for r in ("WT", "TC", "ET")]
     assert rows["axial (the card's)"][:3] == expected
 
 
 def test_views_can_stop_at_coronal_and_must_start_axial(tmp_path, monkeypatch):
-    from napari_tumorseg.core.inference import segment
-
     data = _fold_models(tmp_path, monkeypatch, {"rv": (0,)})
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("views"))
-        return segment(*args, **kwargs)
-
-    monkeypatch.setattr("napari_tumorseg.core.inference.segment", counted)
+    calls = _count_views(monkeypatch)
     argv = ["views", "--data", str(data), "--recipe", "rv"]
     assert cross_validate.main([*argv, "--views", "coronal,axial"]) == 1
     assert cross_validate.main([*argv, "--views", "axial,coronal"]) == 0
